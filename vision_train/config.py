@@ -1,0 +1,304 @@
+"""The config schema (dataclasses), its registration with Hydra, and validation.
+
+Hydra composes YAML presets from ``conf/`` on top of these dataclasses, so every override is
+type-checked against them. ``to_run_config`` converts the composed config once into these
+dataclasses, validates it and freezes it: nothing downstream sees OmegaConf.
+
+This module imports neither JAX nor Hydra at the top level (the CLI must set ``XLA_FLAGS`` before
+JAX starts, and the package must stay importable without Hydra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from .errors import ConfigError
+
+MISSING = "???"  # OmegaConf's marker for a value that must be given
+
+
+class _Freezable:
+    """Dataclasses that become read-only once validated (Hydra needs them mutable while composing)."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(f"RunConfig is read-only; cannot set {name!r}")
+        object.__setattr__(self, name, value)
+
+
+def _freeze(obj):
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, list):
+                object.__setattr__(obj, f.name, tuple(_freeze(v) for v in value))
+            else:
+                _freeze(value)
+        object.__setattr__(obj, "_frozen", True)
+    return obj
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig(_Freezable):
+    arch: str = MISSING               # which file in vision_train/models
+    num_classes: Optional[int] = None  # None: as many as the data set has
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    arch: str = "mlp"
+    hidden_layers: int = 1
+    hidden_dim: int = 10
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    arch: str = "cnn"
+    features: List[int] = field(default_factory=lambda: [32, 64])
+    dense_dim: int = 256
+
+
+@dataclass
+class MixerConfig(ModelConfig):
+    arch: str = "mixer"
+    patch_size: int = 4
+    num_blocks: int = 8
+    hidden_dim: int = 192
+    tokens_mlp_dim: int = 96
+    channels_mlp_dim: int = 768
+
+
+@dataclass
+class ViTConfig(ModelConfig):
+    arch: str = "vit"
+    patch_size: int = 4
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 8
+    mlp_dim: int = 256
+    classifier: str = "token"        # token | gap
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
+    pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
+
+
+MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "mixer": MixerConfig, "vit": ViTConfig}
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class AugmentConfig(_Freezable):
+    flip: bool = False                 # random horizontal flip
+    random_resized_crop: bool = False
+    crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # fraction of the image area
+    crop_ratio: List[float] = field(default_factory=lambda: [0.9, 1.1])   # width / height
+    pad_crop: int = 0                  # pixels of zero padding before a random crop back to size; 0 = off
+
+
+@dataclass
+class DataConfig(_Freezable):
+    name: str = "digits"               # cifar10 cifar100 mnist fashion_mnist svhn digits toy synthetic
+    root: str = "data"                 # where torchvision data sets live (downloaded there if absent)
+    download: bool = True
+    val_size: int = 0                  # examples held out of the training split for validation; 0 = none
+    test_fraction: float = 0.2         # for data sets without a test split of their own (digits, toy)
+    split_seed: int = 42               # train/val(/test) split, as torch.utils.data.random_split
+    mean: Optional[List[float]] = None  # per channel, in [0, 1] units; None: the data set's statistics
+    std: Optional[List[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # synthetic and toy only
+    num_examples: int = 1000
+    image_shape: List[int] = field(default_factory=lambda: [32, 32, 3])   # synthetic: H, W, C
+    num_classes: int = 10                                                 # synthetic
+
+
+# ----------------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimizerConfig(_Freezable):
+    name: str = "adam"                 # adam | adamw | sgd
+    lr: float = 1e-3                   # peak learning rate, for trainer.batch_size as given
+    schedule: str = "constant"         # constant | cosine (linear warmup, then cosine decay)
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0                # cosine: the final learning rate
+    weight_decay: float = 0.0          # adamw: decoupled; adam/sgd: L2 added to the gradient
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9              # sgd
+    nesterov: bool = False             # sgd
+    grad_clip_norm: float = 0.0        # clip by global norm; 0 = off
+    label_smoothing: float = 0.0
+
+
+# ------------------------------------------------------------------------------------ hardware
+@dataclass
+class HardwareConfig(_Freezable):
+    platform: str = "auto"             # auto | cpu | gpu | tpu
+    num_devices: int = 0               # 0: all; on cpu, simulates this many devices
+    precision: str = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+    distributed: bool = False          # jax.distributed.initialize() for multi-host runs
+
+
+# ------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig(_Freezable):
+    epochs: int = 10
+    batch_size: int = 128              # global, split across devices
+    seed: int = 42                     # init, data order, dropout
+    log_every_steps: int = 50
+    eval_every_epochs: int = 1         # 0: only at the end
+    progress_bar: bool = True
+
+
+# -------------------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig(_Freezable):
+    mode: str = "offline"              # auto | online | offline | disabled
+    project: str = "vision_train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+
+
+@dataclass
+class Config(_Freezable):
+    model: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+RunConfig = Config  # after validation: frozen
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (YAML presets in conf/ extend these)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for arch, schema in MODEL_SCHEMAS.items():
+        cs.store(group="schema/model", name=arch, node=schema)
+    for group, schema in (("data", DataConfig), ("optimizer", OptimizerConfig),
+                          ("hardware", HardwareConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        cs.store(group=f"schema/{group}", name="base", node=schema)
+
+
+# ---------------------------------------------------------------------------------- validation
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
+
+
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(key, value, f"choose one of {', '.join(map(str, options))}")
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0) or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(key, value, f"must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that need no data and no devices; raises ConfigError naming key, value and fix."""
+    m, d, o, h, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.hardware, cfg.trainer, cfg.logger
+    if not isinstance(m, ModelConfig):
+        raise ConfigError("model", m, "pick a model preset, e.g. model=vit (see conf/model/)")
+    _choice("model.arch", m.arch, tuple(MODEL_SCHEMAS))
+    if m.num_classes is not None:
+        _positive("model.num_classes", m.num_classes)
+    for name in ("patch_size", "hidden_dim", "hidden_size", "num_layers", "num_heads", "mlp_dim", "num_blocks",
+                 "tokens_mlp_dim", "channels_mlp_dim", "dense_dim"):
+        if hasattr(m, name):
+            _positive(f"model.{name}", getattr(m, name))
+    if isinstance(m, MLPConfig):
+        _positive("model.hidden_layers", m.hidden_layers, allow_zero=True)
+    if isinstance(m, ViTConfig):
+        _choice("model.classifier", m.classifier, ("token", "gap"))
+        if m.hidden_size % m.num_heads:
+            raise ConfigError("model.num_heads", m.num_heads,
+                              f"must divide model.hidden_size={m.hidden_size}")
+        for name in ("dropout", "attention_dropout", "stochastic_depth"):
+            if not 0.0 <= getattr(m, name) < 1.0:
+                raise ConfigError(f"model.{name}", getattr(m, name), "must be in [0, 1)")
+        _positive("model.pad_tokens_to_multiple", m.pad_tokens_to_multiple)
+
+    _choice("data.name", d.name, DATASETS)
+    _positive("data.val_size", d.val_size, allow_zero=True)
+    if not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError("data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    for key, pair in (("data.augment.crop_scale", d.augment.crop_scale), ("data.augment.crop_ratio", d.augment.crop_ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (key.endswith("scale") and pair[1] > 1):
+            raise ConfigError(key, list(pair), "give [low, high] with 0 < low <= high" +
+                              (" <= 1" if key.endswith("scale") else ""))
+    _positive("data.augment.pad_crop", d.augment.pad_crop, allow_zero=True)
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean" if d.mean is None else "data.std", None, "set both data.mean and data.std, or neither")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        raise ConfigError("data.std", list(d.std), "every std must be > 0")
+    if d.name == "synthetic":
+        if len(d.image_shape) != 3 or any(s <= 0 for s in d.image_shape):
+            raise ConfigError("data.image_shape", list(d.image_shape), "give [height, width, channels], all > 0")
+        _positive("data.num_classes", d.num_classes)
+    if d.name in ("synthetic", "toy"):
+        _positive("data.num_examples", d.num_examples)
+
+    _choice("optimizer.name", o.name, ("adam", "adamw", "sgd"))
+    _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
+    _positive("optimizer.lr", o.lr)
+    for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip_norm", "eps"):
+        _positive(f"optimizer.{name}", getattr(o, name), allow_zero=True)
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ConfigError("optimizer.label_smoothing", o.label_smoothing, "must be in [0, 1)")
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError("optimizer.momentum", o.momentum, "must be in [0, 1)")
+
+    _choice("hardware.platform", h.platform, ("auto", "cpu", "gpu", "tpu"))
+    _choice("hardware.precision", h.precision, ("float32", "bfloat16"))
+    _positive("hardware.num_devices", h.num_devices, allow_zero=True)
+
+    _positive("trainer.epochs", t.epochs)
+    _positive("trainer.batch_size", t.batch_size)
+    _positive("trainer.log_every_steps", t.log_every_steps)
+    _positive("trainer.eval_every_epochs", t.eval_every_epochs, allow_zero=True)
+    if o.warmup_epochs > t.epochs:
+        raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
+
+    _choice("logger.mode", lg.mode, ("auto", "online", "offline", "disabled"))
+    return cfg
+
+
+def to_run_config(cfg: Any) -> Config:
+    """OmegaConf (from Hydra) or a Config -> validated, frozen Config. The only place OmegaConf is read."""
+    if not isinstance(cfg, Config):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(cfg)
+    return _freeze(validate(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of built-in types (for config.yaml, metadata files, W&B config)."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def model_kwargs(m: ModelConfig) -> dict:
+    """The model config as keyword arguments for ``vision_train.models.create``."""
+    kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("arch", "num_classes")}
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}

@@ -1,0 +1,45 @@
+"""Pieces shared by several models: patch embedding and the checks that come with it."""
+
+from __future__ import annotations
+
+import einops
+import jax
+from flax import nnx
+
+
+def check_patch_size(image_hw: tuple[int, int], patch_size: int) -> None:
+    """Raise a readable error when ``patch_size`` does not tile the image exactly."""
+    h, w = image_hw
+    if patch_size <= 0 or h % patch_size or w % patch_size:
+        ok = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+        raise ValueError(
+            f"patch_size {patch_size} does not divide the {h}x{w} image; "
+            f"use one of {ok} (set model.patch_size)"
+        )
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping patches -> tokens, as one strided convolution: (B,H,W,C) -> (B, H/p * W/p, D)."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, *, dtype, rngs: nnx.Rngs):
+        self.proj = nnx.Conv(
+            in_channels, dim, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
+            padding="VALID", dtype=dtype, rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return einops.rearrange(self.proj(x), "b h w d -> b (h w) d")
+
+
+class Mlp(nnx.Module):
+    """Dense -> GELU -> (dropout) -> Dense -> (dropout)."""
+
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype, rngs: nnx.Rngs,
+                 kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()):
+        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = self.drop(jax.nn.gelu(self.fc1(x)), deterministic=not train)
+        return self.drop(self.fc2(x), deterministic=not train)

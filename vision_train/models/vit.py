@@ -1,0 +1,107 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), as in seed 004 (after Scenic's ViT).
+
+Pre-LN encoder blocks, learned 1-D position embedding, class token or global average pooling,
+dropout, optional stochastic depth (per example, growing linearly with depth). Attention goes through
+``jax.nn.dot_product_attention`` (XLA on CPU, cuDNN where it applies). Seed 004 never passed
+``train=True`` to its model, so its dropout never ran; here it does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import Mlp, PatchEmbed, check_patch_size
+
+_xavier = nnx.initializers.xavier_uniform()
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, *, dropout: float, dtype, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
+        if train and self.dropout > 0:  # fused kernels cannot drop attention weights
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.num_heads)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            w = self.drop(jax.nn.softmax(logits.astype(jnp.float32)).astype(v.dtype), deterministic=False)
+            y = jnp.einsum("bhqk,bkhd->bqhd", w, v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return self.out(y.reshape(b, t, d))
+
+
+class EncoderBlock(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, dropout: float, attention_dropout: float,
+                 drop_path: float, dtype, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, dropout=attention_dropout, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(dim, mlp_dim, dropout=dropout, dtype=dtype, kernel_init=_xavier,
+                       bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        # Stochastic depth: dropout whose mask is shared over tokens and features = drop whole examples.
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
+        y = self.drop(self.attn(self.norm1(x), mask, train=train), deterministic=not train)
+        x = x + self.drop_path(y, deterministic=not train)
+        y = self.mlp(self.norm2(x), train=train)
+        return x + self.drop_path(y, deterministic=not train)
+
+
+class Model(nnx.Module):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int = 4,
+                 hidden_size: int = 128, num_layers: int = 6, num_heads: int = 8, mlp_dim: int = 256,
+                 classifier: str = "token", dropout: float = 0.1, attention_dropout: float = 0.0,
+                 stochastic_depth: float = 0.0, pad_tokens_to_multiple: int = 1, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        h, w, c = input_shape
+        check_patch_size((h, w), patch_size)
+        if classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {classifier!r}")
+        self.classifier = classifier
+        self.num_tokens = (h // patch_size) * (w // patch_size) + (classifier == "token")
+        m = max(1, pad_tokens_to_multiple)
+        self.seq_len = -(-self.num_tokens // m) * m  # padded with masked-out tokens, e.g. 65 -> 72
+        self.embed = PatchEmbed(c, hidden_size, patch_size, dtype=dtype, rngs=rngs)
+        if classifier == "token":
+            self.cls = nnx.Param(jnp.zeros((1, 1, hidden_size)))
+        self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, self.num_tokens, hidden_size)))
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.blocks = nnx.List([
+            EncoderBlock(hidden_size, num_heads, mlp_dim, dropout=dropout, attention_dropout=attention_dropout,
+                         drop_path=stochastic_depth * i / max(num_layers - 1, 1), dtype=dtype, rngs=rngs)
+            for i in range(num_layers)
+        ])
+        self.norm = nnx.LayerNorm(hidden_size, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(hidden_size, num_classes, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = self.embed(x.astype(self.dtype))
+        b, _, d = x.shape
+        if self.classifier == "token":
+            x = jnp.concatenate([jnp.broadcast_to(self.cls.value.astype(x.dtype), (b, 1, d)), x], axis=1)
+        x = self.drop(x + self.pos_embed.value.astype(x.dtype), deterministic=not train)
+        mask = None
+        if self.seq_len > self.num_tokens:
+            x = jnp.pad(x, ((0, 0), (0, self.seq_len - self.num_tokens), (0, 0)))
+            mask = (jnp.arange(self.seq_len) < self.num_tokens)[None, None, None, :]  # keys only
+        for block in self.blocks:
+            x = block(x, mask, train=train)
+        x = self.norm(x)
+        x = x[:, 0] if self.classifier == "token" else jnp.mean(x[:, : self.num_tokens], axis=1)
+        return self.head(x)

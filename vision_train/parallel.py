@@ -1,0 +1,80 @@
+"""Devices and the data-parallel mesh (DESIGN.md, decision 1: jit + NamedSharding, not pmap)."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+
+def configure_host_devices(platform: str, num_devices: int) -> None:
+    """Before JAX initialises: ask XLA for ``num_devices`` simulated CPU devices when running on CPU."""
+    if platform == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        if num_devices > 1:
+            flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+            flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+            os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def initialize_distributed() -> None:
+    """Multi-host: jax.distributed auto-detects TPU pods, SLURM and Open MPI; otherwise set
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+    import jax
+
+    if jax.process_count() == 1 and not getattr(initialize_distributed, "_done", False):
+        kwargs = {}
+        if "JAX_COORDINATOR_ADDRESS" in os.environ:
+            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                          num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                          process_id=int(os.environ["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(**kwargs)
+        initialize_distributed._done = True
+
+
+def select_devices(platform: str, num_devices: int):
+    """The devices to train on: all of the platform's (global, across hosts), or the first ``num_devices``."""
+    import jax
+
+    try:
+        devices = jax.devices() if platform == "auto" else jax.devices(platform)
+    except RuntimeError as e:
+        raise ConfigError("hardware.platform", platform,
+                          f"no {platform} devices here ({str(e).splitlines()[0]}); use hardware=auto or hardware=cpu") from None
+    if num_devices:
+        if num_devices > len(devices):
+            hint = (" (simulated CPU devices: hardware=cpu hardware.num_devices=N sets them up)"
+                    if platform != "cpu" else "")
+            raise ConfigError("hardware.num_devices", num_devices,
+                              f"only {len(devices)} {devices[0].platform} device(s) found; use at most {len(devices)}{hint}")
+        devices = devices[:num_devices]
+    return devices
+
+
+def make_mesh(devices):
+    import jax
+    from jax.sharding import AxisType
+
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P("data"))
+
+
+def check_batch_divisible(batch_size: int, num_devices: int) -> None:
+    if batch_size % num_devices:
+        lower = batch_size // num_devices * num_devices
+        upper = lower + num_devices
+        fix = f"use trainer.batch_size={upper}" + (f" or {lower}" if lower else "")
+        raise ConfigError("trainer.batch_size", batch_size,
+                          f"the global batch must divide evenly across the {num_devices} devices; {fix} "
+                          f"(or set hardware.num_devices)")

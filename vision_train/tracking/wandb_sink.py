@@ -1,0 +1,68 @@
+"""The W&B sink. Imported only when logging to W&B is on; everything it writes stays under the run dir."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+log = logging.getLogger("vision_train")
+
+INIT_TIMEOUT_S = 30  # an unreachable server costs at most this, then the run goes on offline
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _isolate(wandb_root: Path) -> None:
+    """Keep W&B's files (run files, cache, artifacts staging, settings) under the run directory."""
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
+                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+        path = wandb_root / sub
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(path)
+
+
+class WandbSink:
+    def __init__(self, run_dir: Path, config: dict, lc):
+        wandb_root = Path(run_dir) / "wandb_files"
+        _isolate(wandb_root)
+        import wandb
+
+        self._wandb = wandb
+        mode = lc.mode
+        if mode == "auto":
+            mode = "online" if _has_credentials() else "offline"
+        kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name, group=lc.group, tags=list(lc.tags) or None,
+                      notes=lc.notes, config=config, dir=str(wandb_root), reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off"),
+                                  **kwargs)
+        except Exception as e:  # unreachable server, bad credentials: never cost the run
+            if mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); continuing offline", str(e).splitlines()[0][:200])
+            mode = "offline"
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(console="off"), **kwargs)
+        self.mode = mode
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({"step": step, **metrics}, step=step)
+
+    def summary(self, values: dict) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+        if self.mode == "offline":
+            log.info("W&B run saved offline; upload it with: wandb sync %s", self.run.dir.rsplit("/files", 1)[0])

@@ -1,0 +1,1 @@
+"""Training: ``state`` (TrainState, optimizer), ``steps`` (pure jitted steps), ``loop`` (the run)."""

@@ -1,0 +1,217 @@
+"""``train(cfg, run_dir)``: the whole run, top to bottom, in data-flow order.
+
+Importable without Hydra: tests and benchmarks call it with a ``Config`` built in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import config as config_lib
+from ..errors import ConfigError, TrainingError
+
+log = logging.getLogger("vision_train")
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+    """Periodic work: every ``every`` steps and at the last step."""
+    return (every > 0 and step % every == 0) or step == total
+
+
+def _build_model(cfg, ds, rngs, dtype):
+    from .. import models
+    from ..models.layers import check_patch_size
+
+    m = cfg.model
+    num_classes = m.num_classes or ds.num_classes
+    if num_classes < ds.num_classes:
+        raise ConfigError("model.num_classes", m.num_classes,
+                          f"{cfg.data.name} has {ds.num_classes} classes; set model.num_classes={ds.num_classes} "
+                          f"or leave it unset (null) to follow the data")
+    h, w, _ = ds.shape
+    if hasattr(m, "patch_size"):
+        try:
+            check_patch_size((h, w), m.patch_size)
+        except ValueError as e:
+            raise ConfigError("model.patch_size", m.patch_size, str(e).split("; ", 1)[1]
+                              + f" ({cfg.data.name} images are {h}x{w})") from None
+    try:
+        return models.create(m.arch, ds.shape, num_classes, rngs=rngs, dtype=dtype, **config_lib.model_kwargs(m))
+    except ValueError as e:
+        raise ConfigError(f"model={m.arch}", cfg.data.name, str(e)) from None
+
+
+def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
+    """Train, evaluate, test. Returns the summary (also written to ``<run_dir>/summary.json``)."""
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- hardware
+    from .. import parallel
+
+    if cfg.hardware.distributed:
+        parallel.initialize_distributed()
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    devices = parallel.select_devices(cfg.hardware.platform, cfg.hardware.num_devices)
+    parallel.check_batch_divisible(cfg.trainer.batch_size, len(devices))
+    mesh = parallel.make_mesh(devices)
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- data
+    from ..data import pipeline, sources
+
+    ds = sources.load(cfg.data)
+    t, B = cfg.trainer, cfg.trainer.batch_size
+    steps_per_epoch = len(ds.train.labels) // B  # the last partial batch is dropped, as in the seeds
+    if steps_per_epoch == 0:
+        raise ConfigError("trainer.batch_size", B,
+                          f"larger than the {len(ds.train.labels)} training examples of {cfg.data.name}; "
+                          f"use at most {len(ds.train.labels) // len(devices) * len(devices)}")
+    total_steps = steps_per_epoch * t.epochs
+    a = cfg.data.augment
+    aug = pipeline.Augment(a.flip, a.random_resized_crop, tuple(a.crop_scale), tuple(a.crop_ratio), a.pad_crop)
+    if aug.enabled and ds.train.images.dtype != np.uint8:
+        raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
+
+    # ---------------------------------------------------------------- model, optimizer, state
+    from . import state as state_lib
+    from .steps import make_steps, new_accumulator
+
+    dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
+    model = _build_model(cfg, ds, nnx.Rngs(params=t.seed, dropout=t.seed + 1), dtype)
+    o = cfg.optimizer
+    schedule = state_lib.lr_schedule(o.schedule, o.lr, total_steps, round(o.warmup_epochs * steps_per_epoch), o.min_lr)
+    tx = state_lib.make_optimizer(o, schedule)
+    graphdef, state = state_lib.create(model, tx, t.seed)
+    del model
+    n_params = state_lib.param_count(state.params)
+    state = jax.device_put(state, replicated)
+
+    # The data sets live on every device; steps gather their batches from them.
+    put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+    train_x, train_y = put(ds.train.images), put(ds.train.labels)
+    splits = {"val": ds.val, "test": ds.test}
+    eval_data = {}
+    for name, split in splits.items():
+        if split is not None and len(split.labels):
+            idx, mask = pipeline.eval_batches(len(split.labels), B)
+            eval_data[name] = (put(split.images), put(split.labels), put(idx), put(mask))
+
+    train_step, eval_step = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
+                                       std=ds.std, dtype=dtype, label_smoothing=o.label_smoothing,
+                                       batch_sharding=batch_sharding)
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    eval_step = jax.jit(eval_step)
+    permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
+
+    # ---------------------------------------------------------------- tracking
+    from ..tracking import Tracker
+
+    resolved = config_lib.to_dict(cfg)
+    _write_yaml(run_dir / "config.yaml", resolved)
+    tracker = Tracker(run_dir, resolved, cfg.logger, is_main=is_main)
+    log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
+             cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
+             0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
+             len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
+
+    def evaluate(name: str, step: int) -> dict:
+        x, y, idx, mask = eval_data[name]
+        out = jax.device_get(eval_step(state.params, state.other, x, y, idx, mask))
+        n = float(out["count"])
+        return {f"{name}/loss": float(out["loss"]) / n, f"{name}/acc": float(out["correct"]) / n}
+
+    # ---------------------------------------------------------------- loop
+    summary: dict = {"parameters": n_params, "num_devices": len(devices)}
+    best_val, best_step = -1.0, -1
+    exit_code = 1
+    try:
+        acc = jax.device_put(new_accumulator(), replicated)
+        step = 0
+        for epoch in range(t.epochs):
+            perm = permutation(t.seed, epoch, len(ds.train.labels))
+            epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+            t_epoch = t_log = time.time()
+            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress_bar and is_main)
+            for i in range(steps_per_epoch):
+                state, acc = train_step(state, acc, train_x, train_y, perm, i)
+                step += 1
+                bar.update(1)
+                if itstime(step, t.log_every_steps, total_steps) or i == steps_per_epoch - 1:
+                    host = jax.device_get(acc)  # sync point: the only per-interval device fetch
+                    acc = jax.device_put(new_accumulator(), replicated)
+                    now = time.time()
+                    if int(host["nan_step"]) >= 0:
+                        bad = int(host["nan_step"])
+                        raise TrainingError(
+                            f"loss became NaN/inf at step {bad} (epoch {bad // steps_per_epoch + 1}); lower "
+                            f"optimizer.lr (now {o.lr:g}) or set optimizer.grad_clip_norm. Metrics up to step "
+                            f"{step - int(host['steps'])} are in {run_dir / 'metrics.jsonl'}")
+                    for k in epoch_sums:
+                        epoch_sums[k] += float(host[k])
+                    metrics = {
+                        "train/loss": float(host["loss"] / host["count"]),
+                        "train/acc": float(host["correct"] / host["count"]),
+                        "train/grad_norm": float(host["grad_norm"] / host["steps"]),
+                        "lr": float(schedule(step - 1)),
+                        "epoch": step / steps_per_epoch,
+                        "images_per_sec": float(host["count"]) / max(now - t_log, 1e-9),
+                    }
+                    t_log = now
+                    tracker.log(metrics, step)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
+                                    img_s=f"{metrics['images_per_sec']:,.0f}", refresh=False)
+            bar.close()
+            epoch_time = time.time() - t_epoch
+            line = {"train/loss": epoch_sums["loss"] / epoch_sums["count"],
+                    "train/acc": epoch_sums["correct"] / epoch_sums["count"]}
+            last = epoch == t.epochs - 1
+            if "val" in eval_data and ((t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last):
+                val = evaluate("val", step)
+                tracker.log({**val, "epoch": float(epoch + 1)}, step)
+                line.update(val)
+                if val["val/acc"] > best_val:
+                    best_val, best_step = val["val/acc"], step
+            log.info("epoch %d/%d  %s  %s img/s  %.1fs", epoch + 1, t.epochs,
+                     "  ".join(f"{k} {v:.4f}" for k, v in line.items()),
+                     f"{epoch_sums['count'] / epoch_time:,.0f}", epoch_time)
+
+        test = evaluate("test", step)
+        tracker.log(test, step)
+        log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        summary.update(test)
+        if best_step >= 0:
+            summary.update({"best/val/acc": best_val, "best/step": best_step})
+        summary.update({"step": step, "images_seen": step * B, "wall_time_s": time.time() - t_start})
+        tracker.summary(summary)
+        exit_code = 0
+        return summary
+    finally:
+        tracker.finish(exit_code)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5, unit="step")
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    try:
+        import yaml
+
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    except ImportError:
+        path.with_suffix(".json").write_text(json.dumps(data, indent=2))

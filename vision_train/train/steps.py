@@ -1,0 +1,93 @@
+"""Pure train and eval steps. Built once per run by ``make_steps`` and jitted once; the graphdef, the
+augmentation and the normalisation constants are closed over, everything that changes is an argument."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..data import pipeline
+from .state import TrainState
+
+# Times each step function was traced (a test asserts the train step is traced once per run).
+TRACES: collections.Counter = collections.Counter()
+
+
+def new_accumulator() -> dict:
+    """Running sums the train step adds to; fetched (and reset) only on log steps and at epoch end."""
+    z = lambda: jnp.zeros((), jnp.float32)  # noqa: E731  (distinct buffers: they are donated)
+    return {"loss": z(), "correct": z(), "count": z(), "grad_norm": z(), "steps": z(),
+            "nan_step": jnp.full((), -1, jnp.int32)}
+
+
+def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, aug: pipeline.Augment,
+               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> tuple[Callable, Callable]:
+    """Returns (train_step, eval_step), not yet jitted."""
+
+    def forward(params, other, x, *, train: bool, key=None):
+        model = nnx.merge(graphdef, params, other)
+        if key is not None:
+            nnx.reseed(model, dropout=key)
+        return model(x, train=train).astype(jnp.float32)
+
+    def loss_fn(logits, labels, num_classes):
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+            if label_smoothing else jax.nn.one_hot(labels, num_classes)
+        return optax.softmax_cross_entropy(logits, targets)
+
+    def train_step(state: TrainState, acc: dict, images, labels, perm, index):
+        TRACES["train_step"] += 1
+        idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_aug, k_drop = jax.random.split(key)
+        x = pipeline.augment(jnp.take(images, idx, axis=0), k_aug, aug)
+        x = pipeline.normalize(x, scale, mean, std, dtype)
+        y = jnp.take(labels, idx, axis=0)
+
+        def objective(params):
+            logits = forward(params, state.other, x, train=True, key=k_drop)
+            return loss_fn(logits, y, logits.shape[-1]).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bad = ~jnp.isfinite(loss)
+        acc = {
+            "loss": acc["loss"] + loss * batch_size,
+            "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
+            "count": acc["count"] + batch_size,
+            "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
+            "steps": acc["steps"] + 1,
+            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step, acc["nan_step"]),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
+
+    def eval_step(params, other, images, labels, idx, mask):
+        """One pass over a whole split (idx, mask: (num_batches, batch)); every example counted once."""
+        TRACES["eval_step"] += 1
+
+        def body(carry, batch):
+            bidx, bmask = batch
+            bidx = jax.lax.with_sharding_constraint(bidx, batch_sharding)
+            x = pipeline.normalize(jnp.take(images, bidx, axis=0), scale, mean, std, dtype)
+            y = jnp.take(labels, bidx, axis=0)
+            logits = forward(params, other, x, train=False)
+            m = bmask.astype(jnp.float32)
+            loss = jnp.sum(loss_fn(logits, y, logits.shape[-1]) * m)
+            probs = jax.nn.softmax(logits)
+            pred = jnp.argmax(logits, -1)
+            correct = jnp.sum((pred == y) * m)
+            return (carry[0] + loss, carry[1] + correct, carry[2] + jnp.sum(m)), (pred, jnp.max(probs, -1))
+
+        z = jnp.zeros((), jnp.float32)
+        (loss, correct, count), (pred, conf) = jax.lax.scan(body, (z, z, z), (idx, mask))
+        return {"loss": loss, "correct": correct, "count": count,
+                "pred": pred.reshape(-1), "confidence": conf.reshape(-1)}
+
+    return train_step, eval_step
