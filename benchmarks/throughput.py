@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""Training throughput: the full device-resident pipeline against the bare optimizer step, side by side.
+
+For each model preset, on a CIFAR-sized synthetic data set (32x32x3 uint8, 10 classes, on the device):
+
+  (a) pipeline   the real train step from ``vision_train.train.steps.make_steps``, jitted as the trainer
+                 jits it (donating state and accumulator): gather the batch from the device-resident set by
+                 permutation + step index, augment (flip + random-resized-crop, as the CIFAR presets),
+                 normalise, forward/backward/update;
+  (b) step alone the same forward/backward/update on the *same* batches, gathered, augmented and
+                 normalised once beforehand (outside the timed region) and already on the device.
+
+Before timing, one step of (a) and one of (b) from the same initial state are checked to give the same
+parameters, so (b) really is (a) minus the input pipeline. Each side runs ``--steps`` timed steps per repeat;
+the repeats alternate (a b b a a b ...) so drift on a shared machine hits both sides alike, and the table
+reports medians. FLOPs per step come from XLA's cost analysis of the compiled step alone; MFU divides the
+achieved FLOP/s by a peak (``--peak-tflops``, or a built-in figure for known accelerators).
+
+No Hydra, no W&B:  python benchmarks/throughput.py [--models mlp,cnn] [--steps 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+# Model presets, as conf/model/*.yaml (kept here so the script needs no Hydra).
+PRESETS = {
+    "mlp": ("mlp", dict(hidden_layers=1, hidden_dim=10)),
+    "cnn": ("cnn", dict(features=(32, 64), dense_dim=256)),
+    "mixer": ("mixer", dict(patch_size=4, num_blocks=8, hidden_dim=192, tokens_mlp_dim=96, channels_mlp_dim=768)),
+    "mixer_small": ("mixer", dict(patch_size=4, num_blocks=2, hidden_dim=64, tokens_mlp_dim=32, channels_mlp_dim=256)),
+    "vit": ("vit", dict(patch_size=4, hidden_size=128, num_layers=6, num_heads=8, mlp_dim=256, classifier="token",
+                        dropout=0.1, attention_dropout=0.0, stochastic_depth=0.0, pad_tokens_to_multiple=1)),
+}
+
+# Dense peak TFLOP/s per device, (float32, bfloat16), matched in order against ``device.device_kind``
+# (lower case). Vendor data-sheet figures without sparsity. float32 is the non-tensor-core FP32 figure;
+# note that XLA on NVIDIA GPUs may run float32 matmuls as TF32 by default, so float32 MFU against this
+# figure can exceed 100%: pass --peak-tflops (e.g. 494 for H100/H200 TF32) to compare against TF32.
+# None: unknown, give --peak-tflops. CPUs have no entry: MFU prints n/a unless --peak-tflops is given.
+PEAK_TFLOPS = [
+    ("h100 pcie", (51.0, 756.0)),
+    ("h100", (67.0, 989.0)),       # SXM
+    ("h200", (67.0, 989.0)),
+    ("gh200", (67.0, 989.0)),
+    ("a100", (19.5, 312.0)),
+    ("l4", (30.3, 121.0)),
+    ("tpu v4", (None, 275.0)),
+    ("tpu v5 lite", (None, 197.0)),  # v5e
+    ("tpu v5e", (None, 197.0)),
+    ("tpu v5p", (None, 459.0)),
+    ("tpu v5", (None, 459.0)),
+    ("tpu v6", (None, 918.0)),       # Trillium (v6e)
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(PRESETS), help=f"comma-separated, from {', '.join(PRESETS)}")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (split across devices)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per repeat and side (at most; see --time-budget)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (alternating); medians reported")
+    p.add_argument("--time-budget", type=float, default=30.0,
+                   help="seconds of timed stepping per model (both sides, all repeats); fewer steps than --steps "
+                        "for slow models so the run stays short (at least --min-steps); 0 = always --steps")
+    p.add_argument("--min-steps", type=int, default=4)
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
+    p.add_argument("--num-devices", type=int, default=0, help="0: all (on cpu: simulate this many)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    p.add_argument("--num-examples", type=int, default=45000, help="size of the device-resident training set "
+                                                                    "(45,000: CIFAR-10's train split)")
+    p.add_argument("--no-augment-column", action="store_true",
+                   help="also time the pipeline with augmentation off (gather + normalise only), to attribute "
+                        "the pipeline's cost")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in PRESETS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(PRESETS)}")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 1 or args.batch_size < 1:
+        p.error("--steps, --repeats, --warmup and --batch-size must be >= 1")
+    return args
+
+
+def default_peak(device_kind: str, platform: str, precision: str):
+    kind = device_kind.lower()
+    if platform == "cpu":
+        return None
+    for pattern, (fp32, bf16) in PEAK_TFLOPS:
+        if pattern in kind:
+            return bf16 if precision == "bfloat16" else fp32
+    return None
+
+
+def flops_of(compiled) -> float:
+    """'flops' from XLA's cost analysis (a dict in jax 0.10; a list of per-module dicts in older versions).
+    For a partitioned (multi-device) program this is the per-device module's count."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", float("nan")))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from vision_train import parallel
+
+    if args.platform == "cpu":
+        parallel.configure_host_devices("cpu", args.num_devices)
+    elif args.platform == "auto" and args.num_devices > 1:  # only affects the CPU backend, if that is the one
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.num_devices}"])
+
+    import jax
+    import flax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from vision_train import config as config_lib
+    from vision_train import models
+    from vision_train.data import pipeline, sources
+    from vision_train.train import state as state_lib
+    from vision_train.train import steps as steps_lib
+
+    t_run = time.perf_counter()
+    devices = parallel.select_devices(args.platform, args.num_devices)
+    nd = len(devices)
+    parallel.check_batch_divisible(args.batch_size, nd)
+    mesh = parallel.make_mesh(devices)
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    dev = devices[0]
+    peak = args.peak_tflops if args.peak_tflops else default_peak(dev.device_kind, dev.platform, args.precision)
+    peak_src = "--peak-tflops" if args.peak_tflops else ("built-in table" if peak else None)
+
+    print(f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__} "
+          f"| backend {jax.default_backend()} | {nd} x {dev.device_kind} ({dev.platform})")
+    print(f"precision {args.precision} | batch {args.batch_size} | optimizer {args.optimizer} | "
+          f"warmup {args.warmup} | repeats {args.repeats} | steps <= {args.steps} "
+          f"(time budget {args.time_budget:g}s/model) | CPU cores {os.cpu_count()}")
+    print("MFU peak: " + (f"{peak:g} TFLOP/s per device ({peak_src})" if peak else
+                          "unknown for this device -> MFU n/a (give --peak-tflops)"))
+
+    # ------------------------------------------------------------------ data, as the trainer holds it
+    shape, num_classes, B = (32, 32, 3), 10, args.batch_size
+    split = sources.make_synthetic(args.num_examples, shape, num_classes, seed=0)
+    mean, std = sources.STATS["cifar10"]
+    scale = 1.0 / 255
+    aug = pipeline.Augment(flip=True, random_resized_crop=True, crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1))
+    train_x = jax.device_put(split.images, replicated)
+    train_y = jax.device_put(split.labels, replicated)
+    perm = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)(0, 0, len(split.labels))
+    dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
+    print(f"data: synthetic {len(split.labels):,} x {'x'.join(map(str, shape))} uint8, {num_classes} classes, "
+          f"device-resident; augment flip + random-resized-crop (0.8-1.0, 0.9-1.1)")
+
+    results = []
+    for name in args.models:
+        arch, kwargs = PRESETS[name]
+        t_model = time.perf_counter()
+        opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
+        tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, opt_cfg.lr, 10_000, 0, 0.0))
+        model = models.create(arch, shape, num_classes, rngs=nnx.Rngs(params=0, dropout=1), dtype=dtype, **kwargs)
+        graphdef, state0 = state_lib.create(model, tx, seed=0)
+        del model
+        n_params = state_lib.param_count(state0.params)
+        common = dict(scale=scale, mean=mean, std=std, dtype=dtype, label_smoothing=opt_cfg.label_smoothing,
+                      batch_sharding=batch_sharding)
+
+        # (a) the real step, jitted as train() jits it.
+        train_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
+        pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
+        if args.no_augment_column:
+            noaug_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
+            noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
+
+        # (b) the same step minus the input pipeline: make_steps' train step with the batch handed in.
+        # Mirrors steps.py line for line after ``x``/``y`` (the equivalence check below guards it).
+        alone_step = jax.jit(make_step_alone(graphdef, tx, B, opt_cfg.label_smoothing), donate_argnums=(0, 1))
+
+        def prepare(state_rng, step, index):
+            """What the pipeline step computes before the model: same permutation slice, same keys."""
+            idx = jax.lax.dynamic_slice_in_dim(perm, index * B, B)
+            idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+            k_aug, _ = jax.random.split(key)
+            x = pipeline.augment(jnp.take(train_x, idx, axis=0), k_aug, aug)
+            x = pipeline.normalize(x, scale, mean, std, dtype)
+            return (jax.lax.with_sharding_constraint(x, batch_sharding),
+                    jax.lax.with_sharding_constraint(jnp.take(train_y, idx, axis=0), batch_sharding))
+
+        prepare = jax.jit(prepare, out_shardings=(batch_sharding, batch_sharding))
+
+        def fresh_state():
+            return jax.device_put(jax.tree.map(jnp.copy, state0), replicated)  # own buffers (donation)
+
+        def fresh_acc():
+            return jax.device_put(steps_lib.new_accumulator(), replicated)
+
+        def reset_step(st):  # every repeat sees the same batches, augmentations and dropout masks
+            return st.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+        # ---- compile (outside any timing) and FLOPs from the compiled step alone
+        x0, y0 = prepare(state0.rng, 0, 0)
+        t0 = time.perf_counter()
+        compiled_alone = alone_step.lower(fresh_state(), fresh_acc(), x0, y0).compile()
+        compile_s = time.perf_counter() - t0
+        flops_step = flops_of(compiled_alone)  # per device for a partitioned program
+        compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
+        flops_pipe = flops_of(compiled_pipe)
+
+        # ---- equivalence: one step of each from the same state gives the same parameters
+        sa, _ = pipe_step(fresh_state(), fresh_acc(), train_x, train_y, perm, 0)
+        sb, _ = alone_step(fresh_state(), fresh_acc(), x0, y0)
+        diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                   for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
+        if not diff <= 1e-5:
+            print(f"  WARNING {name}: pipeline step and step alone disagree after one step (max |dparam| {diff:.3g}); "
+                  f"benchmarks/throughput.py's step alone no longer mirrors vision_train/train/steps.py")
+        del sa, sb
+
+        # ---- warm up both sides; estimate the step time to size the timed loops
+        traces_before = steps_lib.TRACES["train_step"]
+        st_pipe, acc_pipe = fresh_state(), fresh_acc()
+        st_alone, acc_alone = fresh_state(), fresh_acc()
+        for i in range(args.warmup):
+            st_pipe, acc_pipe = pipe_step(st_pipe, acc_pipe, train_x, train_y, perm, i)
+        jax.block_until_ready((st_pipe, acc_pipe))
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            st_alone, acc_alone = alone_step(st_alone, acc_alone, x0, y0)
+        jax.block_until_ready((st_alone, acc_alone))
+        est = (time.perf_counter() - t0) / args.warmup
+        n_sides = 3 if args.no_augment_column else 2
+        steps = args.steps
+        if args.time_budget > 0:
+            steps = max(args.min_steps, min(args.steps, int(args.time_budget / (n_sides * args.repeats * est))))
+        if steps * B > len(split.labels):
+            raise SystemExit(f"--steps x --batch-size = {steps * B} exceeds --num-examples {len(split.labels)}")
+
+        # ---- the precomputed batches of (b): exactly those steps 0..steps-1 of (a) see after a step reset
+        batches = [prepare(state0.rng, i, i) for i in range(steps)]
+        jax.block_until_ready(batches)
+
+        def run_pipe(st, acc, fn=pipe_step):
+            st = reset_step(st)
+            jax.block_until_ready(st)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                st, acc = fn(st, acc, train_x, train_y, perm, i)
+            jax.block_until_ready((st, acc))
+            return time.perf_counter() - t0, st, acc
+
+        def run_alone(st, acc):
+            st = reset_step(st)
+            jax.block_until_ready(st)
+            t0 = time.perf_counter()
+            for x, y in batches:
+                st, acc = alone_step(st, acc, x, y)
+            jax.block_until_ready((st, acc))
+            return time.perf_counter() - t0, st, acc
+
+        times = {"pipeline": [], "alone": [], "noaug": []}
+        if args.no_augment_column:
+            st_noaug, acc_noaug = fresh_state(), fresh_acc()
+            for i in range(args.warmup):
+                st_noaug, acc_noaug = noaug_step(st_noaug, acc_noaug, train_x, train_y, perm, i)
+            jax.block_until_ready(st_noaug)
+        for r in range(args.repeats):
+            order = ["pipeline", "alone"] if r % 2 == 0 else ["alone", "pipeline"]
+            if args.no_augment_column:
+                order.insert(1, "noaug")
+            for side in order:
+                if side == "pipeline":
+                    dt, st_pipe, acc_pipe = run_pipe(st_pipe, acc_pipe)
+                elif side == "noaug":
+                    dt, st_noaug, acc_noaug = run_pipe(st_noaug, acc_noaug, noaug_step)
+                else:
+                    dt, st_alone, acc_alone = run_alone(st_alone, acc_alone)
+                times[side].append(dt)
+        retraced = steps_lib.TRACES["train_step"] - traces_before
+        if retraced:
+            print(f"  WARNING {name}: the train step was traced {retraced} more time(s) during timing")
+        nan = int(jax.device_get(acc_pipe["nan_step"])) >= 0 or int(jax.device_get(acc_alone["nan_step"])) >= 0
+
+        med = {k: statistics.median(v) for k, v in times.items() if v}
+        ips = {k: steps * B / v for k, v in med.items()}
+        step_ms = med["alone"] / steps * 1e3
+        achieved = flops_step / (med["alone"] / steps)  # per device
+        mfu = achieved / (peak * 1e12) if peak else None
+        res = {
+            "model": name, "arch": arch, "params": n_params, "batch": B, "steps": steps, "repeats": args.repeats,
+            "images_per_s_pipeline": ips["pipeline"], "images_per_s_step": ips["alone"],
+            "ratio": ips["pipeline"] / ips["alone"],
+            "ratio_per_repeat": [a / p for p, a in zip(times["pipeline"], times["alone"])],
+            "step_ms": step_ms, "pipeline_step_ms": med["pipeline"] / steps * 1e3,
+            "flops_per_step_per_device": flops_step, "flops_pipeline_step_per_device": flops_pipe,
+            "achieved_tflops_per_device": achieved / 1e12, "mfu": mfu,
+            "times_s": times, "compile_s_step_alone": compile_s, "check_max_abs_param_diff": diff,
+            "nan": nan, "model_wall_s": time.perf_counter() - t_model,
+        }
+        if args.no_augment_column:
+            res["images_per_s_pipeline_no_augment"] = ips["noaug"]
+        results.append(res)
+        print(f"  {name}: {steps} steps x {args.repeats} repeats/side, step {step_ms:.1f} ms, ratio "
+              f"{res['ratio']:.3f}, check |dparam| {diff:.1e}, {res['model_wall_s']:.0f}s", flush=True)
+        del st_pipe, acc_pipe, st_alone, acc_alone, batches
+
+    # ------------------------------------------------------------------ table
+    print()
+    cols = ["model", "params", "batch", "steps", "img/s pipeline", "img/s step", "pipe/step", "step ms",
+            "GFLOP/step", "TFLOP/s", "MFU"]
+    if args.no_augment_column:
+        cols.insert(6, "img/s no-aug")
+    rows = []
+    for r in results:
+        row = [r["model"], f"{r['params']:,}", str(r["batch"]), str(r["steps"]),
+               f"{r['images_per_s_pipeline']:,.0f}", f"{r['images_per_s_step']:,.0f}", f"{r['ratio']:.3f}",
+               f"{r['step_ms']:.2f}", f"{r['flops_per_step_per_device'] * nd / 1e9:.2f}",
+               f"{r['achieved_tflops_per_device'] * nd:.3f}",
+               "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
+        if args.no_augment_column:
+            row.insert(6, f"{r['images_per_s_pipeline_no_augment']:,.0f}")
+        rows.append(row)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(cols))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+    print()
+    print("img/s: medians over repeats. pipe/step: pipeline img/s / step-alone img/s. GFLOP/step, TFLOP/s: XLA "
+          "cost analysis of the compiled step alone (all devices), at the step-alone rate. MFU: per device, against "
+          + (f"{peak:g} TFLOP/s." if peak else "an unknown peak (n/a; give --peak-tflops)."))
+    below = [r["model"] for r in results if r["ratio"] < 0.9]
+    if below:
+        print(f"pipeline below 90% of the step alone: {', '.join(below)}")
+    if any(r["nan"] for r in results):
+        print("note: the loss went NaN/inf in some timed run (timings still valid; values are random data)")
+    total = time.perf_counter() - t_run
+    print(f"total {total:.0f}s")
+
+    if args.json:
+        meta = {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": dev.device_kind,
+                "num_devices": nd, "precision": args.precision, "batch_size": B, "optimizer": args.optimizer,
+                "warmup": args.warmup, "repeats": args.repeats, "max_steps": args.steps,
+                "time_budget_s": args.time_budget, "peak_tflops_per_device": peak, "peak_source": peak_src,
+                "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
+                "total_s": total}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def make_step_alone(graphdef, tx, batch_size: int, label_smoothing: float):
+    """``make_steps``' train step from ``x``/``y`` on: forward, backward, update, accumulator."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    def forward(params, other, x, *, key):
+        # copy=True: fresh Variables at this trace level, so the RNG streams can be reseeded and advanced
+        # under value_and_grad (flax 0.12 refuses to mutate the closed-over ones: TraceContextError).
+        model = nnx.merge(graphdef, params, other, copy=True)
+        nnx.reseed(model, dropout=key)
+        return model(x, train=True).astype(jnp.float32)
+
+    def loss_fn(logits, labels, num_classes):
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+            if label_smoothing else jax.nn.one_hot(labels, num_classes)
+        return optax.softmax_cross_entropy(logits, targets)
+
+    def step_alone(state, acc, x, y):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        _, k_drop = jax.random.split(key)
+
+        def objective(params):
+            logits = forward(params, state.other, x, key=k_drop)
+            return loss_fn(logits, y, logits.shape[-1]).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bad = ~jnp.isfinite(loss)
+        acc = {
+            "loss": acc["loss"] + loss * batch_size,
+            "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
+            "count": acc["count"] + batch_size,
+            "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
+            "steps": acc["steps"] + 1,
+            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step, acc["nan_step"]),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
+
+    return step_alone
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Test set-up: 8 simulated CPU devices (must be set before JAX initialises) and isolated W&B state."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"]
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _no_home_writes(tmp_path, monkeypatch):
+    """Nothing a test runs may write to $HOME (W&B's defaults would)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("WANDB_API_KEY",):
+        monkeypatch.delenv(var, raising=False)
+
+
+def run_cli(args, cwd, timeout=600, env=None):
+    """Run ``python -m vision_train`` in a subprocess (fresh JAX, like a user)."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": REPO, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("XLA_FLAGS", None)  # the CLI sets its own device count from hardware.*
+    return subprocess.run([sys.executable, "-m", "vision_train", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,111 @@
+"""Every model: logits of the right shape for every data shape, in both modes and precisions."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vision_train import models
+from vision_train.config import CNNConfig, MixerConfig, MLPConfig, ViTConfig, model_kwargs
+
+from .helpers import compose
+
+# Tiny variants (used for testing only): same code paths, few parameters.
+TINY = {
+    "mlp": MLPConfig(hidden_layers=2, hidden_dim=16),
+    "cnn": CNNConfig(features=[4, 8], dense_dim=16),
+    "mixer": MixerConfig(patch_size=2, num_blocks=2, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32),
+    "vit": ViTConfig(patch_size=2, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, stochastic_depth=0.1),
+    "vit_gap_padded": ViTConfig(patch_size=2, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32,
+                                classifier="gap", pad_tokens_to_multiple=8, attention_dropout=0.1),
+}
+SHAPES = {"cifar": (32, 32, 3), "mnist": (28, 28, 1), "digits": (8, 8, 1), "wide": (16, 24, 3)}
+
+
+def build(cfg, shape, num_classes=10, dtype=jnp.float32, seed=0):
+    return models.create(cfg.arch, shape, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype,
+                         **model_kwargs(cfg))
+
+
+def abstract_forward(cfg, shape, num_classes, train):
+    """Output shape/dtype without running anything (eager NNX on CPU runs op by op: slow)."""
+    model = nnx.eval_shape(lambda: build(cfg, shape, num_classes))
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((3, *shape), jnp.float32)
+    return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, train=train), state, x)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("name", TINY)
+def test_logits_shape_for_every_data_shape(name, shape):
+    for train in (False, True):
+        y = abstract_forward(TINY[name], shape, 7, train)
+        assert y.shape == (3, 7) and y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_is_finite_and_jits(name):
+    model = build(TINY[name], (8, 8, 1), num_classes=7)
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
+    f = jax.jit(lambda s, x, train: nnx.merge(graphdef, s)(x, train=train), static_argnums=2)
+    for train in (False, True):
+        y = f(state, x, train)
+        assert y.shape == (3, 7) and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "mixer", "vit"])
+def test_bfloat16_compute_keeps_float32_params(name):
+    model = nnx.eval_shape(lambda: build(TINY[name], (8, 8, 1), dtype=jnp.bfloat16))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    graphdef, state = nnx.split(model)
+    y = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.ones((2, 8, 8, 1)), train=False), state)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_dropout_active_only_in_training():
+    graphdef, state = nnx.split(build(TINY["vit"], (8, 8, 1)))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def f(state, key, train):
+        model = nnx.merge(graphdef, state)
+        nnx.reseed(model, dropout=key)
+        return model(x, train=train)
+
+    x = jnp.ones((4, 8, 8, 1))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    np.testing.assert_array_equal(f(state, k1, False), f(state, k2, False))
+    np.testing.assert_array_equal(f(state, k1, True), f(state, k1, True))
+    assert not np.allclose(f(state, k1, True), f(state, k2, True))
+
+
+def test_patch_size_that_does_not_divide_says_which_do():
+    with pytest.raises(ValueError, match=r"patch_size 5 does not divide the 32x32 image; use one of \[1, 2, 4, 8, 16, 32\]"):
+        build(ViTConfig(patch_size=5), (32, 32, 3))
+    with pytest.raises(ValueError, match="patch_size 3 does not divide"):
+        build(MixerConfig(patch_size=3), (28, 28, 1))
+
+
+def test_mixer_mixes_tokens():
+    """Seed 001's bug: its 'token mixing' never mixed tokens. Here changing one patch changes every token's output."""
+    model = build(TINY["mixer"], (8, 8, 1))
+    x = jnp.zeros((2, 8, 8, 1)).at[1, 0, 0, 0].set(5.0)  # example 1 differs in the first patch only
+    out = nnx.jit(lambda m, z: m.blocks[0](m.stem(z), train=False))(model, x)
+    changed = jnp.any(jnp.abs(out[1] - out[0]) > 1e-6, axis=-1)
+    assert bool(jnp.all(changed)), "a change in one patch must reach every token after one block"
+
+
+@pytest.mark.parametrize("preset,params", [("vit", 811_146), ("mixer", 2_484_426), ("cnn", 1_070_794),
+                                           ("mixer_small", None), ("vit_s", None), ("vit_b", None), ("mixer_b", None)])
+def test_presets_build_on_cifar(preset, params):
+    """The seed sizes give the seeds' parameter counts on CIFAR-10; the standard sizes build with patch 4."""
+    cfg = compose([f"model={preset}", "model.patch_size=4"] if preset not in ("cnn",) else [f"model={preset}"]).model
+    model = nnx.eval_shape(lambda: build(cfg, (32, 32, 3)))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if params:
+        assert n == params
+    assert n > 0
