@@ -72,9 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (alternating); medians reported")
     p.add_argument("--time-budget", type=float, default=30.0,
-                   help="seconds of timed stepping per model (both sides, all repeats); fewer steps than --steps "
-                        "for slow models so the run stays short (at least --min-steps); 0 = always --steps")
-    p.add_argument("--min-steps", type=int, default=4)
+                   help="about this many seconds of timed stepping per model (all sides and repeats): slow models "
+                        "get fewer steps (down to --min-steps), then fewer repeats (down to 3) and warm-up steps; "
+                        "0 = exactly --steps, --repeats and --warmup")
+    p.add_argument("--min-steps", type=int, default=2, help="fewest timed steps per repeat under --time-budget "
+                                                             "(repeats then drop to no fewer than 3)")
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
     p.add_argument("--num-devices", type=int, default=0, help="0: all (on cpu: simulate this many)")
@@ -168,157 +170,18 @@ def main(argv=None) -> int:
     print(f"data: synthetic {len(split.labels):,} x {'x'.join(map(str, shape))} uint8, {num_classes} classes, "
           f"device-resident; augment flip + random-resized-crop (0.8-1.0, 0.9-1.1)")
 
-    results = []
+    ctx = dict(args=args, jax=jax, jnp=jnp, nnx=nnx, config_lib=config_lib, models=models, pipeline=pipeline,
+               state_lib=state_lib, steps_lib=steps_lib, shape=shape, num_classes=num_classes, B=B, dtype=dtype,
+               aug=aug, scale=scale, mean=mean, std=std, train_x=train_x, train_y=train_y, perm=perm,
+               n_examples=len(split.labels), replicated=replicated, batch_sharding=batch_sharding, peak=peak)
+    results, failed = [], []
     for name in args.models:
-        arch, kwargs = PRESETS[name]
-        t_model = time.perf_counter()
-        opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
-        tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, opt_cfg.lr, 10_000, 0, 0.0))
-        model = models.create(arch, shape, num_classes, rngs=nnx.Rngs(params=0, dropout=1), dtype=dtype, **kwargs)
-        graphdef, state0 = state_lib.create(model, tx, seed=0)
-        del model
-        n_params = state_lib.param_count(state0.params)
-        common = dict(scale=scale, mean=mean, std=std, dtype=dtype, label_smoothing=opt_cfg.label_smoothing,
-                      batch_sharding=batch_sharding)
-
-        # (a) the real step, jitted as train() jits it.
-        train_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
-        pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
-        if args.no_augment_column:
-            noaug_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
-            noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
-
-        # (b) the same step minus the input pipeline: make_steps' train step with the batch handed in.
-        # Mirrors steps.py line for line after ``x``/``y`` (the equivalence check below guards it).
-        alone_step = jax.jit(make_step_alone(graphdef, tx, B, opt_cfg.label_smoothing), donate_argnums=(0, 1))
-
-        def prepare(state_rng, step, index):
-            """What the pipeline step computes before the model: same permutation slice, same keys."""
-            idx = jax.lax.dynamic_slice_in_dim(perm, index * B, B)
-            idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-            key = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
-            k_aug, _ = jax.random.split(key)
-            x = pipeline.augment(jnp.take(train_x, idx, axis=0), k_aug, aug)
-            x = pipeline.normalize(x, scale, mean, std, dtype)
-            return (jax.lax.with_sharding_constraint(x, batch_sharding),
-                    jax.lax.with_sharding_constraint(jnp.take(train_y, idx, axis=0), batch_sharding))
-
-        prepare = jax.jit(prepare, out_shardings=(batch_sharding, batch_sharding))
-
-        def fresh_state():
-            return jax.device_put(jax.tree.map(jnp.copy, state0), replicated)  # own buffers (donation)
-
-        def fresh_acc():
-            return jax.device_put(steps_lib.new_accumulator(), replicated)
-
-        def reset_step(st):  # every repeat sees the same batches, augmentations and dropout masks
-            return st.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
-
-        # ---- compile (outside any timing) and FLOPs from the compiled step alone
-        x0, y0 = prepare(state0.rng, 0, 0)
-        t0 = time.perf_counter()
-        compiled_alone = alone_step.lower(fresh_state(), fresh_acc(), x0, y0).compile()
-        compile_s = time.perf_counter() - t0
-        flops_step = flops_of(compiled_alone)  # per device for a partitioned program
-        compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
-        flops_pipe = flops_of(compiled_pipe)
-
-        # ---- equivalence: one step of each from the same state gives the same parameters
-        sa, _ = pipe_step(fresh_state(), fresh_acc(), train_x, train_y, perm, 0)
-        sb, _ = alone_step(fresh_state(), fresh_acc(), x0, y0)
-        diff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                   for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
-        if not diff <= 1e-5:
-            print(f"  WARNING {name}: pipeline step and step alone disagree after one step (max |dparam| {diff:.3g}); "
-                  f"benchmarks/throughput.py's step alone no longer mirrors vision_train/train/steps.py")
-        del sa, sb
-
-        # ---- warm up both sides; estimate the step time to size the timed loops
-        traces_before = steps_lib.TRACES["train_step"]
-        st_pipe, acc_pipe = fresh_state(), fresh_acc()
-        st_alone, acc_alone = fresh_state(), fresh_acc()
-        for i in range(args.warmup):
-            st_pipe, acc_pipe = pipe_step(st_pipe, acc_pipe, train_x, train_y, perm, i)
-        jax.block_until_ready((st_pipe, acc_pipe))
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            st_alone, acc_alone = alone_step(st_alone, acc_alone, x0, y0)
-        jax.block_until_ready((st_alone, acc_alone))
-        est = (time.perf_counter() - t0) / args.warmup
-        n_sides = 3 if args.no_augment_column else 2
-        steps = args.steps
-        if args.time_budget > 0:
-            steps = max(args.min_steps, min(args.steps, int(args.time_budget / (n_sides * args.repeats * est))))
-        if steps * B > len(split.labels):
-            raise SystemExit(f"--steps x --batch-size = {steps * B} exceeds --num-examples {len(split.labels)}")
-
-        # ---- the precomputed batches of (b): exactly those steps 0..steps-1 of (a) see after a step reset
-        batches = [prepare(state0.rng, i, i) for i in range(steps)]
-        jax.block_until_ready(batches)
-
-        def run_pipe(st, acc, fn=pipe_step):
-            st = reset_step(st)
-            jax.block_until_ready(st)
-            t0 = time.perf_counter()
-            for i in range(steps):
-                st, acc = fn(st, acc, train_x, train_y, perm, i)
-            jax.block_until_ready((st, acc))
-            return time.perf_counter() - t0, st, acc
-
-        def run_alone(st, acc):
-            st = reset_step(st)
-            jax.block_until_ready(st)
-            t0 = time.perf_counter()
-            for x, y in batches:
-                st, acc = alone_step(st, acc, x, y)
-            jax.block_until_ready((st, acc))
-            return time.perf_counter() - t0, st, acc
-
-        times = {"pipeline": [], "alone": [], "noaug": []}
-        if args.no_augment_column:
-            st_noaug, acc_noaug = fresh_state(), fresh_acc()
-            for i in range(args.warmup):
-                st_noaug, acc_noaug = noaug_step(st_noaug, acc_noaug, train_x, train_y, perm, i)
-            jax.block_until_ready(st_noaug)
-        for r in range(args.repeats):
-            order = ["pipeline", "alone"] if r % 2 == 0 else ["alone", "pipeline"]
-            if args.no_augment_column:
-                order.insert(1, "noaug")
-            for side in order:
-                if side == "pipeline":
-                    dt, st_pipe, acc_pipe = run_pipe(st_pipe, acc_pipe)
-                elif side == "noaug":
-                    dt, st_noaug, acc_noaug = run_pipe(st_noaug, acc_noaug, noaug_step)
-                else:
-                    dt, st_alone, acc_alone = run_alone(st_alone, acc_alone)
-                times[side].append(dt)
-        retraced = steps_lib.TRACES["train_step"] - traces_before
-        if retraced:
-            print(f"  WARNING {name}: the train step was traced {retraced} more time(s) during timing")
-        nan = int(jax.device_get(acc_pipe["nan_step"])) >= 0 or int(jax.device_get(acc_alone["nan_step"])) >= 0
-
-        med = {k: statistics.median(v) for k, v in times.items() if v}
-        ips = {k: steps * B / v for k, v in med.items()}
-        step_ms = med["alone"] / steps * 1e3
-        achieved = flops_step / (med["alone"] / steps)  # per device
-        mfu = achieved / (peak * 1e12) if peak else None
-        res = {
-            "model": name, "arch": arch, "params": n_params, "batch": B, "steps": steps, "repeats": args.repeats,
-            "images_per_s_pipeline": ips["pipeline"], "images_per_s_step": ips["alone"],
-            "ratio": ips["pipeline"] / ips["alone"],
-            "ratio_per_repeat": [a / p for p, a in zip(times["pipeline"], times["alone"])],
-            "step_ms": step_ms, "pipeline_step_ms": med["pipeline"] / steps * 1e3,
-            "flops_per_step_per_device": flops_step, "flops_pipeline_step_per_device": flops_pipe,
-            "achieved_tflops_per_device": achieved / 1e12, "mfu": mfu,
-            "times_s": times, "compile_s_step_alone": compile_s, "check_max_abs_param_diff": diff,
-            "nan": nan, "model_wall_s": time.perf_counter() - t_model,
-        }
-        if args.no_augment_column:
-            res["images_per_s_pipeline_no_augment"] = ips["noaug"]
-        results.append(res)
-        print(f"  {name}: {steps} steps x {args.repeats} repeats/side, step {step_ms:.1f} ms, ratio "
-              f"{res['ratio']:.3f}, check |dparam| {diff:.1e}, {res['model_wall_s']:.0f}s", flush=True)
-        del st_pipe, acc_pipe, st_alone, acc_alone, batches
+        try:
+            results.append(bench_model(name, ctx))
+        except Exception as e:  # one broken model must not hide the others' numbers
+            first = (str(e).strip().splitlines() or [""])[0][:240]
+            print(f"  {name}: FAILED  {type(e).__name__}: {first}", flush=True)
+            failed.append({"model": name, "error": f"{type(e).__name__}: {first}"})
 
     # ------------------------------------------------------------------ table
     print()
@@ -336,6 +199,8 @@ def main(argv=None) -> int:
         if args.no_augment_column:
             row.insert(6, f"{r['images_per_s_pipeline_no_augment']:,.0f}")
         rows.append(row)
+    for f in failed:
+        rows.append([f["model"], "FAILED"] + [""] * (len(cols) - 2))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
@@ -350,6 +215,8 @@ def main(argv=None) -> int:
     below = [r["model"] for r in results if r["ratio"] < 0.9]
     if below:
         print(f"pipeline below 90% of the step alone: {', '.join(below)}")
+    for f in failed:
+        print(f"{f['model']} FAILED: {f['error']}")
     if any(r["nan"] for r in results):
         print("note: the loss went NaN/inf in some timed run (timings still valid; values are random data)")
     total = time.perf_counter() - t_run
@@ -363,9 +230,175 @@ def main(argv=None) -> int:
                 "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
                 "total_s": total}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "failed": failed}, indent=2))
         print(f"wrote {args.json}")
-    return 0
+    return 1 if failed else 0
+
+
+def bench_model(name: str, ctx: dict) -> dict:
+    """Compile, check, warm up and time one model: (a) the pipeline step, (b) the step alone."""
+    args, jax, jnp, nnx = ctx["args"], ctx["jax"], ctx["jnp"], ctx["nnx"]
+    pipeline, state_lib, steps_lib = ctx["pipeline"], ctx["state_lib"], ctx["steps_lib"]
+    B, dtype, aug = ctx["B"], ctx["dtype"], ctx["aug"]
+    train_x, train_y, perm = ctx["train_x"], ctx["train_y"], ctx["perm"]
+    replicated, batch_sharding = ctx["replicated"], ctx["batch_sharding"]
+    scale, mean, std = ctx["scale"], ctx["mean"], ctx["std"]
+    arch, kwargs = PRESETS[name]
+    t_model = time.perf_counter()
+    timings = {}
+
+    opt_cfg = ctx["config_lib"].OptimizerConfig(name=args.optimizer)
+    tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, opt_cfg.lr, 10_000, 0, 0.0))
+    model = ctx["models"].create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
+                                 dtype=dtype, **kwargs)
+    graphdef, state0 = state_lib.create(model, tx, seed=0)
+    del model
+    n_params = state_lib.param_count(state0.params)
+    common = dict(scale=scale, mean=mean, std=std, dtype=dtype, label_smoothing=opt_cfg.label_smoothing,
+                  batch_sharding=batch_sharding)
+
+    # (a) the real step, jitted as train() jits it.
+    train_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
+    pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
+    noaug_step = None
+    if args.no_augment_column:  # the same step with augmentation off: gather + normalise + step
+        noaug_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
+        noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
+    # (b) the same forward/backward/update with the batch handed in.
+    alone_step = jax.jit(make_step_alone(graphdef, tx, B, opt_cfg.label_smoothing), donate_argnums=(0, 1))
+
+    @jax.jit
+    def prepare(state_rng, step, index):
+        """What the pipeline step computes before the model, from the same permutation slice and keys."""
+        idx = jax.lax.dynamic_slice_in_dim(perm, index * B, B)
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+        k_aug, _ = jax.random.split(key)
+        x = pipeline.augment(jnp.take(train_x, idx, axis=0), k_aug, aug)
+        x = pipeline.normalize(x, scale, mean, std, dtype)
+        y = jnp.take(train_y, idx, axis=0)
+        return jax.lax.with_sharding_constraint(x, batch_sharding), jax.lax.with_sharding_constraint(y, batch_sharding)
+
+    def fresh_state():
+        return jax.device_put(jax.tree.map(jnp.copy, state0), replicated)  # own buffers (they get donated)
+
+    def fresh_acc():
+        return jax.device_put(steps_lib.new_accumulator(), replicated)
+
+    def reset_step(st):  # every repeat sees the same batches, augmentations and dropout masks
+        return st.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+    # ---- compile outside any timing (jit's call reuses these executables); FLOPs from the step alone
+    x0, y0 = prepare(state0.rng, 0, 0)
+    t0 = time.perf_counter()
+    compiled_alone = alone_step.lower(fresh_state(), fresh_acc(), x0, y0).compile()
+    timings["compile_step_alone_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
+    timings["compile_pipeline_s"] = time.perf_counter() - t0
+    flops_step, flops_pipe = flops_of(compiled_alone), flops_of(compiled_pipe)  # per device
+    if noaug_step is not None:
+        noaug_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
+
+    # ---- equivalence (and first warm-up call of each): one step from the same state agrees
+    t0 = time.perf_counter()
+    sa, aa = jax.block_until_ready(pipe_step(fresh_state(), fresh_acc(), train_x, train_y, perm, 0))
+    t1 = time.perf_counter()
+    sb, ab = jax.block_until_ready(alone_step(fresh_state(), fresh_acc(), x0, y0))
+    est = time.perf_counter() - t1  # rough step time, to size the timed loops
+    est_pipe = t1 - t0
+    aa, ab = jax.device_get((aa, ab))
+    check = {k: abs(float(aa[k]) - float(ab[k])) / max(abs(float(aa[k])), 1e-30) for k in ("loss", "grad_norm")}
+    check["max_abs_param_diff"] = max(
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+        for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
+    del sa, sb
+    rtol = 1e-4 if args.precision == "float32" else 3e-2
+    if not (check["loss"] <= rtol and check["grad_norm"] <= rtol):
+        print(f"  WARNING {name}: after one step the pipeline and the step alone differ (loss rel "
+              f"{check['loss']:.1e}, grad norm rel {check['grad_norm']:.1e}); the step alone in "
+              f"benchmarks/throughput.py no longer mirrors vision_train/train/steps.py", flush=True)
+
+    # ---- size the run: --steps timed steps x --repeats per side, fewer for slow models (--time-budget)
+    sides = 3 if noaug_step is not None else 2
+    steps, repeats, warmup = args.steps, args.repeats, args.warmup
+    if args.time_budget > 0:
+        per_step = sides * (est + est_pipe) / 2
+        steps = max(min(args.min_steps, args.steps), min(args.steps, int(args.time_budget / (repeats * per_step))))
+        repeats = max(min(3, args.repeats), min(repeats, int(args.time_budget / (steps * per_step))))
+        warmup = max(1, min(warmup, int(0.15 * args.time_budget / per_step)))
+    if steps * B > ctx["n_examples"]:
+        raise ValueError(f"steps x batch = {steps * B} exceeds the {ctx['n_examples']} examples (--num-examples)")
+
+    # ---- warm up every side (beyond the check's first call)
+    traces_before = steps_lib.TRACES["train_step"]
+    runs = {"pipeline": [fresh_state(), fresh_acc()], "alone": [fresh_state(), fresh_acc()]}
+    if noaug_step is not None:
+        runs["noaug"] = [fresh_state(), fresh_acc()]
+    for i in range(warmup):
+        for side, fn in (("pipeline", pipe_step), ("noaug", noaug_step)):
+            if side in runs:
+                runs[side] = list(fn(*runs[side], train_x, train_y, perm, i))
+        runs["alone"] = list(alone_step(*runs["alone"], x0, y0))
+    jax.block_until_ready(runs)
+
+    # ---- (b)'s batches: exactly what (a) gathers, augments and normalises at steps 0..steps-1
+    batches = [prepare(state0.rng, i, i) for i in range(steps)]
+    jax.block_until_ready(batches)
+
+    def timed(side):
+        st, acc = runs[side]
+        st = jax.block_until_ready(reset_step(st))
+        t0 = time.perf_counter()
+        if side == "alone":
+            for x, y in batches:
+                st, acc = alone_step(st, acc, x, y)
+        else:
+            fn = pipe_step if side == "pipeline" else noaug_step
+            for i in range(steps):
+                st, acc = fn(st, acc, train_x, train_y, perm, i)
+        jax.block_until_ready((st, acc))
+        dt = time.perf_counter() - t0
+        runs[side] = [st, acc]
+        return dt
+
+    times = {side: [] for side in runs}
+    for r in range(repeats):  # alternate the order: a b | b a | a b ...
+        order = ["pipeline", "alone"] if r % 2 == 0 else ["alone", "pipeline"]
+        if noaug_step is not None:
+            order.insert(1, "noaug")
+        for side in order:
+            times[side].append(timed(side))
+    retraced = steps_lib.TRACES["train_step"] - traces_before
+    if retraced:
+        print(f"  WARNING {name}: the train step was traced {retraced} more time(s) while timing", flush=True)
+    nan = any(int(jax.device_get(runs[s][1]["nan_step"])) >= 0 for s in runs)
+    del runs, batches
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: steps * B / v for k, v in med.items()}
+    step_s = med["alone"] / steps
+    achieved = flops_step / step_s  # per device
+    peak = ctx["peak"]
+    res = {
+        "model": name, "arch": arch, "model_kwargs": kwargs, "params": n_params, "batch": B,
+        "steps": steps, "repeats": repeats, "warmup": warmup,
+        "images_per_s_pipeline": ips["pipeline"], "images_per_s_step": ips["alone"],
+        "ratio": ips["pipeline"] / ips["alone"],
+        "ratio_per_repeat": [a / p for p, a in zip(times["pipeline"], times["alone"])],
+        "step_ms": step_s * 1e3, "pipeline_step_ms": med["pipeline"] / steps * 1e3,
+        "flops_per_step_per_device": flops_step, "flops_pipeline_step_per_device": flops_pipe,
+        "achieved_tflops_per_device": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
+        "times_s": times, "check": check, "nan": nan, **timings,
+    }
+    if noaug_step is not None:
+        res["images_per_s_pipeline_no_augment"] = ips["noaug"]
+    res["model_wall_s"] = time.perf_counter() - t_model
+    print(f"  {name}: {n_params:,} params | compile {timings['compile_step_alone_s']:.0f}s + "
+          f"{timings['compile_pipeline_s']:.0f}s | check: loss rel {check['loss']:.0e}, grad norm rel "
+          f"{check['grad_norm']:.0e} | {steps} steps x {repeats} repeats/side | step {step_s * 1e3:.1f} ms, "
+          f"pipeline/step {res['ratio']:.3f} | {res['model_wall_s']:.0f}s", flush=True)
+    return res
 
 
 def make_step_alone(graphdef, tx, batch_size: int, label_smoothing: float):

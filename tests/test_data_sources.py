@@ -289,10 +289,8 @@ def test_mnist_is_read_from_its_own_folder(tmp_path):
         sources.load(cfg(tmp_path, "mnist"))
 
 
-@pytest.mark.xfail(strict=True, raises=DataError, reason=(
-    "BUG: the DataError hint for MNIST says '(the .gz files are enough)', but with data.download=false "
-    "torchvision only looks for the uncompressed idx files, so a user who follows the hint still fails"))
 def test_mnist_gz_files_are_enough_as_the_error_says(tmp_path):
+    """The missing-data message says the .gz files are enough: with data.download=false too."""
     _, train_y, _, _ = write_mnist(tmp_path, gz=True)
     ds = sources.load(cfg(tmp_path, "mnist"))
     np.testing.assert_array_equal(ds.train.labels, train_y)

@@ -119,16 +119,23 @@ def test_random_resized_crop_of_whole_image_is_identity():
     np.testing.assert_allclose(out, x.astype(np.float32), atol=1e-3)
 
 
-def test_random_resized_crop_zooms_in():
-    """A crop of a smaller area, resized back, is a magnified part of the image: a linear ramp becomes a
-    steeper ramp, still inside the original range."""
+def test_random_resized_crop_zooms_in_and_stays_inside_the_image():
+    """A crop of a quarter of the area, resized back, is a 2x magnified window of the image. On linear ramps
+    (channel 0 along x, channel 1 along y) the slope doubles, and the window's centre -- read off the ramp --
+    lies where a window of half the width fits: never past an edge, and over many draws reaching both."""
     h = w = 16
-    ramp = np.broadcast_to(np.arange(w, dtype=np.uint8)[None, :, None] * 16, (4, h, w, 1))
+    n = 1024
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ramp = np.broadcast_to(np.stack([xx, yy], -1).astype(np.uint8)[None] * 16, (n, h, w, 2))
     aug = Augment(random_resized_crop=True, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
-    out = np.asarray(_augment(jnp.asarray(ramp), jax.random.key(5), aug))
-    step = np.diff(out[:, h // 2, 2:-2, 0], axis=1)  # away from the clamped borders
-    np.testing.assert_allclose(step, 8.0, atol=1e-3)  # half-size crop: twice the magnification
-    assert out.min() >= 0 and out.max() <= 240
+    out = np.asarray(_augment(jnp.asarray(ramp), jax.random.key(5), aug)) / 16  # back to pixel coordinates
+    along_x, along_y = out[:, h // 2, :, 0], out[:, :, w // 2, 1]
+    for line in (along_x, along_y):
+        np.testing.assert_allclose(np.diff(line[:, 2:-2], axis=1), 0.5, atol=1e-4)  # half-size crop: 2x zoom
+        centre = (line[:, 2] + line[:, -3]) / 2  # symmetric pair of samples, away from the border clamp
+        lo, hi = 8 / 2 - 0.5, w - 8 / 2 - 0.5  # centres of 8-pixel windows that fit in 16 pixels
+        assert centre.min() >= lo - 1e-3 and centre.max() <= hi + 1e-3
+        assert centre.min() < lo + 0.1 and centre.max() > hi - 0.1
 
 
 ALL_ON = Augment(flip=True, random_resized_crop=True, crop_scale=(0.3, 1.0), crop_ratio=(0.75, 1.33), pad_crop=3)

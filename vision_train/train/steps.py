@@ -30,7 +30,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
     """Returns (train_step, eval_step), not yet jitted."""
 
     def forward(params, other, x, *, train: bool, key=None):
-        model = nnx.merge(graphdef, params, other)
+        model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
         if key is not None:
             nnx.reseed(model, dropout=key)
         return model(x, train=train).astype(jnp.float32)
