@@ -21,19 +21,18 @@ def _has_credentials() -> bool:
         return False
 
 
-def _isolate(wandb_root: Path) -> None:
-    """Keep W&B's files (run files, cache, artifacts staging, settings) under the run directory."""
-    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"),
-                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
-        path = wandb_root / sub
+def _isolate(run_dir: Path) -> None:
+    """Keep W&B's files (runs, cache, artifact staging, settings) under ``<run dir>/wandb``, not $HOME."""
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_DATA_DIR", "wandb/.data"),
+                     ("WANDB_CONFIG_DIR", "wandb/.config"), ("WANDB_ARTIFACT_DIR", "wandb/.artifacts")):
+        path = run_dir / sub
         path.mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(path)
 
 
 class WandbSink:
     def __init__(self, run_dir: Path, config: dict, lc):
-        wandb_root = Path(run_dir) / "wandb_files"
-        _isolate(wandb_root)
+        _isolate(Path(run_dir))
         import wandb
 
         self._wandb = wandb
@@ -41,7 +40,7 @@ class WandbSink:
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
         kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name, group=lc.group, tags=list(lc.tags) or None,
-                      notes=lc.notes, config=config, dir=str(wandb_root), reinit="finish_previous")
+                      notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous")
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off"),
                                   **kwargs)

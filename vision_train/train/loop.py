@@ -38,9 +38,10 @@ def _build_model(cfg, ds, rngs, dtype):
     if hasattr(m, "patch_size"):
         try:
             check_patch_size((h, w), m.patch_size)
-        except ValueError as e:
-            raise ConfigError("model.patch_size", m.patch_size, str(e).split("; ", 1)[1]
-                              + f" ({cfg.data.name} images are {h}x{w})") from None
+        except ValueError:
+            ok = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+            raise ConfigError("model.patch_size", m.patch_size,
+                              f"does not divide the {h}x{w} {cfg.data.name} images; use one of {ok}") from None
     try:
         return models.create(m.arch, ds.shape, num_classes, rngs=rngs, dtype=dtype, **config_lib.model_kwargs(m))
     except ValueError as e:
