@@ -10,11 +10,14 @@ For each model preset, on a CIFAR-sized synthetic data set (32x32x3 uint8, 10 cl
   (b) step alone the same forward/backward/update on the *same* batches, gathered, augmented and
                  normalised once beforehand (outside the timed region) and already on the device.
 
-Before timing, one step of (a) and one of (b) from the same initial state are checked to give the same
-parameters, so (b) really is (a) minus the input pipeline. Each side runs ``--steps`` timed steps per repeat;
-the repeats alternate (a b b a a b ...) so drift on a shared machine hits both sides alike, and the table
-reports medians. FLOPs per step come from XLA's cost analysis of the compiled step alone; MFU divides the
-achieved FLOP/s by a peak (``--peak-tflops``, or a built-in figure for known accelerators).
+Before timing, one step of (a) and one of (b) from the same initial state must give the same loss and
+gradient norm, so (b) really is (a) minus the input pipeline. Each side then runs ``--steps`` timed steps per
+repeat, synchronised with ``block_until_ready`` at the end of each timed loop; the repeats alternate the
+order (a b | b a | a b ...) so drift and noise on a shared machine hit both sides alike, and the table
+reports medians. ``--time-budget`` shrinks steps, repeats and warm-up for slow models (a CPU run of all five
+presets takes about four minutes on 2 cores). FLOPs per step come from XLA's cost analysis of the compiled
+step alone; MFU divides the achieved FLOP/s by a peak (``--peak-tflops``, or a built-in figure for known
+accelerators; n/a on CPU unless given).
 
 No Hydra, no W&B:  python benchmarks/throughput.py [--models mlp,cnn] [--steps 20] [--json out.json]
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -133,11 +135,7 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
-    from vision_train import config as config_lib
-    from vision_train import models
     from vision_train.data import pipeline, sources
-    from vision_train.train import state as state_lib
-    from vision_train.train import steps as steps_lib
 
     t_run = time.perf_counter()
     devices = parallel.select_devices(args.platform, args.num_devices)
@@ -159,6 +157,8 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ data, as the trainer holds it
     shape, num_classes, B = (32, 32, 3), 10, args.batch_size
+    if args.num_examples < B:
+        raise SystemExit(f"--batch-size {B} is larger than --num-examples {args.num_examples}")
     split = sources.make_synthetic(args.num_examples, shape, num_classes, seed=0)
     mean, std = sources.STATS["cifar10"]
     scale = 1.0 / 255
@@ -170,10 +170,9 @@ def main(argv=None) -> int:
     print(f"data: synthetic {len(split.labels):,} x {'x'.join(map(str, shape))} uint8, {num_classes} classes, "
           f"device-resident; augment flip + random-resized-crop (0.8-1.0, 0.9-1.1)")
 
-    ctx = dict(args=args, jax=jax, jnp=jnp, nnx=nnx, config_lib=config_lib, models=models, pipeline=pipeline,
-               state_lib=state_lib, steps_lib=steps_lib, shape=shape, num_classes=num_classes, B=B, dtype=dtype,
-               aug=aug, scale=scale, mean=mean, std=std, train_x=train_x, train_y=train_y, perm=perm,
-               n_examples=len(split.labels), replicated=replicated, batch_sharding=batch_sharding, peak=peak)
+    ctx = dict(args=args, shape=shape, num_classes=num_classes, B=B, dtype=dtype, aug=aug, scale=scale, mean=mean,
+               std=std, train_x=train_x, train_y=train_y, perm=perm, n_examples=len(split.labels),
+               replicated=replicated, batch_sharding=batch_sharding, peak=peak)
     results, failed = [], []
     for name in args.models:
         try:
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     for r in results:
         row = [r["model"], f"{r['params']:,}", str(r["batch"]), str(r["steps"]),
                f"{r['images_per_s_pipeline']:,.0f}", f"{r['images_per_s_step']:,.0f}", f"{r['ratio']:.3f}",
-               f"{r['step_ms']:.2f}", f"{r['flops_per_step_per_device'] * nd / 1e9:.2f}",
+               f"{r['step_ms']:.2f}", f"{r['flops_per_step_per_device'] * nd / 1e9:.3g}",
                f"{r['achieved_tflops_per_device'] * nd:.3f}",
                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
         if args.no_augment_column:
@@ -203,15 +202,16 @@ def main(argv=None) -> int:
         rows.append([f["model"], "FAILED"] + [""] * (len(cols) - 2))
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     print(line(cols))
     print(line(["-" * w for w in widths]))
     for row in rows:
         print(line(row))
     print()
-    print("img/s: medians over repeats. pipe/step: pipeline img/s / step-alone img/s. GFLOP/step, TFLOP/s: XLA "
-          "cost analysis of the compiled step alone (all devices), at the step-alone rate. MFU: per device, against "
-          + (f"{peak:g} TFLOP/s." if peak else "an unknown peak (n/a; give --peak-tflops)."))
+    print("img/s: medians over repeats; steps: timed steps per repeat and side; pipe/step: pipeline img/s over "
+          "step-alone img/s.")
+    print("GFLOP/step, TFLOP/s: XLA cost analysis of the compiled step alone (all devices), at the step-alone "
+          "rate; MFU: per device, against " + (f"{peak:g} TFLOP/s." if peak else "an unknown peak (n/a; give --peak-tflops)."))
     below = [r["model"] for r in results if r["ratio"] < 0.9]
     if below:
         print(f"pipeline below 90% of the step alone: {', '.join(below)}")
@@ -237,8 +237,17 @@ def main(argv=None) -> int:
 
 def bench_model(name: str, ctx: dict) -> dict:
     """Compile, check, warm up and time one model: (a) the pipeline step, (b) the step alone."""
-    args, jax, jnp, nnx = ctx["args"], ctx["jax"], ctx["jnp"], ctx["nnx"]
-    pipeline, state_lib, steps_lib = ctx["pipeline"], ctx["state_lib"], ctx["steps_lib"]
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vision_train import config as config_lib
+    from vision_train import models
+    from vision_train.data import pipeline
+    from vision_train.train import state as state_lib
+    from vision_train.train import steps as steps_lib
+
+    args = ctx["args"]
     B, dtype, aug = ctx["B"], ctx["dtype"], ctx["aug"]
     train_x, train_y, perm = ctx["train_x"], ctx["train_y"], ctx["perm"]
     replicated, batch_sharding = ctx["replicated"], ctx["batch_sharding"]
@@ -247,9 +256,9 @@ def bench_model(name: str, ctx: dict) -> dict:
     t_model = time.perf_counter()
     timings = {}
 
-    opt_cfg = ctx["config_lib"].OptimizerConfig(name=args.optimizer)
+    opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
     tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, opt_cfg.lr, 10_000, 0, 0.0))
-    model = ctx["models"].create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
+    model = models.create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
                                  dtype=dtype, **kwargs)
     graphdef, state0 = state_lib.create(model, tx, seed=0)
     del model

@@ -90,14 +90,17 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     from .steps import make_steps, new_accumulator
 
     dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
-    model = _build_model(cfg, ds, nnx.Rngs(params=t.seed, dropout=t.seed + 1), dtype)
     o = cfg.optimizer
     schedule = state_lib.lr_schedule(o.schedule, o.lr, total_steps, round(o.warmup_epochs * steps_per_epoch), o.min_lr)
     tx = state_lib.make_optimizer(o, schedule)
-    graphdef, state = state_lib.create(model, tx, t.seed)
-    del model
+
+    def init():  # model + optimizer state built inside one jit: eager NNX init runs op by op (slow)
+        model = _build_model(cfg, ds, nnx.Rngs(params=t.seed, dropout=t.seed + 1), dtype)
+        return state_lib.create(model, tx, t.seed)
+
+    graphdef, _ = nnx.eval_shape(init)  # shape errors surface here, before anything compiles
+    state = jax.jit(lambda: init()[1], out_shardings=replicated)()
     n_params = state_lib.param_count(state.params)
-    state = jax.device_put(state, replicated)
 
     # The data sets live on every device; steps gather their batches from them.
     put = lambda x: jax.device_put(x, replicated)  # noqa: E731
@@ -138,20 +141,27 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     best_val, best_step = -1.0, -1
     exit_code = 1
     try:
-        acc = jax.device_put(new_accumulator(), replicated)
+        new_acc = jax.jit(new_accumulator, out_shardings=replicated)
+        lr_at = jax.jit(schedule)
+        acc = new_acc()
         step = 0
         for epoch in range(t.epochs):
             perm = permutation(t.seed, epoch, len(ds.train.labels))
             epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
             t_epoch = t_log = time.time()
+            timed_images = 0
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress_bar and is_main)
             for i in range(steps_per_epoch):
                 state, acc = train_step(state, acc, train_x, train_y, perm, i)
                 step += 1
                 bar.update(1)
+                timed_images += B
+                if step == 1:  # leave compilation out of images/s (one extra sync, once per run)
+                    jax.block_until_ready(acc)
+                    t_log, timed_images = time.time(), 0
                 if itstime(step, t.log_every_steps, total_steps) or i == steps_per_epoch - 1:
                     host = jax.device_get(acc)  # sync point: the only per-interval device fetch
-                    acc = jax.device_put(new_accumulator(), replicated)
+                    acc = new_acc()
                     now = time.time()
                     if int(host["nan_step"]) >= 0:
                         bad = int(host["nan_step"])
@@ -165,11 +175,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                         "train/loss": float(host["loss"] / host["count"]),
                         "train/acc": float(host["correct"] / host["count"]),
                         "train/grad_norm": float(host["grad_norm"] / host["steps"]),
-                        "lr": float(schedule(step - 1)),
+                        "lr": float(lr_at(step - 1)),
                         "epoch": step / steps_per_epoch,
-                        "images_per_sec": float(host["count"]) / max(now - t_log, 1e-9),
+                        "images_per_sec": timed_images / max(now - t_log, 1e-9),
                     }
-                    t_log = now
+                    t_log, timed_images = now, 0
                     tracker.log(metrics, step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
                                     img_s=f"{metrics['images_per_sec']:,.0f}", refresh=False)
