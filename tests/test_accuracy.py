@@ -1,5 +1,7 @@
 """Real accuracy on real, offline data: the seed 003 recipe and a CNN on scikit-learn's digits."""
 
+import pytest
+
 from vision_train.train.loop import train
 
 from .helpers import FAST, compose
@@ -15,3 +17,13 @@ def test_cnn_on_digits_reaches_097(tmp_path):
     summary = train(cfg, tmp_path)
     assert summary["test/acc"] >= 0.97  # scikit-learn's SVC: 0.99 on 80/20 splits
     assert summary["best/val/acc"] >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,extra,minimum", [
+    ("mixer_small", ["model.patch_size=2"], 0.97),
+    ("mlp", ["model.hidden_layers=2", "model.hidden_dim=256"], 0.95),
+])
+def test_other_models_on_digits(tmp_path, model, extra, minimum):
+    cfg = compose([f"model={model}", *extra, "data=digits", "trainer.epochs=30", "trainer.batch_size=32", *FAST])
+    assert train(cfg, tmp_path)["test/acc"] >= minimum

@@ -177,12 +177,13 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                         "train/grad_norm": float(host["grad_norm"] / host["steps"]),
                         "lr": float(lr_at(step - 1)),
                         "epoch": step / steps_per_epoch,
-                        "images_per_sec": timed_images / max(now - t_log, 1e-9),
                     }
+                    if timed_images:
+                        metrics["images_per_sec"] = timed_images / max(now - t_log, 1e-9)
                     t_log, timed_images = now, 0
                     tracker.log(metrics, step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
-                                    img_s=f"{metrics['images_per_sec']:,.0f}", refresh=False)
+                                    img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
             bar.close()
             epoch_time = time.time() - t_epoch
             line = {"train/loss": epoch_sums["loss"] / epoch_sums["count"],
