@@ -1,0 +1,106 @@
+"""The input pipeline as pure JAX functions, run inside the jitted steps.
+
+The whole data set lives on the device (uint8); a step receives the epoch's permutation and its own
+index, gathers its batch, augments and normalises it. The example order is a pure function of
+(seed, epoch), so there is no iterator state to lose and resume is exact.
+
+Augmentation is one separable bilinear resampling per example: two 2-tap gathers along rows, then
+two along columns. Random-resized-crop, horizontal flip and pad-and-crop are all choices of the
+sampling grid, so together they cost what any one of them costs (a flip alone takes a cheaper path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = False
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    pad_crop: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.random_resized_crop or self.pad_crop > 0
+
+
+def epoch_permutation(seed: int, epoch, n: int) -> jax.Array:
+    """The training order of epoch ``epoch``: a pure function of (seed, epoch)."""
+    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    return jax.random.permutation(key, n).astype(jnp.int32)
+
+
+def eval_batches(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (num_batches, batch_size) covering 0..n-1 exactly once, and a mask for the padding."""
+    nb = max(1, math.ceil(n / batch_size))
+    idx = np.arange(nb * batch_size, dtype=np.int32)
+    mask = idx < n
+    return np.where(mask, idx, 0).reshape(nb, batch_size), mask.reshape(nb, batch_size)
+
+
+def _resample(x: jax.Array, src: jax.Array, axis: int) -> jax.Array:
+    """Linear interpolation of (B, H, W, C) ``x`` along ``axis`` (1 or 2) at source coordinates ``src``
+    (B, out); zero outside the image. Two gathers and a weighted sum: O(B*H*W*C), not a dense matmul."""
+    size = x.shape[axis]
+    i0 = jnp.floor(src)
+    frac = src - i0
+    i0 = i0.astype(jnp.int32)
+    b = jnp.arange(x.shape[0])[:, None]
+    out = 0.0
+    for i, w in ((i0, 1.0 - frac), (i0 + 1, frac)):
+        w = jnp.where((i >= 0) & (i < size), w, 0.0)
+        i = jnp.clip(i, 0, size - 1)
+        if axis == 1:
+            out = out + x[b, i] * w[:, :, None, None]
+        else:
+            out = out + x[b, :, i].transpose(0, 2, 1, 3) * w[:, None, :, None]
+    return out
+
+
+def augment(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
+    """Random augmentation of a (B, H, W, C) batch; returns float32 in the input's units."""
+    x = images.astype(jnp.float32)
+    if not aug.enabled:
+        return x
+    b, h, w, _ = x.shape
+    if aug.flip and not (aug.random_resized_crop or aug.pad_crop):
+        flip = jax.random.bernoulli(key, 0.5, (b, 1, 1, 1))
+        return jnp.where(flip, x[:, :, ::-1], x)
+    k_area, k_ratio, k_y, k_x, k_flip, k_shift = jax.random.split(key, 6)
+    if aug.random_resized_crop:
+        # Like torchvision's RandomResizedCrop: area fraction and log-aspect uniform; clipped to the image.
+        area = jax.random.uniform(k_area, (b,), minval=aug.crop_scale[0], maxval=aug.crop_scale[1]) * h * w
+        log_r = jax.random.uniform(k_ratio, (b,), minval=math.log(aug.crop_ratio[0]), maxval=math.log(aug.crop_ratio[1]))
+        cw = jnp.clip(jnp.sqrt(area * jnp.exp(log_r)), 1.0, w)
+        ch = jnp.clip(jnp.sqrt(area / jnp.exp(log_r)), 1.0, h)
+        y0 = jax.random.uniform(k_y, (b,)) * (h - ch)
+        x0 = jax.random.uniform(k_x, (b,)) * (w - cw)
+    else:
+        ch, cw = jnp.full((b,), float(h)), jnp.full((b,), float(w))
+        y0 = x0 = jnp.zeros((b,))
+    oy = jnp.arange(h, dtype=jnp.float32)[None]
+    ox = jnp.arange(w, dtype=jnp.float32)[None]
+    if aug.flip:
+        flip = jax.random.bernoulli(k_flip, 0.5, (b, 1))
+        ox = jnp.where(flip, w - 1 - ox, ox)
+    sy = jnp.clip(y0[:, None] + (oy + 0.5) * ch[:, None] / h - 0.5, 0, h - 1)
+    sx = jnp.clip(x0[:, None] + (ox + 0.5) * cw[:, None] / w - 0.5, 0, w - 1)
+    if aug.pad_crop:
+        # Zero-pad by p and crop back at a random offset == shift by an integer in [-p, p], zeros outside.
+        shift = jax.random.randint(k_shift, (b, 2, 1), -aug.pad_crop, aug.pad_crop + 1).astype(jnp.float32)
+        sy, sx = sy + shift[:, 0], sx + shift[:, 1]
+    return _resample(_resample(x, sy, axis=1), sx, axis=2)
+
+
+def normalize(x: jax.Array, scale: float, mean, std, dtype) -> jax.Array:
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return ((x.astype(jnp.float32) * scale - mean) / std).astype(dtype)
