@@ -101,18 +101,18 @@ def _where_to_put(name: str, root: str, tvd) -> str:
     """How to place a data set by hand: the files torchvision expects and where to get them."""
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        return (f"expected {os.path.join(root, cls.base_folder)}/ (from {cls.filename}). Download {cls.url} "
+        return (f"Expected {os.path.join(root, cls.base_folder)}/ (from {cls.filename}). Download {cls.url} "
                 f"and extract it into {root}/ (tar xzf {cls.filename} -C {root}), or set data.root")
     if name in ("mnist", "fashion_mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
         folder = os.path.join(root, cls.__name__, "raw")
         files = ", ".join(f for f, _ in cls.resources)
-        return (f"expected {folder}/ holding {files}. Download them from {cls.mirrors[0]} into {folder}/ "
+        return (f"Expected {folder}/ holding {files}. Download them from {cls.mirrors[0]} into {folder}/ "
                 f"(the .gz files are enough), or set data.root")
     if name == "svhn":
         urls = " and ".join(tvd.SVHN.split_list[s][0] for s in ("train", "test"))
-        return f"expected {root}/train_32x32.mat and {root}/test_32x32.mat. Download {urls} into {root}/, or set data.root"
-    return f"expected it under {root}"
+        return f"Expected {root}/train_32x32.mat and {root}/test_32x32.mat. Download {urls} into {root}/, or set data.root"
+    return f"Expected it under {root}"
 
 
 def load_torchvision(name: str, root: str, *, download: bool) -> tuple[Split, Split, tuple[str, ...]]:
