@@ -1,0 +1,136 @@
+"""Evaluation media from plain numpy: confusion matrix, per-class accuracy, calibration, PNG figures.
+
+Everything here runs on the host after an eval, from arrays the eval step already returned (labels,
+predictions, confidences); nothing touches the device. Matplotlib is imported lazily with the Agg
+backend, so this works headless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts; rows are true classes, columns predictions."""
+    idx = labels.astype(np.int64) * num_classes + preds.astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
+    totals = cm.sum(axis=1)
+    return np.divide(np.diag(cm), totals, out=np.full(len(cm), np.nan), where=totals > 0)
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error (equal-width confidence bins) and the reliability-diagram data."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=bins)
+    acc_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf, mean_acc = conf_sum / count, acc_sum / count
+    ece = float(np.sum(np.abs(acc_sum - conf_sum)) / max(len(confidence), 1))
+    return {"ece": ece, "edges": edges, "count": count, "confidence": mean_conf, "accuracy": mean_acc}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, class_names, path: Path, title: str) -> Path:
+    plt = _plt()
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
+    ax.imshow(cm, cmap="Blues")
+    if n <= 20:
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(cal: dict, path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    centers = (cal["edges"][:-1] + cal["edges"][1:]) / 2
+    width = cal["edges"][1] - cal["edges"][0]
+    ok = cal["count"] > 0
+    ax.bar(centers[ok], cal["accuracy"][ok], width=width * 0.9, edgecolor="k", label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title} (ECE {cal['ece']:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image: np.ndarray) -> None:
+    img = image.astype(np.float32)
+    if img.max() > 1.0:
+        img = img / 255.0
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(img, 0, 1))
+    ax.axis("off")
+
+
+def plot_predictions(images: np.ndarray, labels, preds, confidence, class_names, path: Path, title: str) -> Path:
+    """Image grid with true/pred captions; wrong predictions in red."""
+    plt = _plt()
+    n = len(images)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.axis("off")
+            continue
+        _show(ax, images[k])
+        wrong = labels[k] != preds[k]
+        ax.set_title(f"{'x ' if wrong else ''}{class_names[labels[k]]}\n-> {class_names[preds[k]]} {confidence[k]:.2f}",
+                     fontsize=7, color="red" if wrong else "black")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    """Loss and accuracy curves from metrics.jsonl rows."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, what in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            pts = [(r["step"], r[f"{split}/{what}"]) for r in rows if r.get(f"{split}/{what}") is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if split == "val" else None, label=f"{split}/{what}")
+        ax.set_xlabel("step")
+        ax.set_title(what)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
