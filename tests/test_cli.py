@@ -1,6 +1,7 @@
 """``python -m vision_train`` end to end in a subprocess, as a user runs it."""
 
 import json
+import os
 
 import pytest
 
@@ -72,5 +73,40 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_metrics(tmp_path):
     r = run_cli([*QUICK, "optimizer=sgd", "optimizer.lr=1e30", "trainer.log_every_steps=1",
                  f"hydra.run.dir={run_dir}", "logger.mode=disabled"], cwd=tmp_path)
     assert r.returncode != 0
-    assert "loss became NaN/inf at step 1 (epoch 1)" in r.stdout + r.stderr
+    assert "loss became NaN/inf at step 2 (epoch 1)" in r.stdout + r.stderr
     assert (run_dir / "metrics.jsonl").read_text().count("train/loss") >= 1
+
+
+def test_two_processes_train_as_one_data_parallel_run(tmp_path):
+    """Multi-host through jax.distributed: two CPU processes (one device each) over gloo on 127.0.0.1
+    give the same metrics as one process with two devices; only process 0 writes metrics."""
+    import socket
+    import subprocess
+    import sys
+
+    from .conftest import FAST_COMPILE, REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [*QUICK, "logger.mode=disabled", "trainer.progress_bar=false", "hardware.num_devices=0"]
+    procs = []
+    for pid in (0, 1):
+        env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "vision_train", *common, "hardware.distributed=true", f"hydra.run.dir={tmp_path / f'p{pid}'}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 x cpu" in outs[0]
+    single = run_cli([*common, "hardware.num_devices=2", f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    rows = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    multi, one = rows("p0"), rows("single")
+    assert not (tmp_path / "p1" / "metrics.jsonl").exists()
+    assert [r["step"] for r in multi] == [r["step"] for r in one]
+    for a, b in zip(multi, one):
+        for key in ("train/loss", "val/acc", "test/acc"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key

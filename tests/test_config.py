@@ -68,9 +68,15 @@ def test_run_config_is_frozen_and_plain():
     ("hardware.precision=fp8", "hardware.precision", "choose one of float32, bfloat16"),
     ("data.augment.crop_scale=[0.9,0.5]", "data.augment.crop_scale", "0 < low <= high"),
     ("logger.mode=loud", "logger.mode", "choose one of auto, online, offline, disabled"),
+    ("model=cnn model.features=[]", "model.features", "all > 0"),
+    ("optimizer.b2=1.0", "optimizer.b2", "must be in [0, 1)"),
+    ("optimizer.eps=0", "optimizer.eps", "must be > 0"),
+    ("optimizer.min_lr=1.0", "optimizer.min_lr", "must be <= optimizer.lr=0.001"),
+    ("optimizer=sgd optimizer.momentum=0", "optimizer.nesterov", "needs optimizer.momentum > 0"),
+    ("data=toy data.num_examples=3", "data.num_examples", "must be >= 10"),
 ])
 def test_impossible_values_name_key_value_and_fix(override, key, fix):
     with pytest.raises(ConfigError) as e:
-        compose([override])
+        compose(override.split())
     assert e.value.key == key
     assert str(e.value).startswith(f"{key}=") and fix in str(e.value)

@@ -31,6 +31,10 @@ def main(cfg: DictConfig) -> float | None:
         return summary.get("best/val/acc", summary.get("test/acc"))
     except UserError as e:
         log.error("error: %s", e)
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # one bad job must not end the sweep; the error is in its log
         sys.exit(2)
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -221,6 +221,8 @@ def validate(cfg: Config) -> Config:
             _positive(f"model.{name}", getattr(m, name))
     if isinstance(m, MLPConfig):
         _positive("model.hidden_layers", m.hidden_layers, allow_zero=True)
+    if isinstance(m, CNNConfig) and (not m.features or any(f <= 0 for f in m.features)):
+        raise ConfigError("model.features", list(m.features), "give one or more channel counts, all > 0, e.g. [32,64]")
     if isinstance(m, ViTConfig):
         _choice("model.classifier", m.classifier, ("token", "gap"))
         if m.hidden_size % m.num_heads:
@@ -248,14 +250,22 @@ def validate(cfg: Config) -> Config:
         if len(d.image_shape) != 3 or any(s <= 0 for s in d.image_shape):
             raise ConfigError("data.image_shape", list(d.image_shape), "give [height, width, channels], all > 0")
         _positive("data.num_classes", d.num_classes)
-    if d.name in ("synthetic", "toy"):
-        _positive("data.num_examples", d.num_examples)
+    if d.name in ("synthetic", "toy") and d.num_examples < 10:
+        raise ConfigError("data.num_examples", d.num_examples, "must be >= 10 (train and test splits need examples)")
 
     _choice("optimizer.name", o.name, ("adam", "adamw", "sgd"))
     _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
     _positive("optimizer.lr", o.lr)
-    for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip_norm", "eps"):
+    for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip_norm"):
         _positive(f"optimizer.{name}", getattr(o, name), allow_zero=True)
+    _positive("optimizer.eps", o.eps)
+    for name in ("b1", "b2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise ConfigError(f"optimizer.{name}", getattr(o, name), "must be in [0, 1), e.g. b1=0.9 b2=0.999")
+    if o.min_lr > o.lr:
+        raise ConfigError("optimizer.min_lr", o.min_lr, f"must be <= optimizer.lr={o.lr:g}")
+    if o.name == "sgd" and o.nesterov and o.momentum == 0:
+        raise ConfigError("optimizer.nesterov", True, "needs optimizer.momentum > 0 (e.g. 0.9)")
     if not 0.0 <= o.label_smoothing < 1.0:
         raise ConfigError("optimizer.label_smoothing", o.label_smoothing, "must be in [0, 1)")
     if not 0.0 <= o.momentum < 1.0:

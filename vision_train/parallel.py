@@ -22,14 +22,16 @@ def initialize_distributed() -> None:
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
     import jax
 
-    if jax.process_count() == 1 and not getattr(initialize_distributed, "_done", False):
-        kwargs = {}
-        if "JAX_COORDINATOR_ADDRESS" in os.environ:
-            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                          num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                          process_id=int(os.environ["JAX_PROCESS_ID"]))
-        jax.distributed.initialize(**kwargs)
-        initialize_distributed._done = True
+    if jax.distributed.is_initialized():  # must run before anything initialises the XLA backend
+        return
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                      process_id=int(os.environ["JAX_PROCESS_ID"]))
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+    jax.distributed.initialize(**kwargs)
 
 
 def select_devices(platform: str, num_devices: int):
@@ -41,6 +43,10 @@ def select_devices(platform: str, num_devices: int):
     except RuntimeError as e:
         raise ConfigError("hardware.platform", platform,
                           f"no {platform} devices here ({str(e).splitlines()[0]}); use hardware=auto or hardware=cpu") from None
+    if num_devices and jax.process_count() > 1 and num_devices != len(devices):
+        raise ConfigError("hardware.num_devices", num_devices,
+                          f"a multi-host run uses every device of every host; set hardware.num_devices=0 "
+                          f"({len(devices)} devices over {jax.process_count()} processes)")
     if num_devices:
         if num_devices > len(devices):
             hint = (" (simulated CPU devices: hardware=cpu hardware.num_devices=N sets them up)"
@@ -56,6 +62,17 @@ def make_mesh(devices):
     from jax.sharding import AxisType
 
     return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def put_replicated(x, sharding):
+    """A host array -> a global array replicated on every device of the mesh. Every process holds the
+    same host data (the data sets are loaded on each host), so each fills its own devices: this works
+    across hosts, where ``jax.device_put`` onto non-addressable devices would not."""
+    import jax
+    import numpy as np
+
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def replicated(mesh):

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..rng import stream
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -34,7 +36,7 @@ class Augment:
 
 def epoch_permutation(seed: int, epoch, n: int) -> jax.Array:
     """The training order of epoch ``epoch``: a pure function of (seed, epoch)."""
-    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    key = jax.random.fold_in(stream(seed, "data_order"), epoch)
     return jax.random.permutation(key, n).astype(jnp.int32)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import shutil
+from urllib.parse import urlparse
 from pathlib import Path
 
 log = logging.getLogger("vision_train")
@@ -13,21 +15,27 @@ INIT_TIMEOUT_S = 30  # an unreachable server costs at most this, then the run go
 
 
 def _has_credentials() -> bool:
+    """An API key in the environment, or in the netrc file (``$NETRC``) for the W&B host in use."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
 
 def _isolate(run_dir: Path) -> None:
-    """Keep W&B's files (runs, cache, artifact staging, settings) under ``<run dir>/wandb``, not $HOME."""
+    """Keep W&B's files (runs, cache, artifact staging, settings) under ``<run dir>/wandb``, not $HOME.
+    The user's W&B settings (e.g. the host chosen by ``wandb login --host``) are copied in, read-only use."""
+    user_settings = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb")) / "settings"
     for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/.cache"), ("WANDB_DATA_DIR", "wandb/.data"),
                      ("WANDB_CONFIG_DIR", "wandb/.config"), ("WANDB_ARTIFACT_DIR", "wandb/.artifacts")):
         path = run_dir / sub
         path.mkdir(parents=True, exist_ok=True)
         os.environ[var] = str(path)
+    if user_settings.is_file() and not (run_dir / "wandb/.config/settings").exists():
+        shutil.copyfile(user_settings, run_dir / "wandb/.config/settings")
 
 
 class WandbSink:

@@ -86,6 +86,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
 
     # ---------------------------------------------------------------- model, optimizer, state
+    from ..rng import stream
     from . import state as state_lib
     from .steps import make_steps, new_accumulator
 
@@ -95,7 +96,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     tx = state_lib.make_optimizer(o, schedule)
 
     def init():  # model + optimizer state built inside one jit: eager NNX init runs op by op (slow)
-        model = _build_model(cfg, ds, nnx.Rngs(params=t.seed, dropout=t.seed + 1), dtype)
+        rngs = nnx.Rngs(params=stream(t.seed, "params"), dropout=stream(t.seed, "dropout"))
+        model = _build_model(cfg, ds, rngs, dtype)
         return state_lib.create(model, tx, t.seed)
 
     graphdef, _ = nnx.eval_shape(init)  # shape errors surface here, before anything compiles
@@ -103,7 +105,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     n_params = state_lib.param_count(state.params)
 
     # The data sets live on every device; steps gather their batches from them.
-    put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+    put = lambda x: parallel.put_replicated(x, replicated)  # noqa: E731
     train_x, train_y = put(ds.train.images), put(ds.train.labels)
     splits = {"val": ds.val, "test": ds.test}
     eval_data = {}
@@ -116,14 +118,15 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                                        std=ds.std, dtype=dtype, label_smoothing=o.label_smoothing,
                                        batch_sharding=batch_sharding)
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    eval_step = jax.jit(eval_step)
+    eval_step = jax.jit(eval_step, out_shardings=replicated)  # fetchable from any process
     permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
 
     # ---------------------------------------------------------------- tracking
     from ..tracking import Tracker
 
     resolved = config_lib.to_dict(cfg)
-    _write_yaml(run_dir / "config.yaml", resolved)
+    if is_main:
+        _write_yaml(run_dir / "config.yaml", resolved)
     tracker = Tracker(run_dir, resolved, cfg.logger, is_main=is_main)
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
@@ -132,7 +135,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     def evaluate(name: str, step: int) -> dict:
         x, y, idx, mask = eval_data[name]
-        out = jax.device_get(eval_step(state.params, state.other, x, y, idx, mask))
+        out = eval_step(state.params, state.other, x, y, idx, mask)
+        out = jax.device_get({k: out[k] for k in ("loss", "correct", "count")})
         n = float(out["count"])
         return {f"{name}/loss": float(out["loss"]) / n, f"{name}/acc": float(out["correct"]) / n}
 
@@ -166,7 +170,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                     if int(host["nan_step"]) >= 0:
                         bad = int(host["nan_step"])
                         raise TrainingError(
-                            f"loss became NaN/inf at step {bad} (epoch {bad // steps_per_epoch + 1}); lower "
+                            f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); lower "
                             f"optimizer.lr (now {o.lr:g}) or set optimizer.grad_clip_norm. Metrics up to step "
                             f"{step - int(host['steps'])} are in {run_dir / 'metrics.jsonl'}")
                     for k in epoch_sums:

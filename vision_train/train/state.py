@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from ..rng import stream
+
 
 @struct.dataclass
 class TrainState:
@@ -53,7 +55,7 @@ def make_optimizer(o, schedule: optax.Schedule) -> optax.GradientTransformation:
 def create(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), other=other,
-                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+                       rng=jax.random.key_data(stream(seed, "step")))
     return graphdef, state
 
 

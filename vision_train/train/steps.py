@@ -64,7 +64,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
             "count": acc["count"] + batch_size,
             "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
             "steps": acc["steps"] + 1,
-            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step, acc["nan_step"]),
+            # 1-based, like the step numbers in metrics.jsonl and W&B
+            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step + 1, acc["nan_step"]),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
 
