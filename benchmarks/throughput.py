@@ -267,11 +267,11 @@ def bench_model(name: str, ctx: dict) -> dict:
                   batch_sharding=batch_sharding)
 
     # (a) the real step, jitted as train() jits it.
-    train_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
+    train_step, _, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
     pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
     noaug_step = None
     if args.no_augment_column:  # the same step with augmentation off: gather + normalise + step
-        noaug_step, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
+        noaug_step, _, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
         noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
     # (b) the same forward/backward/update with the batch handed in.
     alone_step = jax.jit(make_step_alone(graphdef, tx, B, opt_cfg.label_smoothing), donate_argnums=(0, 1))

@@ -165,6 +165,9 @@ class LoggerConfig(_Freezable):
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     notes: Optional[str] = None
+    init_timeout_s: float = 30.0       # online: give up on an unreachable server after this, go on offline
+    media: bool = True                 # confusion matrices, prediction tables/grids, calibration at each eval
+    num_samples: int = 32              # the fixed validation/test images shown in prediction tables
 
 
 @dataclass
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
 
     _choice("logger.mode", lg.mode, ("auto", "online", "offline", "disabled"))
+    _positive("logger.num_samples", lg.num_samples, allow_zero=True)
+    _positive("logger.init_timeout_s", lg.init_timeout_s)
     return cfg
 
 

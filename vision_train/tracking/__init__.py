@@ -32,20 +32,46 @@ class LocalSink:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True):
+    def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None):
         self.run_dir = Path(run_dir)
         self.local = LocalSink(self.run_dir) if is_main else None
         self.wandb = None
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
 
-            self.wandb = WandbSink(self.run_dir, config, logger_cfg)
+            self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.local:
             self.local.log(metrics, step)
         if self.wandb:
             self.wandb.log(metrics, step)
+
+    def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, images=None,
+                 sample: dict | None = None, extra_files: dict | None = None) -> dict:
+        """Confusion matrix, per-class accuracy, calibration and prediction figures for one evaluation:
+        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B."""
+        if not self.local:
+            return {}
+        from . import media
+
+        report = media.eval_report(split, labels=labels, preds=preds, confidence=confidence, class_names=class_names,
+                                   images=images, sample=sample, out_dir=self.run_dir / "media")
+        report["files"].update(extra_files or {})
+        self.log(report["scalars"], step)
+        if self.wandb:
+            self.wandb.log_eval(split, step, report, labels=labels, preds=preds, class_names=class_names, images=images)
+        return report
+
+    def log_curves(self) -> None:
+        """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts)."""
+        if not self.local:
+            return
+        from . import media
+
+        self.local._f.flush()
+        rows = [json.loads(line) for line in open(self.local.path)]
+        media.plot_curves(rows, self.run_dir / "media" / "curves.png")
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.local:
@@ -59,3 +85,49 @@ class Tracker:
             self.local.finish()
         if self.wandb:
             self.wandb.finish(exit_code)
+
+
+def run_metadata(run_dir: Path, devices, n_params: int) -> dict:
+    """What W&B's config holds besides the resolved config: overrides, code version, environment."""
+    import importlib.metadata
+    import subprocess
+
+    meta: dict[str, Any] = {"parameters": n_params, "device_kind": devices[0].device_kind,
+                            "device_count": len(devices), "platform": devices[0].platform}
+    overrides = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        import yaml
+
+        meta["overrides"] = yaml.safe_load(overrides.read_text()) or []
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = git("rev-parse", "HEAD")
+        if commit.returncode == 0:
+            meta["git_commit"] = commit.stdout.strip()
+            meta["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for pkg in ("vision_train", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core", "wandb", "torch",
+                "torchvision", "numpy"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    meta["versions"] = versions
+    return meta
+
+
+def default_run_name(cfg, run_dir: Path) -> str:
+    """What differs: model and data, then the command-line overrides (minus logger/hydra noise)."""
+    name = f"{cfg.model.arch}-{cfg.data.name}"
+    overrides = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        import yaml
+
+        noise = ("logger", "hydra", "model=", "data=", "trainer.progress_bar")
+        extra = [o for o in (yaml.safe_load(overrides.read_text()) or []) if not o.lstrip("+~").startswith(noise)]
+        if extra:
+            name += " " + " ".join(extra)
+    return name[:128]

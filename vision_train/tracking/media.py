@@ -134,3 +134,50 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_decision_boundary(points: np.ndarray, labels: np.ndarray, grid: tuple, grid_pred: np.ndarray,
+                           path: Path, title: str) -> Path:
+    """2-D data: the model's predicted class over a grid, with the points on top (seed 003's figure)."""
+    plt = _plt()
+    xx, yy = grid
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.contourf(xx, yy, grid_pred.reshape(xx.shape), levels=np.arange(grid_pred.max() + 2) - 0.5,
+                cmap="tab10", vmin=0, vmax=9, alpha=0.35)
+    ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=0, vmax=9, s=8, edgecolors="k", linewidths=0.2)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def eval_report(split: str, *, labels: np.ndarray, preds: np.ndarray, confidence: np.ndarray, class_names,
+                images: np.ndarray | None, out_dir: Path, sample: dict | None = None, top_mistakes: int = 16) -> dict:
+    """Scalars and figures for one evaluation. Returns {"scalars": {...}, "files": {name: path},
+    "confusion": cm, "sample": sample}; figures are written to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = len(class_names)
+    cm = confusion_matrix(labels, preds, k)
+    correct = preds == labels
+    cal = calibration(confidence, correct)
+    scalars = {f"{split}/ece": cal["ece"]}
+    for name, a in zip(class_names, per_class_accuracy(cm)):
+        if not np.isnan(a):
+            scalars[f"{split}/class_acc/{name}"] = float(a)
+    files = {
+        "confusion_heatmap": plot_confusion(cm, class_names, out_dir / f"{split}_confusion.png", f"{split} confusion matrix"),
+        "reliability": plot_reliability(cal, out_dir / f"{split}_reliability.png", f"{split} reliability"),
+    }
+    is_image = images is not None and images.dtype == np.uint8
+    if is_image and sample is not None:
+        files["predictions"] = plot_predictions(images[sample["index"]], labels[sample["index"]],
+                                                sample["probs"].argmax(-1), sample["probs"].max(-1), class_names,
+                                                out_dir / f"{split}_predictions.png", f"{split} predictions (x = wrong)")
+    wrong = np.flatnonzero(~correct)
+    if is_image and len(wrong):
+        worst = wrong[np.argsort(-confidence[wrong])][:top_mistakes]
+        files["confident_mistakes"] = plot_predictions(images[worst], labels[worst], preds[worst], confidence[worst],
+                                                       class_names, out_dir / f"{split}_mistakes.png",
+                                                       f"{split}: most confident mistakes")
+    return {"scalars": scalars, "files": files, "confusion": cm, "sample": sample}

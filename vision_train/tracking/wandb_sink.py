@@ -11,8 +11,6 @@ from pathlib import Path
 
 log = logging.getLogger("vision_train")
 
-INIT_TIMEOUT_S = 30  # an unreachable server costs at most this, then the run goes on offline
-
 
 def _has_credentials() -> bool:
     """An API key in the environment, or in the netrc file (``$NETRC``) for the W&B host in use."""
@@ -39,7 +37,7 @@ def _isolate(run_dir: Path) -> None:
 
 
 class WandbSink:
-    def __init__(self, run_dir: Path, config: dict, lc):
+    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None):
         _isolate(Path(run_dir))
         import wandb
 
@@ -47,10 +45,10 @@ class WandbSink:
         mode = lc.mode
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
-        kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name, group=lc.group, tags=list(lc.tags) or None,
+        kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group, tags=list(lc.tags) or None,
                       notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous")
         try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off"),
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=lc.init_timeout_s, console="off"),
                                   **kwargs)
         except Exception as e:  # unreachable server, bad credentials: never cost the run
             if mode != "online":
@@ -64,6 +62,28 @@ class WandbSink:
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({"step": step, **metrics}, step=step)
+
+    def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images) -> None:
+        wandb = self._wandb
+        names = list(class_names)
+        payload = {f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=labels.tolist(), preds=preds.tolist(), class_names=names, title=f"{split} confusion matrix")}
+        for name, path in report["files"].items():
+            payload[f"{split}/{name}"] = wandb.Image(str(path))
+        sample = report.get("sample")
+        if sample is not None:
+            per_class = len(names) <= 20
+            cols = ["index", "image", "true", "pred", "confidence"] + ([f"p/{n}" for n in names] if per_class
+                                                                     else ["probabilities"])
+            table = wandb.Table(columns=cols)
+            for i, probs in zip(sample["index"], sample["probs"]):
+                img = images[i] if images is not None and images.dtype.name == "uint8" else None
+                row = [int(i), wandb.Image(img[..., 0] if img is not None and img.shape[-1] == 1 else img)
+                       if img is not None else None, names[labels[i]], names[int(probs.argmax())], float(probs.max())]
+                row += [float(p) for p in probs] if per_class else [[float(p) for p in probs]]
+                table.add_data(*row)
+            payload[f"{split}/predictions_table"] = table
+        self.run.log({"step": step, **payload}, step=step)
 
     def summary(self, values: dict) -> None:
         for k, v in values.items():

@@ -114,7 +114,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             idx, mask = pipeline.eval_batches(len(split.labels), B)
             eval_data[name] = (put(split.images), put(split.labels), put(idx), put(mask))
 
-    train_step, eval_step = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
+    train_step, eval_step, predict = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
                                        std=ds.std, dtype=dtype, label_smoothing=o.label_smoothing,
                                        batch_sharding=batch_sharding)
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
@@ -122,23 +122,40 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
 
     # ---------------------------------------------------------------- tracking
-    from ..tracking import Tracker
+    from ..tracking import Tracker, default_run_name, run_metadata
 
     resolved = config_lib.to_dict(cfg)
     if is_main:
         _write_yaml(run_dir / "config.yaml", resolved)
-    tracker = Tracker(run_dir, resolved, cfg.logger, is_main=is_main)
+    tracker = Tracker(run_dir, {**resolved, "meta": run_metadata(run_dir, devices, n_params) if is_main else {}},
+                      cfg.logger, is_main=is_main, name=default_run_name(cfg, run_dir))
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
              len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
 
+    predict = jax.jit(predict)
+
     def evaluate(name: str, step: int) -> dict:
         x, y, idx, mask = eval_data[name]
         out = eval_step(state.params, state.other, x, y, idx, mask)
-        out = jax.device_get({k: out[k] for k in ("loss", "correct", "count")})
-        n = float(out["count"])
-        return {f"{name}/loss": float(out["loss"]) / n, f"{name}/acc": float(out["correct"]) / n}
+        host = jax.device_get({k: out[k] for k in ("loss", "correct", "count")})
+        n = float(host["count"])
+        scalars = {f"{name}/loss": float(host["loss"]) / n, f"{name}/acc": float(host["correct"]) / n}
+        if cfg.logger.media:
+            split = splits[name]
+            valid = np.asarray(mask).reshape(-1)
+            # The same rows every time, so a table's rows change over training, not its images.
+            sample_idx = np.arange(min(cfg.logger.num_samples, len(split.labels)))
+            sample = {"index": sample_idx,
+                      "probs": np.asarray(predict(state.params, state.other, split.images[sample_idx]))}
+            extra = {}
+            if ds.shape == (1, 1, 2):  # 2-D points: draw the decision boundary over the data
+                extra["decision_boundary"] = _decision_boundary(name, split, predict, state, run_dir)
+            tracker.log_eval(name, step, labels=split.labels, preds=np.asarray(out["pred"])[valid],
+                             confidence=np.asarray(out["confidence"])[valid], class_names=ds.class_names,
+                             images=split.images, sample=sample, extra_files=extra)
+        return scalars
 
     # ---------------------------------------------------------------- loop
     summary: dict = {"parameters": n_params, "num_devices": len(devices)}
@@ -205,6 +222,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
         test = evaluate("test", step)
         tracker.log(test, step)
+        tracker.log_curves()
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
         summary.update(test)
         if best_step >= 0:
@@ -215,6 +233,19 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         return summary
     finally:
         tracker.finish(exit_code)
+
+
+def _decision_boundary(name, split, predict, state, run_dir: Path):
+    from ..tracking import media
+
+    pts = split.images.reshape(-1, 2)
+    lo, hi = pts.min(0) - 1.0, pts.max(0) + 1.0
+    xx, yy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
+    grid = np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32).reshape(-1, 1, 1, 2)
+    pred = np.asarray(predict(state.params, state.other, grid)).argmax(-1)
+    (run_dir / "media").mkdir(parents=True, exist_ok=True)
+    return media.plot_decision_boundary(pts, split.labels, (xx, yy), pred, run_dir / "media" / f"{name}_boundary.png",
+                                        f"{name} decision boundary")
 
 
 def _progress(total: int, desc: str, enabled: bool):

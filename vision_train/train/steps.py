@@ -26,8 +26,8 @@ def new_accumulator() -> dict:
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, aug: pipeline.Augment,
-               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> tuple[Callable, Callable]:
-    """Returns (train_step, eval_step), not yet jitted."""
+               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> tuple[Callable, Callable, Callable]:
+    """Returns (train_step, eval_step, predict), not yet jitted."""
 
     def forward(params, other, x, *, train: bool, key=None):
         model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
@@ -91,4 +91,9 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
         return {"loss": loss, "correct": correct, "count": count,
                 "pred": pred.reshape(-1), "confidence": conf.reshape(-1)}
 
-    return train_step, eval_step
+    def predict(params, other, images):
+        """Class probabilities for a small host batch (sample tables, decision boundaries)."""
+        x = pipeline.normalize(images, scale, mean, std, dtype)
+        return jax.nn.softmax(forward(params, other, x, train=False))
+
+    return train_step, eval_step, predict
