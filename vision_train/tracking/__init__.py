@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ class Tracker:
     def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None):
         self.run_dir = Path(run_dir)
         self.local = LocalSink(self.run_dir) if is_main else None
+        self._lock = threading.Lock()  # the media thread logs too
+        # Eval media (figures, tables) are made on one background thread, in order, so an eval costs
+        # the training loop only the fetch of its predictions.
+        self._media = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media") if is_main else None
         self.wandb = None
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
@@ -42,26 +47,38 @@ class Tracker:
             self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.local:
-            self.local.log(metrics, step)
-        if self.wandb:
-            self.wandb.log(metrics, step)
+        with self._lock:
+            if self.local:
+                self.local.log(metrics, step)
+            if self.wandb:
+                self.wandb.log(metrics, step)
 
     def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, images=None,
                  sample: dict | None = None, extra_files: dict | None = None) -> dict:
         """Confusion matrix, per-class accuracy, calibration and prediction figures for one evaluation:
-        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B."""
+        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B. Runs on the
+        media thread; ``finish`` waits for it."""
         if not self.local:
-            return {}
-        from . import media
+            return None
 
-        report = media.eval_report(split, labels=labels, preds=preds, confidence=confidence, class_names=class_names,
-                                   images=images, sample=sample, out_dir=self.run_dir / "media")
-        report["files"].update(extra_files or {})
-        self.log(report["scalars"], step)
-        if self.wandb:
-            self.wandb.log_eval(split, step, report, labels=labels, preds=preds, class_names=class_names, images=images)
-        return report
+        def job():
+            from . import media
+
+            try:
+                report = media.eval_report(split, labels=labels, preds=preds, confidence=confidence,
+                                           class_names=class_names, images=images, sample=sample,
+                                           out_dir=self.run_dir / "media")
+                report["files"].update(extra_files or {})
+                self.log(report["scalars"], step)
+                if self.wandb:
+                    with self._lock:
+                        self.wandb.log_eval(split, step, report, labels=labels, preds=preds,
+                                            class_names=class_names, images=images)
+                return report
+            except Exception:  # media must never cost the run
+                log.exception("making the %s media at step %d failed", split, step)
+
+        return self._media.submit(job)
 
     def log_curves(self) -> None:
         """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts)."""
@@ -69,11 +86,18 @@ class Tracker:
             return
         from . import media
 
-        self.local._f.flush()
-        rows = [json.loads(line) for line in open(self.local.path)]
-        media.plot_curves(rows, self.run_dir / "media" / "curves.png")
+        def job():
+            with self._lock:
+                self.local._f.flush()
+                rows = [json.loads(line) for line in open(self.local.path)]
+            (self.run_dir / "media").mkdir(exist_ok=True)
+            media.plot_curves(rows, self.run_dir / "media" / "curves.png")
+
+        self._media.submit(job)
 
     def summary(self, values: dict[str, Any]) -> None:
+        if self._media:
+            self._media.submit(lambda: None).result()  # pending media first: the summary is the last word
         if self.local:
             with open(self.run_dir / "summary.json", "w") as f:
                 json.dump(values, f, indent=2)
@@ -81,6 +105,8 @@ class Tracker:
             self.wandb.summary(values)
 
     def finish(self, exit_code: int = 0) -> None:
+        if self._media:
+            self._media.shutdown(wait=True)
         if self.local:
             self.local.finish()
         if self.wandb:

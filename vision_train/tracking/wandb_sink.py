@@ -61,7 +61,9 @@ class WandbSink:
         self.run.define_metric("*", step_metric="step")
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log({"step": step, **metrics}, step=step)
+        # Our own "step" is the x-axis (define_metric); W&B's internal _step just counts log calls, so
+        # media logged later from the media thread for an earlier step are not dropped as out of order.
+        self.run.log({"step": step, **metrics})
 
     def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images) -> None:
         wandb = self._wandb
@@ -83,7 +85,7 @@ class WandbSink:
                 row += [float(p) for p in probs] if per_class else [[float(p) for p in probs]]
                 table.add_data(*row)
             payload[f"{split}/predictions_table"] = table
-        self.run.log({"step": step, **payload}, step=step)
+        self.run.log({"step": step, **payload})
 
     def summary(self, values: dict) -> None:
         for k, v in values.items():

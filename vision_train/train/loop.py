@@ -136,12 +136,17 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     predict = jax.jit(predict)
 
+    timing = {"train_s": 0.0, "eval_s": 0.0, "media_s": 0.0}
+
     def evaluate(name: str, step: int) -> dict:
+        t0 = time.time()
         x, y, idx, mask = eval_data[name]
         out = eval_step(state.params, state.other, x, y, idx, mask)
         host = jax.device_get({k: out[k] for k in ("loss", "correct", "count")})
         n = float(host["count"])
         scalars = {f"{name}/loss": float(host["loss"]) / n, f"{name}/acc": float(host["correct"]) / n}
+        t1 = time.time()
+        timing["eval_s"] += t1 - t0
         if cfg.logger.media:
             split = splits[name]
             valid = np.asarray(mask).reshape(-1)
@@ -155,6 +160,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             tracker.log_eval(name, step, labels=split.labels, preds=np.asarray(out["pred"])[valid],
                              confidence=np.asarray(out["confidence"])[valid], class_names=ds.class_names,
                              images=split.images, sample=sample, extra_files=extra)
+            timing["media_s"] += time.time() - t1
         return scalars
 
     # ---------------------------------------------------------------- loop
@@ -207,6 +213,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                                     img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
             bar.close()
             epoch_time = time.time() - t_epoch
+            timing["train_s"] += epoch_time
             line = {"train/loss": epoch_sums["loss"] / epoch_sums["count"],
                     "train/acc": epoch_sums["correct"] / epoch_sums["count"]}
             last = epoch == t.epochs - 1
@@ -227,7 +234,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         summary.update(test)
         if best_step >= 0:
             summary.update({"best/val/acc": best_val, "best/step": best_step})
-        summary.update({"step": step, "images_seen": step * B, "wall_time_s": time.time() - t_start})
+        summary.update({"step": step, "images_seen": step * B, "wall_time_s": time.time() - t_start,
+                        **{f"time/{k}": v for k, v in timing.items()}})
         tracker.summary(summary)
         exit_code = 0
         return summary
