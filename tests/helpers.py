@@ -18,4 +18,4 @@ def compose(overrides=(), validate=True):
     return to_run_config(cfg) if validate else cfg
 
 
-FAST = ["logger.mode=disabled", "trainer.progress_bar=false", "hardware=cpu"]
+FAST = ["logger.mode=disabled", "logger.media=false", "trainer.progress_bar=false", "hardware=cpu"]

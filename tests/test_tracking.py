@@ -92,3 +92,12 @@ def test_unreachable_server_falls_back_to_offline_within_the_bound_and_keeps_the
 def test_decision_boundary_for_2d_data(tmp_path):
     train(compose(["experiment=seed003_mlp_toy", "trainer.epochs=2", "logger.mode=disabled", "hardware=cpu"]), tmp_path)
     assert (tmp_path / "media" / "test_boundary.png").stat().st_size > 1000
+
+
+def test_a_failed_run_finishes_its_wandb_run_as_failed(tmp_path):
+    from vision_train.errors import TrainingError
+
+    with pytest.raises(TrainingError):
+        train(compose([*RUN, "optimizer=sgd", "optimizer.lr=1e30", "trainer.log_every_steps=1"]), tmp_path)
+    exits = by_type(records(tmp_path), "exit")
+    assert exits and exits[0]["exit_code"] != 0

@@ -220,6 +220,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             if "val" in eval_data and ((t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last):
                 val = evaluate("val", step)
                 tracker.log({**val, "epoch": float(epoch + 1)}, step)
+                tracker.log_curves()
                 line.update(val)
                 if val["val/acc"] > best_val:
                     best_val, best_step = val["val/acc"], step
