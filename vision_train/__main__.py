@@ -20,6 +20,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise on CPU/GPU
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     try:
         run_cfg = to_run_config(cfg)  # validated and frozen before JAX starts or anything compiles
         from .parallel import configure_host_devices

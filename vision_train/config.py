@@ -153,6 +153,13 @@ class TrainerConfig(_Freezable):
     log_every_steps: int = 50
     eval_every_epochs: int = 1         # 0: only at the end
     progress_bar: bool = True
+    checkpoint_every_epochs: int = 1   # 0: off (still saved at the end and on SIGTERM/SIGINT)
+    checkpoint_every_steps: int = 0    # 0: off; either cadence may be used, or both
+    keep_checkpoints: int = 3          # the last K, plus the best by best_metric
+    best_metric: str = "val/acc"
+    best_mode: str = "max"             # max | min
+    checkpoint: bool = True            # false: no checkpoints at all
+    resume: str = "auto"               # auto (latest in this run dir) | never | <run dir or checkpoint dir>
 
 
 # -------------------------------------------------------------------------------------- logger
@@ -282,6 +289,10 @@ def validate(cfg: Config) -> Config:
     _positive("trainer.batch_size", t.batch_size)
     _positive("trainer.log_every_steps", t.log_every_steps)
     _positive("trainer.eval_every_epochs", t.eval_every_epochs, allow_zero=True)
+    _positive("trainer.checkpoint_every_epochs", t.checkpoint_every_epochs, allow_zero=True)
+    _positive("trainer.checkpoint_every_steps", t.checkpoint_every_steps, allow_zero=True)
+    _positive("trainer.keep_checkpoints", t.keep_checkpoints)
+    _choice("trainer.best_mode", t.best_mode, ("max", "min"))
     if o.warmup_epochs > t.epochs:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
 
@@ -317,3 +328,27 @@ def model_kwargs(m: ModelConfig) -> dict:
     """The model config as keyword arguments for ``vision_train.models.create``."""
     kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("arch", "num_classes")}
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of ``to_dict`` (e.g. the config stored in a checkpoint): validated and frozen."""
+    def build(cls, values):
+        values = dict(values or {})
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+                v = build(type(f.default_factory()), v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    model = d.get("model", {})
+    schema = MODEL_SCHEMAS.get(model.get("arch"))
+    if schema is None:
+        raise ConfigError("model.arch", model.get("arch"), f"choose one of {', '.join(MODEL_SCHEMAS)}")
+    cfg = Config(model=build(schema, model), data=build(DataConfig, d.get("data")),
+                 optimizer=build(OptimizerConfig, d.get("optimizer")), hardware=build(HardwareConfig, d.get("hardware")),
+                 trainer=build(TrainerConfig, d.get("trainer")), logger=build(LoggerConfig, d.get("logger")))
+    return _freeze(validate(cfg))

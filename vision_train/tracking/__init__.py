@@ -19,8 +19,16 @@ log = logging.getLogger("vision_train")
 
 
 class LocalSink:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep_until_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():
+            # Resuming from step s: rows after s were logged by the attempt that died and are logged
+            # again now; keep the file free of duplicated steps (written aside first, then renamed).
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_until_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            tmp.replace(self.path)
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps every line written
 
     def log(self, metrics: dict, step: int) -> None:
@@ -33,9 +41,11 @@ class LocalSink:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None):
+    def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None,
+                 resume_step: int = 0, run_id: str | None = None):
         self.run_dir = Path(run_dir)
-        self.local = LocalSink(self.run_dir) if is_main else None
+        self.local = LocalSink(self.run_dir, keep_until_step=resume_step) if is_main else None
+        self.versions = config.get("meta", {}).get("versions", {})
         self._lock = threading.Lock()  # the media thread logs too
         # Eval media (figures, tables) are made on one background thread, in order, so an eval costs
         # the training loop only the fetch of its predictions.
@@ -44,7 +54,12 @@ class Tracker:
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
 
-            self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name)
+            self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name, run_id=run_id)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (a resumed run continues the same W&B run)."""
+        return self.wandb.run.id if self.wandb else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self._lock:

@@ -37,7 +37,7 @@ def _isolate(run_dir: Path) -> None:
 
 
 class WandbSink:
-    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None):
+    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None, run_id: str | None = None):
         _isolate(Path(run_dir))
         import wandb
 
@@ -46,7 +46,8 @@ class WandbSink:
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
         kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group, tags=list(lc.tags) or None,
-                      notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous")
+                      notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous",
+                      id=run_id, resume="allow" if run_id else None)
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=lc.init_timeout_s, console="off"),
                                   **kwargs)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import config as config_lib
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, UserError
 
 log = logging.getLogger("vision_train")
 
@@ -121,6 +121,42 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     eval_step = jax.jit(eval_step, out_shardings=replicated)  # fetchable from any process
     permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
 
+    # ---------------------------------------------------------------- checkpoints, resume
+    from .. import checkpoint as ckpt_lib
+
+    new_acc = jax.jit(new_accumulator, out_shardings=replicated)
+    acc = new_acc()
+    ckpt_dir = run_dir / "checkpoints"
+    shapes = ckpt_lib.param_shapes(state.params)
+    if t.resume == "never" and is_main:
+        moved = ckpt_lib.set_aside(ckpt_dir)
+        if moved:
+            log.info("trainer.resume=never: earlier checkpoints moved to %s", moved)
+    checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
+                                          best_mode=t.best_mode) if t.checkpoint else None)
+    source = None
+    if t.resume not in ("auto", "never"):
+        source = ckpt_lib.find(t.resume)
+    elif t.resume == "auto" and checkpointer is not None and checkpointer.latest() is not None:
+        source = (ckpt_dir, None)
+    resumed: dict = {}
+    if source is not None:
+        src_dir, src_step = source
+        reader = checkpointer if (checkpointer and src_dir == ckpt_dir) else \
+            ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
+        available = reader.steps()
+        if not available:
+            raise ckpt_lib.CheckpointError(f"no complete checkpoint in {src_dir} (trainer.resume={t.resume})")
+        src_step = max(available) if src_step is None else src_step
+        if src_step not in available:
+            raise ckpt_lib.CheckpointError(f"no complete checkpoint for step {src_step} in {src_dir}; there are {available}")
+        ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
+        items, resumed = reader.restore(src_step, ckpt_lib.abstract_like({"state": state, "acc": acc}, replicated))
+        state, acc = items["state"], items["acc"]
+        log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
+    start_step = int(jax.device_get(state.step))
+    loop_state = resumed.get("loop", {})
+
     # ---------------------------------------------------------------- tracking
     from ..tracking import Tracker, default_run_name, run_metadata
 
@@ -128,7 +164,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     if is_main:
         _write_yaml(run_dir / "config.yaml", resolved)
     tracker = Tracker(run_dir, {**resolved, "meta": run_metadata(run_dir, devices, n_params) if is_main else {}},
-                      cfg.logger, is_main=is_main, name=default_run_name(cfg, run_dir))
+                      cfg.logger, is_main=is_main, name=default_run_name(cfg, run_dir),
+                      resume_step=start_step, run_id=resumed.get("wandb_run_id"))
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
@@ -165,25 +202,40 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     # ---------------------------------------------------------------- loop
     summary: dict = {"parameters": n_params, "num_devices": len(devices)}
-    best_val, best_step = -1.0, -1
+    best_val, best_step = loop_state.get("best_val", -1.0), loop_state.get("best_step", -1)
     exit_code = 1
+    stop = _StopOnSignal()
+
+    def save(step: int, metrics: dict | None = None) -> None:
+        if checkpointer is None:
+            return
+        meta = {"config": resolved, "wandb_run_id": tracker.run_id, "param_shapes": shapes, "step": step,
+                "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
+                         "std": list(ds.std), "scale": ds.scale},
+                "versions": tracker.versions, "best_metric": t.best_metric,
+                "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step}}
+        checkpointer.save(step, {"state": state, "acc": acc}, meta, metrics)
+
     try:
-        new_acc = jax.jit(new_accumulator, out_shardings=replicated)
         lr_at = jax.jit(schedule)
-        acc = new_acc()
-        step = 0
-        for epoch in range(t.epochs):
+        step = start_step
+        first_epoch, first_index = divmod(start_step, steps_per_epoch)
+        epoch_sums = loop_state.get("epoch_sums", {"loss": 0.0, "correct": 0.0, "count": 0.0})
+        for epoch in range(first_epoch, t.epochs):
             perm = permutation(t.seed, epoch, len(ds.train.labels))
-            epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+            if epoch != first_epoch:
+                epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
             t_epoch = t_log = time.time()
             timed_images = 0
-            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress_bar and is_main)
-            for i in range(steps_per_epoch):
+            start_i = first_index if epoch == first_epoch else 0
+            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", enabled=t.progress_bar and is_main,
+                            initial=start_i)
+            for i in range(start_i, steps_per_epoch):
                 state, acc = train_step(state, acc, train_x, train_y, perm, i)
                 step += 1
                 bar.update(1)
                 timed_images += B
-                if step == 1:  # leave compilation out of images/s (one extra sync, once per run)
+                if step == start_step + 1:  # leave compilation out of images/s (one extra sync, once per run)
                     jax.block_until_ready(acc)
                     t_log, timed_images = time.time(), 0
                 if itstime(step, t.log_every_steps, total_steps) or i == steps_per_epoch - 1:
@@ -211,6 +263,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                     tracker.log(metrics, step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
                                     img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
+                if i < steps_per_epoch - 1 and (stop.signum or itstime(step, t.checkpoint_every_steps, -1)):
+                    save(step)
+                if stop.signum and i < steps_per_epoch - 1:
+                    stop.exit(checkpointer, step, run_dir)
             bar.close()
             epoch_time = time.time() - t_epoch
             timing["train_s"] += epoch_time
@@ -227,6 +283,13 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             log.info("epoch %d/%d  %s  %s img/s  %.1fs", epoch + 1, t.epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in line.items()),
                      f"{epoch_sums['count'] / epoch_time:,.0f}", epoch_time)
+            if (stop.signum or last or itstime(step, t.checkpoint_every_steps, -1)
+                    or (t.checkpoint_every_epochs and (epoch + 1) % t.checkpoint_every_epochs == 0)):
+                save(step, line if t.best_metric in line else None)
+            if stop.signum and not last:
+                stop.exit(checkpointer, step, run_dir)
+        if checkpointer is not None:
+            checkpointer.wait()
 
         test = evaluate("test", step)
         tracker.log(test, step)
@@ -241,7 +304,49 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         exit_code = 0
         return summary
     finally:
+        stop.restore()
+        if checkpointer is not None:
+            checkpointer.close()  # waits for a save in flight
         tracker.finish(exit_code)
+
+
+class Preempted(UserError):
+    """SIGTERM/SIGINT: the step in progress finished, a checkpoint was saved, the run exits non-zero."""
+
+
+class _StopOnSignal:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signum = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def exit(self, checkpointer, step: int, run_dir: Path):
+        import signal
+
+        if checkpointer is not None:
+            checkpointer.wait()
+        name = signal.Signals(self.signum).name
+        where = f"checkpoint saved at step {step} in {run_dir / 'checkpoints'}" if checkpointer else "no checkpoints (trainer.checkpoint=false)"
+        raise Preempted(f"stopped by {name}: {where}; run the same command (same run directory) to resume")
 
 
 def _decision_boundary(name, split, predict, state, run_dir: Path):
@@ -257,10 +362,10 @@ def _decision_boundary(name, split, predict, state, run_dir: Path):
                                         f"{name} decision boundary")
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True,
                 mininterval=0.5, unit="step")
 
 

@@ -1,0 +1,223 @@
+"""Checkpoints with Orbax: ``<run dir>/checkpoints/<step>/{state,meta}``.
+
+A checkpoint holds the whole TrainState (params, optimizer state, step, RNG key, the model's other
+state), the training loop's running sums (so the log interval in progress resumes exactly), and JSON
+metadata: the resolved config, the W&B run id, package versions, the best metric so far and the
+parameter shapes. Orbax writes each step into a temporary directory and renames it when complete, so
+a checkpoint half-written when the process died is never listed; saves are asynchronous (arrays are
+copied to host memory, then written on a background thread while training goes on).
+
+Restores target the *current* mesh's shardings, so a checkpoint written on 8 devices restores on 1 and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("vision_train")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, corrupt, foreign, or for another model."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def param_shapes(params) -> dict[str, list[int]]:
+    return {jax.tree_util.keystr(path): list(np.shape(x)) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def find(path: str | Path) -> tuple[Path, int | None]:
+    """A run dir, its checkpoints dir, or one step's dir -> (checkpoints dir, step or None for the latest)."""
+    p = Path(path).expanduser().resolve()
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints", None
+    if p.name.isdigit() and p.parent.is_dir():
+        return p.parent, int(p.name)
+    if p.is_dir():
+        return p, None
+    raise CheckpointError(f"no checkpoint at {p}: give a run directory, its checkpoints/ directory, or one "
+                          f"step's directory inside it")
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 3, best_metric: str | None = "val/acc",
+                 best_mode: str = "max", read_only: bool = False):
+        ocp = _ocp()
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        self.directory = Path(directory)
+        policies = [cm.LatestN(n=keep)]
+        if best_metric:
+            policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=cm.AnyPreservationPolicy(policies), create=not read_only, read_only=read_only,
+            enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
+        self.best_metric = best_metric
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the user needs one message
+            raise CheckpointError(f"cannot open checkpoints in {self.directory}: {type(e).__name__}: {e}") from None
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, items: dict, meta: dict, metrics: dict | None = None, *, force: bool = True) -> None:
+        ocp = _ocp()
+        if self.best_metric and metrics and self.best_metric not in metrics:
+            metrics = None
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          metrics=metrics, force=force)
+
+    def read_meta(self, step: int) -> dict:
+        ocp = _ocp()
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} is unreadable (its meta): "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+    def restore(self, step: int, target: dict) -> tuple[dict, dict]:
+        """``target``: a pytree of jax.ShapeDtypeStruct with the current mesh's shardings."""
+        ocp = _ocp()
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_compatible(meta: dict, shapes_now: dict[str, list[int]], where: Path) -> None:
+    """Refuse, naming what differs, to restore a checkpoint into a model of other shapes."""
+    before = meta.get("param_shapes")
+    if before is None:
+        raise CheckpointError(f"{where} is not a vision_train checkpoint (no parameter shapes in its metadata)")
+    if before == shapes_now:
+        return
+    diffs = [f"{k}: checkpoint {before.get(k)} vs now {shapes_now.get(k)}"
+             for k in sorted(set(before) | set(shapes_now)) if before.get(k) != shapes_now.get(k)]
+    arch = meta.get("config", {}).get("model", {}).get("arch", "?")
+    raise CheckpointError(
+        f"the checkpoint in {where} was written for other model shapes ({len(diffs)} differ; its model was "
+        f"{arch}): " + "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "") +
+        ". Use the config it was trained with (see its config.yaml), or trainer.resume=never to start over")
+
+
+def abstract_like(tree, sharding):
+    """ShapeDtypeStructs of ``tree`` placed with ``sharding`` (restore onto the current mesh)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Move existing checkpoints out of the way (trainer.resume=never): nothing is deleted."""
+    if directory.is_dir() and any(directory.iterdir()):
+        dest = directory.with_name(f"{directory.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(directory), dest)
+        return dest
+    return None
+
+
+def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
+    """Read a checkpoint's metadata and parameters (plus the model's other state) without its optimizer
+    state: ``{"config": dict, "meta": dict, "params": ..., "other": ..., "step": int, "directory": Path}``.
+
+    The caller rebuilds the model from ``config`` (``vision_train.config`` + ``vision_train.models``) and
+    merges ``params``/``other`` into its graphdef. ``sharding``: where to put the arrays (default: the
+    first device, replicated)."""
+    directory, step = find(path)
+    ckpt = Checkpointer(directory, best_metric=None, read_only=True)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {directory}")
+    step = step if step is not None else max(steps)
+    if step not in steps:
+        raise CheckpointError(f"no complete checkpoint for step {step} in {directory}; there are {steps}")
+    ocp = _ocp()
+    meta = ckpt.read_meta(step)
+    try:
+        tree = ckpt.manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {type(e).__name__}: {e}") from None
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
+    wanted = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    try:
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]}") from None
+    ckpt.close()
+    return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],
+            "other": out["state"]["other"], "step": step, "directory": directory}
+
+
+def _pure(tree):
+    """Orbax returns each NNX Variable as {"value": array}; NNX's pure dicts hold the arrays themselves."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _pure(v) for k, v in tree.items()}
+    return tree
+
+
+def restore_model(path: str | Path, sharding=None):
+    """A checkpoint -> (model with its trained parameters, RunConfig it was trained with, data facts, step).
+
+    ``data facts``: {"shape", "class_names", "mean", "std", "scale"} as the training data set had them,
+    so inputs can be prepared exactly as in training."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from . import config as config_lib
+    from . import models
+
+    loaded = load_for_inference(path, sharding)
+    try:
+        cfg = config_lib.from_dict(loaded["config"])
+        data = loaded["meta"]["data"]
+    except (KeyError, TypeError, UserError) as e:
+        raise CheckpointError(f"{loaded['directory']} is not a vision_train checkpoint (its metadata: {e})") from None
+    dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
+    num_classes = cfg.model.num_classes or len(data["class_names"])
+
+    def build():
+        return models.create(cfg.model.arch, tuple(data["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1),
+                             dtype=dtype, **config_lib.model_kwargs(cfg.model))
+
+    abstract = nnx.eval_shape(build)
+    graphdef, params, other = nnx.split(abstract, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, _pure(loaded["params"]))
+    if loaded["other"]:
+        nnx.replace_by_pure_dict(other, _pure(loaded["other"]))
+    return nnx.merge(graphdef, params, other), cfg, data, loaded["step"]
