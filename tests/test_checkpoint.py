@@ -1,0 +1,144 @@
+"""Checkpoints: exact resume after kill -9, SIGTERM, half-written checkpoints, any device count, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vision_train import checkpoint as ckpt_lib
+from vision_train.train.loop import train
+
+from .conftest import FAST_COMPILE, REPO
+from .helpers import FAST, compose
+
+# 700 training images, batch 32: 21 steps/epoch, 63 steps; checkpoints every 10 steps and every epoch.
+JOB = ["model=cnn", "model.features=[16,32]", "model.dense_dim=32", "data=synthetic", "data.num_examples=1000",
+       "data.augment.flip=true", "trainer.epochs=3", "trainer.batch_size=32", "trainer.log_every_steps=3",
+       "trainer.checkpoint_every_steps=10", "hardware=cpu", "logger.mode=disabled", "logger.media=false",
+       "trainer.progress_bar=false"]
+
+
+def start(run_dir, extra=()):
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}
+    return subprocess.Popen([sys.executable, "-m", "vision_train", *JOB, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=240):
+    path = run_dir / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        time.sleep(0.01)
+    raise TimeoutError
+
+
+def params(run_dir):
+    return ckpt_lib.load_for_inference(run_dir)["params"]
+
+
+def rows(run_dir):
+    out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in out]
+
+
+def test_kill_9_then_rerun_resumes_exactly(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = start(full)
+    assert p.wait(timeout=300) == 0, p.stdout.read()[-2000:]
+
+    p = start(killed)
+    at = wait_for_step(killed, 33, p)  # past the step-30 checkpoint, before the step-40 one
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert at % 10 != 0
+    p = start(killed)  # the same command, the same run directory
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-2000:]
+    assert "resumed from" in out
+
+    a, b = params(full), params(killed)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+    assert rows(full) == rows(killed)  # every logged value, none duplicated
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
+    run_dir = tmp_path / "run"
+    p = start(run_dir)
+    wait_for_step(run_dir, 12, p)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode != 0
+    assert "stopped by SIGTERM: checkpoint saved at step" in out
+    saved = int(out.split("checkpoint saved at step ")[1].split()[0])
+    assert saved in ckpt_lib.Checkpointer(run_dir / "checkpoints", best_metric=None, read_only=True).steps()
+    p = start(run_dir)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0 and f"at step {saved}" in out
+
+
+TINY = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.batch_size=64"]
+
+
+def test_checkpoints_restore_across_device_counts(tmp_path):
+    """Written on 8 devices, resumed on 1, and the other way round: same continuation as uninterrupted."""
+    ref = train(compose([*TINY, "trainer.epochs=2", "hardware.num_devices=8"]), tmp_path / "ref")
+    for first, second in ((8, 1), (1, 8)):
+        a = tmp_path / f"{first}"
+        train(compose([*TINY, "trainer.epochs=1", f"hardware.num_devices={first}"]), a)
+        b = train(compose([*TINY, "trainer.epochs=2", f"hardware.num_devices={second}", f"trainer.resume={a}"]),
+                  tmp_path / f"{first}to{second}")
+        assert b["step"] == ref["step"]
+        assert b["test/acc"] == pytest.approx(ref["test/acc"], abs=0.02)
+        assert b["test/loss"] == pytest.approx(ref["test/loss"], rel=1e-3)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose([*TINY, "trainer.epochs=1"]), run_dir)
+    ckpts = run_dir / "checkpoints"
+    latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    # What a process killed while writing step latest+50 leaves behind: Orbax's temporary directory.
+    tmp = ckpts / f"{latest + 50}.orbax-checkpoint-tmp-1234567890"
+    (tmp / "state").mkdir(parents=True)
+    (tmp / "state" / "partial").write_bytes(b"\0" * 100)
+    summary = train(compose([*TINY, "trainer.epochs=2"]), run_dir)
+    assert summary["step"] == 2 * (1257 // 64)  # resumed from `latest`, not from the half-written one
+    assert latest + 50 not in ckpt_lib.Checkpointer(ckpts, best_metric=None, read_only=True).steps()
+
+
+def test_resuming_into_other_model_shapes_names_what_differs(tmp_path):
+    train(compose([*TINY, "trainer.epochs=1"]), tmp_path / "a")
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"other model shapes .*dense.*checkpoint \[.*\] vs now"):
+        train(compose([*TINY, "model.dense_dim=48", "trainer.epochs=2", f"trainer.resume={tmp_path / 'a'}"]),
+              tmp_path / "b")
+
+
+def test_corrupt_or_foreign_directory_is_a_clear_error(tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "7").mkdir(parents=True)
+    (foreign / "checkpoints" / "7" / "junk.txt").write_text("not a checkpoint")
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train(compose([*TINY, "trainer.epochs=1", f"trainer.resume={foreign}"]), tmp_path / "b")
+    assert str(foreign) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint at"):
+        train(compose([*TINY, f"trainer.resume={tmp_path / 'missing'}"]), tmp_path / "c")
+
+
+def test_resume_never_starts_over_and_keeps_the_old_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose([*TINY, "trainer.epochs=1"]), run_dir)
+    summary = train(compose([*TINY, "trainer.epochs=1", "trainer.resume=never"]), run_dir)
+    assert summary["step"] == 1257 // 64
+    assert list(tmp_path.glob("run/checkpoints.before-*"))
