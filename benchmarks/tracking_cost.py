@@ -23,7 +23,7 @@ from vision_train.config import (CNNConfig, Config, DataConfig, HardwareConfig, 
 MODELS = {"cnn": CNNConfig(), "vit": ViTConfig(), "mixer": MixerConfig()}
 
 
-def run(model: str, mode: str, epochs: int, tmp: str, tag: str) -> dict:
+def run(model: str, mode: str, epochs: int, tmp: str, tag: str, **trainer) -> dict:
     from vision_train.train.loop import train
 
     cfg = to_run_config(Config(
@@ -31,7 +31,7 @@ def run(model: str, mode: str, epochs: int, tmp: str, tag: str) -> dict:
         data=DataConfig(name="synthetic", num_examples=20000, image_shape=[32, 32, 3], num_classes=10,
                         test_fraction=0.25, val_size=5000),
         optimizer=OptimizerConfig(), hardware=HardwareConfig(),
-        trainer=TrainerConfig(epochs=epochs, batch_size=128, log_every_steps=50, progress_bar=False),
+        trainer=TrainerConfig(epochs=epochs, batch_size=128, log_every_steps=50, progress_bar=False, **trainer),
         logger=LoggerConfig(mode=mode)))
     run_dir = os.path.join(tmp, tag)
     summary = train(cfg, run_dir)

@@ -42,7 +42,7 @@ class LocalSink:
 
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None,
-                 resume_step: int = 0, run_id: str | None = None):
+                 resume_step: int = 0, run_id: str | None = None, wandb_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.local = LocalSink(self.run_dir, keep_until_step=resume_step) if is_main else None
         self.versions = config.get("meta", {}).get("versions", {})
@@ -54,7 +54,12 @@ class Tracker:
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
 
-            self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name, run_id=run_id)
+            self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name, run_id=run_id, rewind_to=wandb_step)
+
+    @property
+    def wandb_step(self) -> int | None:
+        """W&B's own history counter (to rewind to on resume)."""
+        return self.wandb.run.step if self.wandb else None
 
     @property
     def run_id(self) -> str | None:

@@ -37,7 +37,8 @@ def _isolate(run_dir: Path) -> None:
 
 
 class WandbSink:
-    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None, run_id: str | None = None):
+    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None, run_id: str | None = None,
+                 rewind_to: int | None = None):
         _isolate(Path(run_dir))
         import wandb
 
@@ -48,15 +49,28 @@ class WandbSink:
         kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group, tags=list(lc.tags) or None,
                       notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous",
                       id=run_id, resume="allow" if run_id else None)
+        settings = wandb.Settings(init_timeout=lc.init_timeout_s, console="off")
+        if run_id and rewind_to is not None and mode == "online":
+            # Resuming after a crash: rewind the W&B run to the checkpoint, so the steps the dead attempt
+            # logged after it are replaced, not duplicated (needs a server with run rewind).
+            try:
+                rewind = {k: v for k, v in kwargs.items() if k not in ("id", "resume")}
+                self.run = wandb.init(mode=mode, settings=settings, resume_from=f"{run_id}?_step={rewind_to}", **rewind)
+                self._finish_init(mode)
+                return
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B could not rewind run %s (%s); resuming it as is", run_id, str(e).splitlines()[0][:200])
         try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=lc.init_timeout_s, console="off"),
-                                  **kwargs)
+            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
         except Exception as e:  # unreachable server, bad credentials: never cost the run
             if mode != "online":
                 raise
             log.warning("W&B online init failed (%s); continuing offline", str(e).splitlines()[0][:200])
             mode = "offline"
             self.run = wandb.init(mode=mode, settings=wandb.Settings(console="off"), **kwargs)
+        self._finish_init(mode)
+
+    def _finish_init(self, mode: str) -> None:
         self.mode = mode
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")

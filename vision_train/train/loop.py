@@ -165,7 +165,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         _write_yaml(run_dir / "config.yaml", resolved)
     tracker = Tracker(run_dir, {**resolved, "meta": run_metadata(run_dir, devices, n_params) if is_main else {}},
                       cfg.logger, is_main=is_main, name=default_run_name(cfg, run_dir),
-                      resume_step=start_step, run_id=resumed.get("wandb_run_id"))
+                      resume_step=start_step, run_id=resumed.get("wandb_run_id"), wandb_step=resumed.get("wandb_step"))
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
@@ -173,7 +173,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     predict = jax.jit(predict)
 
-    timing = {"train_s": 0.0, "eval_s": 0.0, "media_s": 0.0}
+    timing = {"train_s": 0.0, "eval_s": 0.0, "media_s": 0.0, "checkpoint_s": 0.0}
 
     def evaluate(name: str, step: int) -> dict:
         t0 = time.time()
@@ -209,12 +209,15 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     def save(step: int, metrics: dict | None = None) -> None:
         if checkpointer is None:
             return
-        meta = {"config": resolved, "wandb_run_id": tracker.run_id, "param_shapes": shapes, "step": step,
+        meta = {"config": resolved, "wandb_run_id": tracker.run_id, "wandb_step": tracker.wandb_step,
+                "param_shapes": shapes, "step": step,
                 "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
                          "std": list(ds.std), "scale": ds.scale},
                 "versions": tracker.versions, "best_metric": t.best_metric,
                 "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step}}
-        checkpointer.save(step, {"state": state, "acc": acc}, meta, metrics)
+        t0 = time.time()
+        checkpointer.save(step, {"state": state, "acc": acc}, meta, metrics)  # blocks for the device->host copy
+        timing["checkpoint_s"] += time.time() - t0
 
     try:
         lr_at = jax.jit(schedule)
