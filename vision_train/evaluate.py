@@ -20,7 +20,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -107,7 +106,37 @@ def load_checkpoint(path: str, sharding=None):
         raise ckpt_lib.CheckpointError(
             f"checkpoint={path}: its parameters do not fit the model in its own config ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); the checkpoint is damaged or was written by another version") from None
+    _check_shapes(cfg, facts, meta, path)
     return model, cfg, facts, step, meta, ckpt_dir
+
+
+def _check_shapes(cfg, facts: dict, meta: dict, path: str) -> None:
+    """``restore_model`` puts the stored arrays into the model its config builds without comparing shapes,
+    so a model file changed since training would only fail later, inside jit. Compare the shapes the
+    config builds now with those the checkpoint recorded, and refuse naming them."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from . import checkpoint as ckpt_lib
+    from . import config as config_lib
+    from . import models
+
+    before = meta.get("param_shapes")
+    if before is None:
+        return
+    num_classes = cfg.model.num_classes or len(facts["class_names"])
+    abstract = nnx.eval_shape(lambda: models.create(
+        cfg.model.arch, tuple(facts["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1), dtype=jnp.float32,
+        **config_lib.model_kwargs(cfg.model)))
+    now = ckpt_lib.param_shapes(nnx.split(abstract, nnx.Param, ...)[1])
+    if before == now:
+        return
+    diffs = [f"{k}: checkpoint {before.get(k)} vs model {now.get(k)}"
+             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    raise ckpt_lib.CheckpointError(
+        f"checkpoint={path}: its parameters do not fit the model its own config builds with this version of "
+        f"vision_train ({len(diffs)} differ: {'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); use the "
+        f"vision_train version that trained it")
 
 
 def _names(names, k: int = 4) -> str:
@@ -215,7 +244,8 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     count = float(host["count"])
     acc, loss = float(host["correct"]) / count, float(host["loss"]) / count
     sample_idx = np.arange(min(max(ec.num_samples, ec.logger.num_samples if ec.logger.media else 0), n))
-    probs = np.asarray(predict(params, other, split.images[sample_idx])) if len(sample_idx) else np.zeros((0, len(classes)))
+    probs = (np.asarray(predict(params, other, split.images[sample_idx])) if len(sample_idx)
+             else np.zeros((0, len(classes))))
 
     # ---------------------------------------------------------------- report
     from .tracking import media
@@ -258,19 +288,28 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     lg = ec.logger
     changes = {k: getattr(train_cfg.logger, k) for k in ("project", "entity", "group") if f"logger.{k}" not in given}
     lg = dataclasses.replace(lg, **changes)
-    os.environ["WANDB_JOB_TYPE"] = "eval"
+    train_id = meta.get("wandb_run_id")
+    train_path = "/".join(x for x in (train_cfg.logger.entity, train_cfg.logger.project, train_id) if x) \
+        if train_id else None
     wandb_config = {
         "job": "eval", "checkpoint": str(step_dir), "checkpoint_step": step,
         "train_run_dir": str(train_dir) if train_dir else None, "train_wandb_run_id": meta.get("wandb_run_id"),
-        "train_wandb_run_path": "/".join(x for x in (train_cfg.logger.entity, train_cfg.logger.project,
-                                                      meta.get("wandb_run_id")) if x) if meta.get("wandb_run_id") else None,
+        "train_wandb_run_path": train_path,
         "split": s, "batch_size": B, "data": config_lib.to_dict(data_cfg),
         "model": train_dict["model"], "train_config": train_dict, "hardware": config_lib.to_dict(hw),
         "meta": run_metadata(run_dir, devices, sum(x.size for x in jax.tree.leaves(params))) if is_main else {},
     }
     name = lg.name or f"eval {train_cfg.model.arch}-{data_cfg.name} {s}" + (
         f" (train {meta['wandb_run_id']})" if meta.get("wandb_run_id") else "")
-    tracker = Tracker(run_dir, wandb_config, lg, is_main=is_main, name=name[:128])
+    before = os.environ.get("WANDB_JOB_TYPE")
+    os.environ["WANDB_JOB_TYPE"] = "eval"  # W&B's job_type (the Tracker's sink takes no job_type argument)
+    try:
+        tracker = Tracker(run_dir, wandb_config, lg, is_main=is_main, name=name[:128])
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_JOB_TYPE", None)
+        else:
+            os.environ["WANDB_JOB_TYPE"] = before
     exit_code = 1
     try:
         tracker.log(metrics, step)

@@ -116,7 +116,7 @@ def format_table(rows: list[dict], k: int) -> str:
 def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     """Classify ``pc.inputs``; print the table; write the JSON. Returns the JSON's content."""
     from . import parallel
-    from .evaluate import load_checkpoint
+    from .evaluate import CHECKPOINT_FIX, load_checkpoint
 
     run_dir = Path(run_dir)
     if pc.top_k <= 0:
@@ -124,8 +124,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     if pc.batch_size <= 0:
         raise ConfigError("batch_size", pc.batch_size, "must be > 0")
     if not pc.checkpoint or pc.checkpoint == MISSING:
-        raise ConfigError("checkpoint", pc.checkpoint, "give the training run's directory, its checkpoints/ "
-                                                       "directory, or one step's directory")
+        raise ConfigError("checkpoint", pc.checkpoint, CHECKPOINT_FIX)
     files = expand_inputs(pc.inputs)
     if not files:
         raise ConfigError("inputs", pc.inputs if pc.inputs != MISSING else None,
@@ -137,8 +136,8 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     import optax
     from flax import nnx
 
-    device = parallel.select_devices(pc.hardware.platform, pc.hardware.num_devices)[0]
-    model, cfg, facts, step, meta, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
+    device = parallel.select_devices(pc.hardware.platform, 0)[0]  # one device is plenty
+    model, cfg, facts, step, _, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
     h, w, c = facts["shape"]
     classes = list(facts["class_names"])
     if c not in (1, 3) or facts["scale"] == 1.0:
@@ -247,7 +246,7 @@ def _main():
                 pc.inputs = str(pc.inputs)
             from .parallel import configure_host_devices
 
-            configure_host_devices(pc.hardware.platform, 0)  # one device is plenty
+            configure_host_devices(pc.hardware.platform, 0)
             out = predict(pc, HydraConfig.get().runtime.output_dir)
         except UserError as e:
             log.error("error: %s", e)
