@@ -101,3 +101,11 @@ def test_a_failed_run_finishes_its_wandb_run_as_failed(tmp_path):
         train(compose([*RUN, "optimizer=sgd", "optimizer.lr=1e30", "trainer.log_every_steps=1"]), tmp_path)
     exits = by_type(records(tmp_path), "exit")
     assert exits and exits[0]["exit_code"] != 0
+
+
+def test_best_and_latest_checkpoints_become_model_artifacts(tmp_path):
+    train(compose([*RUN, "trainer.epochs=3", "logger.log_checkpoints=true", "logger.media=false"]), tmp_path)
+    arts = by_type(records(tmp_path), "artifact")
+    models = [a for a in arts if a.get("type") == "model"]
+    aliases = {alias for a in models for alias in a.get("aliases", [])}
+    assert {"best", "latest"} <= aliases, arts

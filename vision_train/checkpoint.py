@@ -82,6 +82,9 @@ class Checkpointer:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def best(self) -> int | None:
+        return self.manager.best_step() if self.best_metric else None
+
     def save(self, step: int, items: dict, meta: dict, metrics: dict | None = None, *, force: bool = True) -> None:
         ocp = _ocp()
         if self.best_metric and metrics and self.best_metric not in metrics:

@@ -173,6 +173,7 @@ class LoggerConfig(_Freezable):
     tags: List[str] = field(default_factory=list)
     notes: Optional[str] = None
     init_timeout_s: float = 30.0       # online: give up on an unreachable server after this, go on offline
+    log_checkpoints: bool = False      # upload the best and latest checkpoints as W&B artifacts
     media: bool = True                 # confusion matrices, prediction tables/grids, calibration at each eval
     num_samples: int = 32              # the fixed validation/test images shown in prediction tables
 

@@ -102,6 +102,17 @@ class WandbSink:
             payload[f"{split}/predictions_table"] = table
         self.run.log({"step": step, **payload})
 
+    def log_checkpoints(self, directory: Path, steps: dict[str, int]) -> None:
+        """Checkpoint directories as model artifacts: one per step, aliased "best" and/or "latest"."""
+        by_step: dict[int, list[str]] = {}
+        for alias, step in steps.items():
+            if step is not None:
+                by_step.setdefault(step, []).append(alias)
+        for step, aliases in sorted(by_step.items()):
+            art = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
+            art.add_dir(str(Path(directory) / str(step)))
+            self.run.log_artifact(art, aliases=aliases + [f"step-{step}"])
+
     def summary(self, values: dict) -> None:
         for k, v in values.items():
             self.run.summary[k] = v

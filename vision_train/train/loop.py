@@ -293,6 +293,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                 stop.exit(checkpointer, step, run_dir)
         if checkpointer is not None:
             checkpointer.wait()
+            if cfg.logger.log_checkpoints and tracker.wandb:
+                tracker.wandb.log_checkpoints(ckpt_dir, {"best": checkpointer.best(), "latest": checkpointer.latest()})
 
         test = evaluate("test", step)
         tracker.log(test, step)
@@ -347,6 +349,8 @@ class _StopOnSignal:
 
         if checkpointer is not None:
             checkpointer.wait()
+            if cfg.logger.log_checkpoints and tracker.wandb:
+                tracker.wandb.log_checkpoints(ckpt_dir, {"best": checkpointer.best(), "latest": checkpointer.latest()})
         name = signal.Signals(self.signum).name
         where = f"checkpoint saved at step {step} in {run_dir / 'checkpoints'}" if checkpointer else "no checkpoints (trainer.checkpoint=false)"
         raise Preempted(f"stopped by {name}: {where}; run the same command (same run directory) to resume")
