@@ -165,22 +165,23 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
     if step not in steps:
         raise CheckpointError(f"no complete checkpoint for step {step} in {directory}; there are {steps}")
     ocp = _ocp()
-    meta = ckpt.read_meta(step)
     try:
-        tree = ckpt.manager.item_metadata(step)["state"]
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {type(e).__name__}: {e}") from None
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
-    wanted = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-    try:
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300]}") from None
-    ckpt.close()
+        meta = ckpt.read_meta(step)
+        try:
+            tree = ckpt.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {type(e).__name__}: {e}") from None
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
+        wanted = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        try:
+            out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+    finally:
+        ckpt.close()
     return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],
             "other": out["state"]["other"], "step": step, "directory": directory}
 
@@ -220,6 +221,8 @@ def restore_model(path: str | Path, sharding=None):
 
     abstract = nnx.eval_shape(build)
     graphdef, params, other = nnx.split(abstract, nnx.Param, ...)
+    # replace_by_pure_dict does not check shapes: do it here, naming what differs.
+    check_compatible(loaded["meta"], param_shapes(params), loaded["directory"] / str(loaded["step"]))
     nnx.replace_by_pure_dict(params, _pure(loaded["params"]))
     if loaded["other"]:
         nnx.replace_by_pure_dict(other, _pure(loaded["other"]))

@@ -65,9 +65,24 @@ def train_run_dir(checkpoints_dir: Path) -> Path | None:
     return checkpoints_dir.parent if checkpoints_dir.name == "checkpoints" else None
 
 
+_restore_failed = False  # a checkpoint could not be read (see quiet_libraries)
+
+
 def quiet_libraries() -> None:
+    """For the CLIs: library noise off, so an error stays one line."""
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax: "Given directory is read only" for every open
+    default = sys.unraisablehook
+
+    def hook(u):
+        # After a failed Orbax restore (a damaged array file), its other reads still in flight complete onto
+        # an already closed event loop, or are garbage-collected unfinished, and print a traceback each:
+        # the error has been reported in one line already.
+        if _restore_failed or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            return
+        default(u)
+
+    sys.unraisablehook = hook
 
 
 def confusion_text(cm: np.ndarray, class_names, max_classes: int = 20) -> str:
@@ -99,6 +114,8 @@ def load_checkpoint(path: str, sharding=None):
         finally:
             reader.close()
     except ckpt_lib.CheckpointError as e:
+        global _restore_failed
+        _restore_failed = True
         msg = str(e).split(" See full TensorStore details")[0]  # the rest is a truncated repr
         fix = "" if "give a run directory" in msg else f"; {CHECKPOINT_FIX} (from a finished or saved training run)"
         raise ckpt_lib.CheckpointError(f"checkpoint={path}: {msg}{fix}") from None

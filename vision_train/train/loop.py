@@ -349,8 +349,6 @@ class _StopOnSignal:
 
         if checkpointer is not None:
             checkpointer.wait()
-            if cfg.logger.log_checkpoints and tracker.wandb:
-                tracker.wandb.log_checkpoints(ckpt_dir, {"best": checkpointer.best(), "latest": checkpointer.latest()})
         name = signal.Signals(self.signum).name
         where = f"checkpoint saved at step {step} in {run_dir / 'checkpoints'}" if checkpointer else "no checkpoints (trainer.checkpoint=false)"
         raise Preempted(f"stopped by {name}: {where}; run the same command (same run directory) to resume")
