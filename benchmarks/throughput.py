@@ -7,8 +7,9 @@ For each model preset, on a CIFAR-sized synthetic data set (32x32x3 uint8, 10 cl
                  jits it (donating state and accumulator): gather the batch from the device-resident set by
                  permutation + step index, augment (flip + random-resized-crop, as the CIFAR presets),
                  normalise, forward/backward/update;
-  (b) step alone the same forward/backward/update on the *same* batches, gathered, augmented and
-                 normalised once beforehand (outside the timed region) and already on the device.
+  (b) step alone ``make_steps(...).update``, the train step's own forward/backward/update, on the *same*
+                 batches, gathered, augmented and normalised once beforehand (outside the timed region)
+                 and already on the device.
 
 Before timing, one step of (a) and one of (b) from the same initial state must give the same loss and
 gradient norm, so (b) really is (a) minus the input pipeline. Each side then runs ``--steps`` timed steps per
@@ -267,14 +268,15 @@ def bench_model(name: str, ctx: dict) -> dict:
                   batch_sharding=batch_sharding)
 
     # (a) the real step, jitted as train() jits it.
-    train_step, _, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
+    fns = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
+    train_step = fns.train
     pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
     noaug_step = None
     if args.no_augment_column:  # the same step with augmentation off: gather + normalise + step
-        noaug_step, _, _ = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common)
+        noaug_step = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common).train
         noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
     # (b) the same forward/backward/update with the batch handed in.
-    alone_step = jax.jit(make_step_alone(graphdef, tx, B, opt_cfg.label_smoothing), donate_argnums=(0, 1))
+    alone_step = jax.jit(fns.update, donate_argnums=(0, 1))  # the same update, minus the input pipeline
 
     @jax.jit
     def prepare(state_rng, step, index):
@@ -325,8 +327,8 @@ def bench_model(name: str, ctx: dict) -> dict:
     rtol = 1e-4 if args.precision == "float32" else 3e-2
     if not (check["loss"] <= rtol and check["grad_norm"] <= rtol):
         print(f"  WARNING {name}: after one step the pipeline and the step alone differ (loss rel "
-              f"{check['loss']:.1e}, grad norm rel {check['grad_norm']:.1e}); the step alone in "
-              f"benchmarks/throughput.py no longer mirrors vision_train/train/steps.py", flush=True)
+              f"{check['loss']:.1e}, grad norm rel {check['grad_norm']:.1e}): the prepared batches do not match "
+              f"what the train step builds", flush=True)
 
     # ---- size the run: --steps timed steps x --repeats per side, fewer for slow models (--time-budget)
     sides = 3 if noaug_step is not None else 2
@@ -411,50 +413,6 @@ def bench_model(name: str, ctx: dict) -> dict:
           f"{check['grad_norm']:.0e} | {steps} steps x {repeats} repeats/side | step {step_s * 1e3:.1f} ms, "
           f"pipeline/step {res['ratio']:.3f} | {res['model_wall_s']:.0f}s", flush=True)
     return res
-
-
-def make_step_alone(graphdef, tx, batch_size: int, label_smoothing: float):
-    """``make_steps``' train step from ``x``/``y`` on: forward, backward, update, accumulator."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    def forward(params, other, x, *, key):
-        # copy=True: fresh Variables at this trace level, so the RNG streams can be reseeded and advanced
-        # under value_and_grad (flax 0.12 refuses to mutate the closed-over ones: TraceContextError).
-        model = nnx.merge(graphdef, params, other, copy=True)
-        nnx.reseed(model, dropout=key)
-        return model(x, train=True).astype(jnp.float32)
-
-    def loss_fn(logits, labels, num_classes):
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-            if label_smoothing else jax.nn.one_hot(labels, num_classes)
-        return optax.softmax_cross_entropy(logits, targets)
-
-    def step_alone(state, acc, x, y):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        _, k_drop = jax.random.split(key)
-
-        def objective(params):
-            logits = forward(params, state.other, x, key=k_drop)
-            return loss_fn(logits, y, logits.shape[-1]).mean(), logits
-
-        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        bad = ~jnp.isfinite(loss)
-        acc = {
-            "loss": acc["loss"] + loss * batch_size,
-            "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
-            "count": acc["count"] + batch_size,
-            "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
-            "steps": acc["steps"] + 1,
-            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step, acc["nan_step"]),
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
-
-    return step_alone
 
 
 if __name__ == "__main__":

@@ -76,11 +76,11 @@ def _tiny_setup(num_devices, batch_size):
     model = models.create("cnn", (8, 8, 3), 10, rngs=nnx.Rngs(params=0, dropout=1), features=(4, 8), dense_dim=16)
     tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer, 1e-3)
     graphdef, state = state_lib.create(model, tx, seed=0)
-    train_step, eval_step, _ = steps.make_steps(graphdef, tx, batch_size=batch_size, aug=pipeline.Augment(flip=True),
+    fns = steps.make_steps(graphdef, tx, batch_size=batch_size, aug=pipeline.Augment(flip=True),
                                              scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
                                              label_smoothing=0.0, batch_sharding=batch)
     put = lambda x: parallel.put_replicated(x, rep)  # noqa: E731
-    return (jax.jit(train_step), jax.jit(eval_step, out_shardings=rep), jax.device_put(state, rep),
+    return (jax.jit(fns.train), jax.jit(fns.eval, out_shardings=rep), jax.device_put(state, rep),
             (put(split.images), put(split.labels)), split, model, rep)
 
 

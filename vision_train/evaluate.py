@@ -245,12 +245,12 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
         log.info("batch_size=%d rounded up to %d: a multiple of the %d devices", ec.batch_size, B, nd)
     dtype = jnp.bfloat16 if train_cfg.hardware.precision == "bfloat16" else jnp.float32
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    _, eval_step, predict = make_steps(
+    steps = make_steps(
         graphdef, optax.identity(), batch_size=B, aug=pipeline.Augment(), scale=facts["scale"], mean=facts["mean"],
         std=facts["std"], dtype=dtype, label_smoothing=train_cfg.optimizer.label_smoothing,
         batch_sharding=batch_sharding)
-    eval_step = jax.jit(eval_step, out_shardings=replicated)
-    predict = jax.jit(predict)
+    eval_step = jax.jit(steps.eval, out_shardings=replicated)
+    predict = jax.jit(steps.predict)
     put = lambda x: parallel.put_replicated(x, replicated)  # noqa: E731
     idx, mask = pipeline.eval_batches(n, B)
     out = eval_step(params, other, put(split.images), put(split.labels), put(idx), put(mask))

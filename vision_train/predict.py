@@ -173,10 +173,9 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
 
         dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        _, _, forward = make_steps(graphdef, optax.identity(), batch_size=1, aug=pipeline.Augment(),
-                                   scale=facts["scale"], mean=facts["mean"], std=facts["std"], dtype=dtype,
-                                   label_smoothing=0.0, batch_sharding=None)
-        forward = jax.jit(forward)
+        forward = jax.jit(make_steps(graphdef, optax.identity(), batch_size=1, aug=pipeline.Augment(),
+                                     scale=facts["scale"], mean=facts["mean"], std=facts["std"], dtype=dtype,
+                                     label_smoothing=0.0, batch_sharding=None).predict)
         x = np.stack(images)
         B = min(pc.batch_size, len(x))  # one shape: the last chunk is padded
         probs = []

@@ -114,11 +114,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             idx, mask = pipeline.eval_batches(len(split.labels), B)
             eval_data[name] = (put(split.images), put(split.labels), put(idx), put(mask))
 
-    train_step, eval_step, predict = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
+    steps = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
                                        std=ds.std, dtype=dtype, label_smoothing=o.label_smoothing,
                                        batch_sharding=batch_sharding)
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    eval_step = jax.jit(eval_step, out_shardings=replicated)  # fetchable from any process
+    train_step = jax.jit(steps.train, donate_argnums=(0, 1))
+    eval_step = jax.jit(steps.eval, out_shardings=replicated)  # fetchable from any process
     permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
 
     # ---------------------------------------------------------------- checkpoints, resume
@@ -171,7 +171,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
              len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
 
-    predict = jax.jit(predict)
+    predict = jax.jit(steps.predict)
 
     timing = {"train_s": 0.0, "eval_s": 0.0, "media_s": 0.0, "checkpoint_s": 0.0}
 

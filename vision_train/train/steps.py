@@ -4,7 +4,7 @@ augmentation and the normalisation constants are closed over, everything that ch
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,16 @@ def new_accumulator() -> dict:
             "nan_step": jnp.full((), -1, jnp.int32)}
 
 
+class Steps(NamedTuple):
+    train: Callable    # (state, acc, images, labels, perm, index) -> (state, acc): gather, augment, update
+    eval: Callable     # (params, other, images, labels, idx, mask) -> sums and per-example predictions
+    predict: Callable  # (params, other, images) -> class probabilities
+    update: Callable   # (state, acc, x, y) -> (state, acc): the train step after its input pipeline
+
+
 def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, aug: pipeline.Augment,
-               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> tuple[Callable, Callable, Callable]:
-    """Returns (train_step, eval_step, predict), not yet jitted."""
+               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> Steps:
+    """The step functions, not yet jitted."""
 
     def forward(params, other, x, *, train: bool, key=None):
         model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
@@ -40,15 +47,9 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
             if label_smoothing else jax.nn.one_hot(labels, num_classes)
         return optax.softmax_cross_entropy(logits, targets)
 
-    def train_step(state: TrainState, acc: dict, images, labels, perm, index):
-        TRACES["train_step"] += 1
-        idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
-        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_aug, k_drop = jax.random.split(key)
-        x = pipeline.augment(jnp.take(images, idx, axis=0), k_aug, aug)
-        x = pipeline.normalize(x, scale, mean, std, dtype)
-        y = jnp.take(labels, idx, axis=0)
+    def update(state: TrainState, acc: dict, x, y):
+        """Forward, backward, optimizer update and running sums on a prepared (normalised) batch."""
+        _, k_drop = jax.random.split(_step_key(state))
 
         def objective(params):
             logits = forward(params, state.other, x, train=True, key=k_drop)
@@ -68,6 +69,15 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
             "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step + 1, acc["nan_step"]),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
+
+    def train_step(state: TrainState, acc: dict, images, labels, perm, index):
+        TRACES["train_step"] += 1
+        idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+        k_aug, _ = jax.random.split(_step_key(state))
+        x = pipeline.augment(jnp.take(images, idx, axis=0), k_aug, aug)
+        x = pipeline.normalize(x, scale, mean, std, dtype)
+        return update(state, acc, x, jnp.take(labels, idx, axis=0))
 
     def eval_step(params, other, images, labels, idx, mask):
         """One pass over a whole split (idx, mask: (num_batches, batch)); every example counted once."""
@@ -96,4 +106,9 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
         x = pipeline.normalize(images, scale, mean, std, dtype)
         return jax.nn.softmax(forward(params, other, x, train=False))
 
-    return train_step, eval_step, predict
+    return Steps(train_step, eval_step, predict, update)
+
+
+def _step_key(state: TrainState) -> jax.Array:
+    """Step s's randomness (augmentation, dropout): a pure function of the run's key and s."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
