@@ -142,3 +142,22 @@ def test_resume_never_starts_over_and_keeps_the_old_checkpoints(tmp_path):
     summary = train(compose([*TINY, "trainer.epochs=1", "trainer.resume=never"]), run_dir)
     assert summary["step"] == 1257 // 64
     assert list(tmp_path.glob("run/checkpoints.before-*"))
+
+
+def test_resumed_offline_wandb_run_is_one_run_with_each_step_once(tmp_path):
+    from .test_tracking import by_type, records
+
+    run_dir = tmp_path / "run"
+    p = start(run_dir, ["logger.mode=offline"])
+    wait_for_step(run_dir, 33, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    p = start(run_dir, ["logger.mode=offline"])
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-2000:]
+    recs = records(run_dir)  # the one offline run left in wandb/ (earlier attempts: wandb/superseded/)
+    steps = [h["item"]["step"] for h in by_type(recs, "history") if "train/loss" in h["item"]]
+    assert steps == sorted(set(steps)) and steps[0] == 3 and steps[-1] == 63  # every log step, once
+    run_id = by_type(recs, "run")[0]["run_id"]
+    superseded = list((run_dir / "wandb" / "superseded").glob("offline-run-*"))
+    assert superseded and all(d.name.endswith(run_id) for d in superseded)  # the same W&B run, resumed

@@ -55,6 +55,29 @@ class Tracker:
             from .wandb_sink import WandbSink
 
             self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name, run_id=run_id, rewind_to=wandb_step)
+            if run_id and self.wandb.mode == "offline":
+                self._replace_offline_attempts(run_id)
+
+    def _replace_offline_attempts(self, run_id: str) -> None:
+        """Resuming offline: an offline run cannot be rewound, so the earlier attempts' files (which hold
+        the steps logged after the checkpoint) are moved to ``wandb/superseded/`` and the scalars up to
+        the checkpoint are logged again from metrics.jsonl: the new file alone is the whole run, each
+        step once. (Media of the evaluations before the checkpoint stay in the superseded files and in
+        ``media/``.)"""
+        import shutil
+
+        current = Path(self.wandb.run.dir).parent
+        old = [d for d in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}") if d != current]
+        if not old:
+            return
+        (self.run_dir / "wandb" / "superseded").mkdir(exist_ok=True)
+        for d in old:
+            shutil.move(str(d), self.run_dir / "wandb" / "superseded" / d.name)
+        with open(self.local.path) as f:
+            for line in f:
+                row = json.loads(line)
+                self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
+        log.info("W&B offline run %s resumed: %d earlier attempt(s) moved to wandb/superseded/", run_id, len(old))
 
     @property
     def wandb_step(self) -> int | None:
