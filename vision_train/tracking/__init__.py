@@ -50,6 +50,7 @@ class Tracker:
         # Eval media (figures, tables) are made on one background thread, in order, so an eval costs
         # the training loop only the fetch of its predictions.
         self._media = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media") if is_main else None
+        self._queued: dict[str, Any] = {}  # split -> its media job not yet started
         self.wandb = None
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
@@ -121,7 +122,13 @@ class Tracker:
             except Exception:  # media must never cost the run
                 log.exception("making the %s media at step %d failed", split, step)
 
-        return self._media.submit(job)
+        # When evals come faster than their media can be drawn (tiny data sets), a newer eval replaces the
+        # one still waiting in the queue: the backlog stays at one job per split.
+        waiting = self._queued.get(split)
+        if waiting is not None and waiting.cancel():
+            log.debug("skipped the %s media of an earlier eval (a newer one is queued)", split)
+        self._queued[split] = self._media.submit(job)
+        return self._queued[split]
 
     def log_curves(self) -> None:
         """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts)."""
