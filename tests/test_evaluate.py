@@ -124,7 +124,8 @@ def _model_predictions(train_dir, images):
     from vision_train.checkpoint import restore_model
     from vision_train.data import pipeline
 
-    model, _, facts, _ = restore_model(train_dir)
+    restored = restore_model(train_dir)
+    model, facts = restored.model, restored.data
     x = pipeline.normalize(jnp.asarray(images), facts["scale"], facts["mean"], facts["std"], jnp.float32)
     return np.asarray(jax.nn.softmax(model(x, train=False).astype(jnp.float32)))
 

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -35,6 +35,11 @@ def _ocp():
     import orbax.checkpoint as ocp
 
     return ocp
+
+
+def _why(e: Exception) -> str:
+    """One line for an Orbax/TensorStore failure (their messages end in a long repr of the spec)."""
+    return f"{type(e).__name__}: " + str(e).splitlines()[0].split(" See full TensorStore details")[0][:300]
 
 
 def param_shapes(params) -> dict[str, list[int]]:
@@ -74,13 +79,24 @@ class Checkpointer:
                 self.directory, options=options,
                 item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the user needs one message
-            raise CheckpointError(f"cannot open checkpoints in {self.directory}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"cannot open checkpoints in {self.directory}: {_why(e)}") from None
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
+
+    def resolve_step(self, step: int | None) -> int:
+        """``step``, or the latest when None; a CheckpointError when it is not a complete checkpoint here."""
+        available = self.steps()
+        if not available:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step is None:
+            return max(available)
+        if step not in available:
+            raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}; there are {available}")
+        return step
 
     def best(self) -> int | None:
         return self.manager.best_step() if self.best_metric else None
@@ -99,7 +115,7 @@ class Checkpointer:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {self.directory / str(step)} is unreadable (its meta): "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                                  f"{_why(e)}") from None
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """``target``: a pytree of jax.ShapeDtypeStruct with the current mesh's shardings."""
@@ -109,7 +125,7 @@ class Checkpointer:
                                                                      meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+                                  f"{_why(e)}") from None
         return out["state"], out["meta"]
 
     def wait(self) -> None:
@@ -158,19 +174,14 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
     first device, replicated)."""
     directory, step = find(path)
     ckpt = Checkpointer(directory, best_metric=None, read_only=True)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"no complete checkpoint in {directory}")
-    step = step if step is not None else max(steps)
-    if step not in steps:
-        raise CheckpointError(f"no complete checkpoint for step {step} in {directory}; there are {steps}")
     ocp = _ocp()
     try:
+        step = ckpt.resolve_step(step)
         meta = ckpt.read_meta(step)
         try:
             tree = ckpt.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {_why(e)}") from None
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
@@ -178,8 +189,7 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
         try:
             out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300]}") from None
+            raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {_why(e)}") from None
     finally:
         ckpt.close()
     return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],
@@ -195,11 +205,17 @@ def _pure(tree):
     return tree
 
 
-def restore_model(path: str | Path, sharding=None):
-    """A checkpoint -> (model with its trained parameters, RunConfig it was trained with, data facts, step).
+class Restored(NamedTuple):
+    model: Any        # the NNX model with its trained parameters
+    config: Any       # the RunConfig it was trained with
+    data: dict        # {"shape", "class_names", "mean", "std", "scale"} of its training data set
+    step: int
+    meta: dict        # the checkpoint's whole JSON metadata (W&B run id, versions, ...)
+    directory: Path   # the checkpoints directory
 
-    ``data facts``: {"shape", "class_names", "mean", "std", "scale"} as the training data set had them,
-    so inputs can be prepared exactly as in training."""
+
+def restore_model(path: str | Path, sharding=None) -> Restored:
+    """A checkpoint -> the trained model and what is needed to feed it inputs exactly as in training."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -226,4 +242,4 @@ def restore_model(path: str | Path, sharding=None):
     nnx.replace_by_pure_dict(params, _pure(loaded["params"]))
     if loaded["other"]:
         nnx.replace_by_pure_dict(other, _pure(loaded["other"]))
-    return nnx.merge(graphdef, params, other), cfg, data, loaded["step"]
+    return Restored(nnx.merge(graphdef, params, other), cfg, data, loaded["step"], loaded["meta"], loaded["directory"])

@@ -101,59 +101,23 @@ def confusion_text(cm: np.ndarray, class_names, max_classes: int = 20) -> str:
 
 
 def load_checkpoint(path: str, sharding=None):
-    """``checkpoint.restore_model`` plus the checkpoint's metadata and directory; every failure is one
-    ``CheckpointError`` naming ``checkpoint=`` and what to give instead."""
+    """``checkpoint.restore_model``, with every failure one ``CheckpointError`` naming ``checkpoint=`` and
+    what to give instead."""
     from . import checkpoint as ckpt_lib
 
     try:
-        model, cfg, facts, step = ckpt_lib.restore_model(path, sharding=sharding)
-        ckpt_dir, _ = ckpt_lib.find(path)
-        reader = ckpt_lib.Checkpointer(ckpt_dir, best_metric=None, read_only=True)
-        try:
-            meta = reader.read_meta(step)
-        finally:
-            reader.close()
+        restored = ckpt_lib.restore_model(path, sharding=sharding)
     except ckpt_lib.CheckpointError as e:
         global _restore_failed
         _restore_failed = True
-        msg = str(e).split(" See full TensorStore details")[0]  # the rest is a truncated repr
+        msg = str(e)
         fix = "" if "give a run directory" in msg else f"; {CHECKPOINT_FIX} (from a finished or saved training run)"
         raise ckpt_lib.CheckpointError(f"checkpoint={path}: {msg}{fix}") from None
     except (ValueError, KeyError, TypeError) as e:  # parameters that do not fit the model built from its config
         raise ckpt_lib.CheckpointError(
             f"checkpoint={path}: its parameters do not fit the model in its own config ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); the checkpoint is damaged or was written by another version") from None
-    _check_shapes(cfg, facts, meta, path)
-    return model, cfg, facts, step, meta, ckpt_dir
-
-
-def _check_shapes(cfg, facts: dict, meta: dict, path: str) -> None:
-    """``restore_model`` puts the stored arrays into the model its config builds without comparing shapes,
-    so a model file changed since training would only fail later, inside jit. Compare the shapes the
-    config builds now with those the checkpoint recorded, and refuse naming them."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from . import checkpoint as ckpt_lib
-    from . import config as config_lib
-    from . import models
-
-    before = meta.get("param_shapes")
-    if before is None:
-        return
-    num_classes = cfg.model.num_classes or len(facts["class_names"])
-    abstract = nnx.eval_shape(lambda: models.create(
-        cfg.model.arch, tuple(facts["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1), dtype=jnp.float32,
-        **config_lib.model_kwargs(cfg.model)))
-    now = ckpt_lib.param_shapes(nnx.split(abstract, nnx.Param, ...)[1])
-    if before == now:
-        return
-    diffs = [f"{k}: checkpoint {before.get(k)} vs model {now.get(k)}"
-             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    raise ckpt_lib.CheckpointError(
-        f"checkpoint={path}: its parameters do not fit the model its own config builds with this version of "
-        f"vision_train ({len(diffs)} differ: {'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); use the "
-        f"vision_train version that trained it")
+    return restored
 
 
 def _names(names, k: int = 4) -> str:

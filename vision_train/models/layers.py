@@ -7,14 +7,17 @@ import jax
 from flax import nnx
 
 
+def valid_patch_sizes(h: int, w: int) -> list[int]:
+    return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+
+
 def check_patch_size(image_hw: tuple[int, int], patch_size: int) -> None:
     """Raise a readable error when ``patch_size`` does not tile the image exactly."""
     h, w = image_hw
     if patch_size <= 0 or h % patch_size or w % patch_size:
-        ok = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
         raise ValueError(
             f"patch_size {patch_size} does not divide the {h}x{w} image; "
-            f"use one of {ok} (set model.patch_size)"
+            f"use one of {valid_patch_sizes(h, w)} (set model.patch_size)"
         )
 
 

@@ -50,7 +50,7 @@ class Tracker:
         # Eval media (figures, tables) are made on one background thread, in order, so an eval costs
         # the training loop only the fetch of its predictions.
         self._media = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media") if is_main else None
-        self._queued: dict[str, Any] = {}  # split -> its media job not yet started
+        self._queued: dict[str, Any] = {}  # kind of media job -> the latest one submitted
         self.wandb = None
         if is_main and logger_cfg.mode != "disabled":
             from .wandb_sink import WandbSink
@@ -97,11 +97,21 @@ class Tracker:
             if self.wandb:
                 self.wandb.log(metrics, step)
 
+    def _submit(self, key: str, job):
+        """Run ``job`` on the media thread. When work comes faster than it can be drawn (tiny data sets),
+        a newer job replaces the one of the same kind still waiting: the backlog stays at one per kind."""
+        waiting = self._queued.get(key)
+        if waiting is not None:
+            waiting.cancel()
+        self._queued[key] = self._media.submit(job)
+        return self._queued[key]
+
     def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, images=None,
-                 sample: dict | None = None, extra_files: dict | None = None) -> dict:
+                 sample: dict | None = None, boundary: dict | None = None):
         """Confusion matrix, per-class accuracy, calibration and prediction figures for one evaluation:
-        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B. Runs on the
-        media thread; ``finish`` waits for it."""
+        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B. ``boundary``:
+        2-D data's predicted classes over a grid (``_boundary_grid``). Runs on the media thread; returns
+        its future (None off process 0); ``finish`` waits for it."""
         if not self.local:
             return None
 
@@ -112,7 +122,10 @@ class Tracker:
                 report = media.eval_report(split, labels=labels, preds=preds, confidence=confidence,
                                            class_names=class_names, images=images, sample=sample,
                                            out_dir=self.run_dir / "media")
-                report["files"].update(extra_files or {})
+                if boundary is not None:
+                    report["files"]["decision_boundary"] = media.plot_decision_boundary(
+                        boundary["points"], labels, boundary["grid"], boundary["grid_pred"],
+                        self.run_dir / "media" / f"{split}_boundary.png", f"{split} decision boundary")
                 self.log(report["scalars"], step)
                 if self.wandb:
                     with self._lock:
@@ -122,13 +135,7 @@ class Tracker:
             except Exception:  # media must never cost the run
                 log.exception("making the %s media at step %d failed", split, step)
 
-        # When evals come faster than their media can be drawn (tiny data sets), a newer eval replaces the
-        # one still waiting in the queue: the backlog stays at one job per split.
-        waiting = self._queued.get(split)
-        if waiting is not None and waiting.cancel():
-            log.debug("skipped the %s media of an earlier eval (a newer one is queued)", split)
-        self._queued[split] = self._media.submit(job)
-        return self._queued[split]
+        return self._submit(f"eval/{split}", job)
 
     def log_curves(self) -> None:
         """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts)."""
@@ -143,7 +150,7 @@ class Tracker:
             (self.run_dir / "media").mkdir(exist_ok=True)
             media.plot_curves(rows, self.run_dir / "media" / "curves.png")
 
-        self._media.submit(job)
+        self._submit("curves", job)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._media:

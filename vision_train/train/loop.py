@@ -5,9 +5,7 @@ Importable without Hydra: tests and benchmarks call it with a ``Config`` built i
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 def _build_model(cfg, ds, rngs, dtype):
     from .. import models
-    from ..models.layers import check_patch_size
+    from ..models.layers import valid_patch_sizes
 
     m = cfg.model
     num_classes = m.num_classes or ds.num_classes
@@ -35,13 +33,9 @@ def _build_model(cfg, ds, rngs, dtype):
                           f"{cfg.data.name} has {ds.num_classes} classes; set model.num_classes={ds.num_classes} "
                           f"or leave it unset (null) to follow the data")
     h, w, _ = ds.shape
-    if hasattr(m, "patch_size"):
-        try:
-            check_patch_size((h, w), m.patch_size)
-        except ValueError:
-            ok = [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
-            raise ConfigError("model.patch_size", m.patch_size,
-                              f"does not divide the {h}x{w} {cfg.data.name} images; use one of {ok}") from None
+    if hasattr(m, "patch_size") and m.patch_size not in valid_patch_sizes(h, w):
+        raise ConfigError("model.patch_size", m.patch_size, f"does not divide the {h}x{w} {cfg.data.name} images; "
+                          f"use one of {valid_patch_sizes(h, w)}")
     try:
         return models.create(m.arch, ds.shape, num_classes, rngs=rngs, dtype=dtype, **config_lib.model_kwargs(m))
     except ValueError as e:
@@ -114,9 +108,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             idx, mask = pipeline.eval_batches(len(split.labels), B)
             eval_data[name] = (put(split.images), put(split.labels), put(idx), put(mask))
 
-    steps = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean,
-                                       std=ds.std, dtype=dtype, label_smoothing=o.label_smoothing,
-                                       batch_sharding=batch_sharding)
+    steps = make_steps(graphdef, tx, batch_size=B, aug=aug, scale=ds.scale, mean=ds.mean, std=ds.std, dtype=dtype,
+                       label_smoothing=o.label_smoothing, batch_sharding=batch_sharding)
     train_step = jax.jit(steps.train, donate_argnums=(0, 1))
     eval_step = jax.jit(steps.eval, out_shardings=replicated)  # fetchable from any process
     permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
@@ -144,12 +137,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         src_dir, src_step = source
         reader = checkpointer if (checkpointer and src_dir == ckpt_dir) else \
             ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
-        available = reader.steps()
-        if not available:
-            raise ckpt_lib.CheckpointError(f"no complete checkpoint in {src_dir} (trainer.resume={t.resume})")
-        src_step = max(available) if src_step is None else src_step
-        if src_step not in available:
-            raise ckpt_lib.CheckpointError(f"no complete checkpoint for step {src_step} in {src_dir}; there are {available}")
+        src_step = reader.resolve_step(src_step)
         ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
         items, resumed = reader.restore(src_step, ckpt_lib.abstract_like({"state": state, "acc": acc}, replicated))
         state, acc = items["state"], items["acc"]
@@ -191,12 +179,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
             sample_idx = np.arange(min(cfg.logger.num_samples, len(split.labels)))
             sample = {"index": sample_idx,
                       "probs": np.asarray(predict(state.params, state.other, split.images[sample_idx]))}
-            extra = {}
-            if ds.shape == (1, 1, 2):  # 2-D points: draw the decision boundary over the data
-                extra["decision_boundary"] = _decision_boundary(name, split, predict, state, run_dir)
+            boundary = _boundary_grid(split, predict, state) if ds.shape == (1, 1, 2) else None  # 2-D points
             tracker.log_eval(name, step, labels=split.labels, preds=np.asarray(out["pred"])[valid],
                              confidence=np.asarray(out["confidence"])[valid], class_names=ds.class_names,
-                             images=split.images, sample=sample, extra_files=extra)
+                             images=split.images, sample=sample, boundary=boundary)
             timing["media_s"] += time.time() - t1
         return scalars
 
@@ -223,11 +209,12 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         lr_at = jax.jit(schedule)
         step = start_step
         first_epoch, first_index = divmod(start_step, steps_per_epoch)
-        epoch_sums = loop_state.get("epoch_sums", {"loss": 0.0, "correct": 0.0, "count": 0.0})
         for epoch in range(first_epoch, t.epochs):
             perm = permutation(t.seed, epoch, len(ds.train.labels))
-            if epoch != first_epoch:
-                epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+            # Resumed mid-epoch: the sums so far come from the checkpoint (at an epoch boundary they are
+            # the finished epoch's, so a fresh epoch starts from zero).
+            epoch_sums = loop_state["epoch_sums"] if epoch == first_epoch and first_index and loop_state else \
+                {"loss": 0.0, "correct": 0.0, "count": 0.0}
             t_epoch = t_log = time.time()
             timed_images = 0
             start_i = first_index if epoch == first_epoch else 0
@@ -267,9 +254,9 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
                                     img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
                 if i < steps_per_epoch - 1 and (stop.signum or itstime(step, t.checkpoint_every_steps, -1)):
-                    save(step)
-                if stop.signum and i < steps_per_epoch - 1:
-                    stop.exit(checkpointer, step, run_dir)
+                    save(step)  # (the epoch's last step is saved below, after its evaluation)
+                    if stop.signum:
+                        stop.exit(checkpointer, step, run_dir)
             bar.close()
             epoch_time = time.time() - t_epoch
             timing["train_s"] += epoch_time
@@ -354,17 +341,14 @@ class _StopOnSignal:
         raise Preempted(f"stopped by {name}: {where}; run the same command (same run directory) to resume")
 
 
-def _decision_boundary(name, split, predict, state, run_dir: Path):
-    from ..tracking import media
-
+def _boundary_grid(split, predict, state) -> dict:
+    """The model's class over a grid covering 2-D data (drawn later, on the media thread)."""
     pts = split.images.reshape(-1, 2)
     lo, hi = pts.min(0) - 1.0, pts.max(0) + 1.0
     xx, yy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
     grid = np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32).reshape(-1, 1, 1, 2)
     pred = np.asarray(predict(state.params, state.other, grid)).argmax(-1)
-    (run_dir / "media").mkdir(parents=True, exist_ok=True)
-    return media.plot_decision_boundary(pts, split.labels, (xx, yy), pred, run_dir / "media" / f"{name}_boundary.png",
-                                        f"{name} decision boundary")
+    return {"points": pts, "grid": (xx, yy), "grid_pred": pred}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
@@ -375,9 +359,6 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
 
 
 def _write_yaml(path: Path, data: dict) -> None:
-    try:
-        import yaml
+    import yaml
 
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-    except ImportError:
-        path.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
