@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     aug = pipeline.Augment(flip=True, random_resized_crop=True, crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1))
     train_x = jax.device_put(split.images, replicated)
     train_y = jax.device_put(split.labels, replicated)
-    perm = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)(0, 0, len(split.labels))
+    perm = jax.jit(pipeline.epoch_permutation, static_argnums=(2,), out_shardings=replicated)(0, 0, len(split.labels))
     dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
     print(f"data: synthetic {len(split.labels):,} x {'x'.join(map(str, shape))} uint8, {num_classes} classes, "
           f"device-resident; augment flip + random-resized-crop (0.8-1.0, 0.9-1.1)")
@@ -258,7 +258,7 @@ def bench_model(name: str, ctx: dict) -> dict:
     timings = {}
 
     opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
-    tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, opt_cfg.lr, 10_000, 0, 0.0))
+    tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, 1.0, 10_000, 0, 0.0))
     model = models.create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
                                  dtype=dtype, **kwargs)
     graphdef, state0 = state_lib.create(model, tx, seed=0)

@@ -74,7 +74,7 @@ def _tiny_setup(num_devices, batch_size):
     rep, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     split = sources.make_synthetic(100, (8, 8, 3), 10, seed=0)
     model = models.create("cnn", (8, 8, 3), 10, rngs=nnx.Rngs(params=0, dropout=1), features=(4, 8), dense_dim=16)
-    tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer, 1e-3)
+    tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer, state_lib.lr_schedule("constant", 1.0, 100, 0, 0.0))
     graphdef, state = state_lib.create(model, tx, seed=0)
     fns = steps.make_steps(graphdef, tx, batch_size=batch_size, aug=pipeline.Augment(flip=True),
                                              scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,

@@ -142,6 +142,10 @@ class HardwareConfig(_Freezable):
     num_devices: int = 0               # 0: all; on cpu, simulates this many devices
     precision: str = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
     distributed: bool = False          # jax.distributed.initialize() for multi-host runs
+    # JAX's persistent compilation cache, shared by every run and sweep job on this machine: a job whose
+    # programs were compiled before (same model, shapes, devices, flags, versions) skips XLA compilation.
+    # auto: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/vision_train/jax; null: off; or a directory.
+    compilation_cache: Optional[str] = "auto"
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -160,6 +164,7 @@ class TrainerConfig(_Freezable):
     best_mode: str = "max"             # max | min
     checkpoint: bool = True            # false: no checkpoints at all
     resume: str = "auto"               # auto (latest in this run dir) | never | <run dir or checkpoint dir>
+    objective: str = "auto"            # what a run returns to a sweep (Optuna optimises it): auto or OBJECTIVES
 
 
 # -------------------------------------------------------------------------------------- logger
@@ -205,6 +210,18 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------------------------- validation
+# Summary values a run can return to a sweep, and whether larger is better.
+OBJECTIVES = {"best/val/acc": "maximize", "val/acc": "maximize", "val/loss": "minimize",
+              "test/acc": "maximize", "test/loss": "minimize"}
+
+
+def objective_name(cfg: Config) -> str:
+    """``trainer.objective`` resolved: auto is best/val/acc, or test/acc when there is no validation split."""
+    if cfg.trainer.objective != "auto":
+        return cfg.trainer.objective
+    return "best/val/acc" if cfg.data.val_size > 0 else "test/acc"
+
+
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
 
 
@@ -294,6 +311,10 @@ def validate(cfg: Config) -> Config:
     _positive("trainer.checkpoint_every_steps", t.checkpoint_every_steps, allow_zero=True)
     _positive("trainer.keep_checkpoints", t.keep_checkpoints)
     _choice("trainer.best_mode", t.best_mode, ("max", "min"))
+    _choice("trainer.objective", t.objective, ("auto", *OBJECTIVES))
+    if "val/" in t.objective and d.val_size == 0:
+        raise ConfigError("trainer.objective", t.objective, f"data.val_size=0 leaves {d.name} no validation split; "
+                          f"use trainer.objective=test/acc, or hold out examples with data.val_size")
     if o.warmup_epochs > t.epochs:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
 

@@ -95,3 +95,46 @@ def check_batch_divisible(batch_size: int, num_devices: int) -> None:
         raise ConfigError("trainer.batch_size", batch_size,
                           f"the global batch must divide evenly across the {num_devices} devices; {fix} "
                           f"(or set hardware.num_devices)")
+
+
+def compilation_cache_dir(setting: str | None) -> str | None:
+    """``hardware.compilation_cache`` -> a directory, or None for off."""
+    if setting is None or str(setting).lower() in ("", "none", "null", "off", "false"):
+        return None
+    if setting == "auto":
+        setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision_train", "jax")
+    return os.path.abspath(os.path.expanduser(setting))
+
+
+def enable_compilation_cache(setting: str | None) -> str | None:
+    """JAX's persistent compilation cache: every jitted program (steps, init, eval) is written to and read
+    from ``setting``'s directory, so the second job of a sweep (in this process or another, on this
+    machine or any sharing the directory) skips XLA compilation of programs it has seen. The key covers
+    the program, devices, XLA flags and versions; a stale entry cannot be hit. Returns the directory."""
+    import logging
+
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = compilation_cache_dir(setting)
+    if path is not None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            logging.getLogger("vision_train").warning(
+                "hardware.compilation_cache=%s: cannot create it (%s); compiling without the cache", path, e)
+            path = None
+    if (path is not None) == jax.config.jax_enable_compilation_cache and path == jax.config.jax_compilation_cache_dir:
+        return path  # as it is (a sweep's later jobs in this process)
+    if path is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+    else:
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        # Small models compile in well under JAX's default 1 s threshold, and those are a sweep's
+        # typical jobs: cache everything.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()  # the cache object is created once per process; make it follow the new setting
+    return path

@@ -42,9 +42,13 @@ def _build_model(cfg, ds, rngs, dtype):
         raise ConfigError(f"model={m.arch}", cfg.data.name, str(e)) from None
 
 
-def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
-    """Train, evaluate, test. Returns the summary (also written to ``<run_dir>/summary.json``)."""
+def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None = None) -> dict:
+    """Train, evaluate, test. Returns the summary (also written to ``<run_dir>/summary.json``).
+
+    ``started_at``: when this job started (the CLI passes the process's import time for its first job),
+    so ``time/startup_s`` in the summary is start-up to the first finished step (imports, data, compile)."""
     t_start = time.time()
+    started_at = started_at or t_start
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -53,6 +57,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     if cfg.hardware.distributed:
         parallel.initialize_distributed()
+    parallel.enable_compilation_cache(cfg.hardware.compilation_cache)
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -86,16 +91,24 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
     o = cfg.optimizer
-    schedule = state_lib.lr_schedule(o.schedule, o.lr, total_steps, round(o.warmup_epochs * steps_per_epoch), o.min_lr)
-    tx = state_lib.make_optimizer(o, schedule)
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    schedule = state_lib.lr_schedule(o.schedule, o.lr, total_steps, warmup, o.min_lr)  # (logged as "lr")
+    shape = state_lib.lr_schedule(o.schedule, 1.0, total_steps, warmup, o.min_lr / o.lr)
+    tx = state_lib.make_optimizer(o, shape)
 
-    def init():  # model + optimizer state built inside one jit: eager NNX init runs op by op (slow)
-        rngs = nnx.Rngs(params=stream(t.seed, "params"), dropout=stream(t.seed, "dropout"))
+    # Model + optimizer state built inside one jit (eager NNX init runs op by op: slow). The seed and the
+    # optimizer's hyper-parameters are arguments, not constants: the jobs of a sweep over them compile the
+    # same programs (train step included), which the persistent compilation cache then serves.
+    seed = np.int32(t.seed)
+    hparams = {k: np.float32(v) for k, v in state_lib.hyperparameters(o).items()}
+
+    def init(seed, hparams):
+        rngs = nnx.Rngs(params=stream(seed, "params"), dropout=stream(seed, "dropout"))
         model = _build_model(cfg, ds, rngs, dtype)
-        return state_lib.create(model, tx, t.seed)
+        return state_lib.create(model, state_lib.make_optimizer(o, shape, hparams), seed)
 
-    graphdef, _ = nnx.eval_shape(init)  # shape errors surface here, before anything compiles
-    state = jax.jit(lambda: init()[1], out_shardings=replicated)()
+    graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
+    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
     n_params = state_lib.param_count(state.params)
 
     # The data sets live on every device; steps gather their batches from them.
@@ -112,7 +125,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                        label_smoothing=o.label_smoothing, batch_sharding=batch_sharding)
     train_step = jax.jit(steps.train, donate_argnums=(0, 1))
     eval_step = jax.jit(steps.eval, out_shardings=replicated)  # fetchable from any process
-    permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(0, 2), out_shardings=replicated)
+    permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(2,), out_shardings=replicated)
 
     # ---------------------------------------------------------------- checkpoints, resume
     from .. import checkpoint as ckpt_lib
@@ -161,7 +174,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
 
     predict = jax.jit(steps.predict)
 
-    timing = {"train_s": 0.0, "eval_s": 0.0, "media_s": 0.0, "checkpoint_s": 0.0}
+    timing = {"startup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "media_s": 0.0, "checkpoint_s": 0.0}
 
     def evaluate(name: str, step: int) -> dict:
         t0 = time.time()
@@ -189,6 +202,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
     # ---------------------------------------------------------------- loop
     summary: dict = {"parameters": n_params, "num_devices": len(devices)}
     best_val, best_step = loop_state.get("best_val", -1.0), loop_state.get("best_step", -1)
+    last_val = loop_state.get("last_val", {})
     exit_code = 1
     stop = _StopOnSignal()
 
@@ -200,7 +214,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                 "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
                          "std": list(ds.std), "scale": ds.scale},
                 "versions": tracker.versions, "best_metric": t.best_metric,
-                "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step}}
+                "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step, "last_val": last_val}}
         t0 = time.time()
         checkpointer.save(step, {"state": state, "acc": acc}, meta, metrics)  # blocks for the device->host copy
         timing["checkpoint_s"] += time.time() - t0
@@ -210,7 +224,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         step = start_step
         first_epoch, first_index = divmod(start_step, steps_per_epoch)
         for epoch in range(first_epoch, t.epochs):
-            perm = permutation(t.seed, epoch, len(ds.train.labels))
+            perm = permutation(seed, epoch, len(ds.train.labels))
             # Resumed mid-epoch: the sums so far come from the checkpoint (at an epoch boundary they are
             # the finished epoch's, so a fresh epoch starts from zero).
             epoch_sums = loop_state["epoch_sums"] if epoch == first_epoch and first_index and loop_state else \
@@ -228,6 +242,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                 if step == start_step + 1:  # leave compilation out of images/s (one extra sync, once per run)
                     jax.block_until_ready(acc)
                     t_log, timed_images = time.time(), 0
+                    timing["startup_s"] = t_log - started_at
+                    log.info("first step done %.1fs after start (imports, data, compilation)", timing["startup_s"])
                 if itstime(step, t.log_every_steps, total_steps) or i == steps_per_epoch - 1:
                     host = jax.device_get(acc)  # sync point: the only per-interval device fetch
                     acc = new_acc()
@@ -268,6 +284,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
                 tracker.log({**val, "epoch": float(epoch + 1)}, step)
                 tracker.log_curves()
                 line.update(val)
+                last_val = val
                 if val["val/acc"] > best_val:
                     best_val, best_step = val["val/acc"], step
             log.info("epoch %d/%d  %s  %s img/s  %.1fs", epoch + 1, t.epochs,
@@ -288,6 +305,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path) -> dict:
         tracker.log_curves()
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
         summary.update(test)
+        summary.update(last_val)  # the final evaluation's val/loss, val/acc
         if best_step >= 0:
             summary.update({"best/val/acc": best_val, "best/step": best_step})
         summary.update({"step": step, "images_seen": step * B, "wall_time_s": time.time() - t_start,

@@ -33,23 +33,40 @@ def lr_schedule(name: str, lr: float, total_steps: int, warmup_steps: int, min_l
     return optax.constant_schedule(lr)
 
 
-def make_optimizer(o, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``o`` has OptimizerConfig's fields."""
-    parts = []
-    if o.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-    if o.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    else:
-        if o.weight_decay > 0:  # classic L2 on the gradient
-            parts.append(optax.add_decayed_weights(o.weight_decay))
-        if o.name == "adam":
-            parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
+def hyperparameters(o) -> dict[str, float]:
+    """The optimizer's numeric hyper-parameters. They live in the optimizer state (``optax.inject_hyperparams``),
+    not in the compiled step, so jobs of a sweep over them run the same XLA programs and the second job
+    onwards reads them from the persistent compilation cache instead of compiling."""
+    return {"learning_rate": float(o.lr), "weight_decay": float(o.weight_decay), "grad_clip_norm": float(o.grad_clip_norm)}
+
+
+def make_optimizer(o, shape: optax.Schedule, hparams: dict | None = None) -> optax.GradientTransformation:
+    """``o`` has OptimizerConfig's fields; ``shape``: the schedule's multiplier of the learning rate (peak 1,
+    ``lr_schedule(name, 1.0, ...)``). ``hparams`` (default ``hyperparameters(o)``) only set the initial
+    state: ``update`` reads them from the state. Which transforms run follows the config (e.g. clipping on
+    or off); their numbers follow the state."""
+
+    def build(learning_rate, weight_decay, grad_clip_norm):
+        parts = []
+        if o.grad_clip_norm > 0:
+            parts.append(optax.clip_by_global_norm(grad_clip_norm))
+        if o.name in ("adam", "adamw"):
+            if o.name == "adam" and o.weight_decay > 0:  # classic L2 on the gradient
+                parts.append(optax.add_decayed_weights(weight_decay))
+            parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
+            if o.name == "adamw":  # decoupled, scaled by the learning rate (optax.adamw)
+                parts.append(optax.add_decayed_weights(weight_decay))
         elif o.name == "sgd":
-            parts.append(optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+            if o.weight_decay > 0:
+                parts.append(optax.add_decayed_weights(weight_decay))
+            if o.momentum:
+                parts.append(optax.trace(decay=o.momentum, nesterov=o.nesterov))
         else:
             raise ValueError(f"unknown optimizer {o.name!r}")
-    return optax.chain(*parts) if len(parts) > 1 else parts[0]
+        parts.append(optax.scale_by_schedule(lambda count: -learning_rate * shape(count)))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(build)(**(hparams if hparams is not None else hyperparameters(o)))
 
 
 def create(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:

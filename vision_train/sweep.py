@@ -1,0 +1,306 @@
+"""Sweeps: one record per job, skipping finished jobs on a re-run, the sweep's summary table.
+
+Every run writes ``<run dir>/job.json`` (status running -> finished | failed | interrupted, the error,
+the objective and its value). A sweep (``python -m vision_train -m ...``) gives each job the directory
+``<sweep dir>/<its overrides>``, so re-running the same command with the same ``hydra.sweep.dir`` finds
+each job's earlier attempt: finished jobs are skipped, interrupted ones resume from their checkpoints,
+failed ones run again. At the end ``SweepSummary`` (a Hydra callback) writes ``sweep_summary.csv`` and
+``sweep_summary.md`` to the sweep directory and prints the table; ``python -m vision_train.sweep <dir>``
+prints it for any sweep directory at any time (a sweep still running included).
+
+Importable without Hydra: only ``SweepSummary`` uses it, and only when Hydra calls it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+log = logging.getLogger("vision_train")
+
+RECORD = "job.json"
+# Keys that do not change what a job computes: a re-run may differ in them and still skip the job.
+_VOLATILE = ("trainer.progress_bar", "trainer.resume", "logger.", "hardware.compilation_cache")
+
+
+# ------------------------------------------------------------------------------------------- records
+def read_record(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(run_dir: str | Path, **values: Any) -> dict:
+    """Update ``job.json`` (written aside, then renamed: a reader never sees half a file)."""
+    path = Path(run_dir) / RECORD
+    record = {**(read_record(run_dir) or {}), **values}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return record
+
+
+def start_record(run_dir: str | Path, overrides: list[str], objective: str) -> dict:
+    now = time.time()
+    return write_record(run_dir, status="running", overrides=overrides, objective=objective, value=None,
+                        error=None, started=_iso(now), started_ts=now, ended=None, host=socket.gethostname(),
+                        pid=os.getpid(), attempts=(read_record(run_dir) or {}).get("attempts", 0) + 1)
+
+
+def end_record(run_dir: str | Path, status: str, *, value: float | None = None, error: str | None = None) -> dict:
+    now = time.time()
+    started = (read_record(run_dir) or {}).get("started_ts", now)
+    return write_record(run_dir, status=status, value=value, error=error, ended=_iso(now),
+                        wall_time_s=round(now - started, 2))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts))
+
+
+# ----------------------------------------------------------------------------------------- re-runs
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys (dotted) whose values differ between two resolved configs, ignoring those that do not change
+    what a job computes (progress bar, resume, logger, cache)."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(_VOLATILE))
+    return keys
+
+
+class JobConflict(UserError):
+    """A sweep job's directory holds a finished job with another config (left untouched)."""
+
+
+def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
+    """The summary of a job that already finished in ``run_dir`` with this same config, else None.
+    A finished job whose config differs is an error (its results would be reported as this job's)."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not record or record.get("status") != "finished" or not summary_path.exists():
+        return None
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None  # unreadable: train again (the run's own resume logic decides what is usable)
+    diff = config_differences(saved, current_config)
+    if diff:
+        shown = ", ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(current_config).get(k)!r}" for k in diff[:4])
+        raise JobConflict(f"{run_dir} holds a finished job with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
+                        f"use a new hydra.sweep.dir, or add trainer.resume=never to train this job again there")
+    return summary
+
+
+# --------------------------------------------------------------------------------------- the table
+COLUMNS = ["job", "overrides", "status", "best/val/acc", "test/acc", "objective", "value", "wall_time_s", "startup_s",
+           "error"]
+
+
+def _alive(record: dict) -> bool:
+    """A job recorded as running: is its process still there? (Same host only; elsewhere assume it is.)"""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(record.get("pid", -1)), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One row per job under ``sweep_dir`` (each directory holding a ``job.json``), in job order."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for path in sweep_dir.rglob(RECORD):
+        if "wandb" in path.relative_to(sweep_dir).parts:
+            continue
+        run_dir = path.parent
+        record = read_record(run_dir) or {}
+        summary = {}
+        if (run_dir / "summary.json").exists():
+            try:
+                summary = json.loads((run_dir / "summary.json").read_text())
+            except ValueError:
+                pass
+        status = record.get("status", "unknown")
+        if status == "running" and not _alive(record):
+            status = "interrupted"  # killed without a word (kill -9, node failure): re-run to resume
+        hydra_num = _job_num(run_dir)
+        rows.append({
+            "job": str(run_dir.relative_to(sweep_dir)) or ".",
+            "num": hydra_num,
+            "overrides": " ".join(record.get("overrides") or []),
+            "status": status,
+            "best/val/acc": summary.get("best/val/acc"),
+            "test/acc": summary.get("test/acc"),
+            "objective": record.get("objective"),
+            "value": record.get("value"),
+            "wall_time_s": record.get("wall_time_s") if status != "running" else None,
+            "startup_s": summary.get("time/startup_s"),
+            "error": record.get("error") or "",
+        })
+    rows.sort(key=lambda r: (r["num"] if r["num"] is not None else 1 << 30, r["job"]))
+    return rows
+
+
+def _job_num(run_dir: Path) -> int | None:
+    try:
+        import yaml
+
+        return int(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"])
+    except Exception:  # noqa: BLE001 (no Hydra files: a run made from Python)
+        return None
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The finished job with the best objective value (its direction from ``config.OBJECTIVES``)."""
+    from .config import OBJECTIVES
+
+    done = [r for r in rows if r["status"] == "finished" and _finite(r["value"])]
+    if not done:
+        return None
+    sign = -1.0 if OBJECTIVES.get(done[0]["objective"], "maximize") == "minimize" else 1.0
+    return max(done, key=lambda r: sign * float(r["value"]))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt(v, key: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.1f}" if key.endswith("_s") else f"{v:.4f}"
+    return str(v)
+
+
+def split_overrides(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(overrides every job shares, keys that differ between jobs): the table shows only the latter."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split()) for r in rows]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    common = [f"{k}={parsed[0][k]}" if parsed[0][k] else k for k in keys if k not in varying] if parsed else []
+    return common, varying
+
+
+def render(rows: list[dict]) -> tuple[str, str]:
+    """(CSV, Markdown) of the rows; the best job is marked (``best`` column, and bold in Markdown). The
+    Markdown table shows the overrides that differ between jobs; the CSV has every job's full list."""
+    best = best_row(rows)
+    _, varying = split_overrides(rows)
+    for r in rows:
+        mine = dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split())
+        r["swept"] = " ".join(f"{k}={mine[k]}" for k in varying if k in mine) or r["job"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS + ["best"])
+    for r in rows:
+        writer.writerow([r[c] if r[c] is not None else "" for c in COLUMNS] + ["*" if r is best else ""])
+    md_cols = ["swept"] + [c for c in COLUMNS if c not in ("job", "overrides", "objective")]
+    objective = rows[0]["objective"] if rows else ""
+    names = {"value": f"value ({objective})", "swept": "overrides"}
+    header = ["", *[names.get(c, c) for c in md_cols]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_fmt(r[c], c).replace("|", "\\|").replace("\n", " ") for c in md_cols]
+        if r is best:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(["best" if r is best else "", *cells]) + " |")
+    return out.getvalue(), "\n".join(lines) + "\n"
+
+
+def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
+    """Write ``sweep_summary.csv`` and ``sweep_summary.md`` to the sweep directory; return rows and Markdown."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    csv_text, md = render(rows)
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    tail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    best = best_row(rows)
+    common, _ = split_overrides(rows)
+    title = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: {tail}."
+    if best is not None:
+        title += f" Best: {best['swept']} ({best['objective']} {best['value']:.4f}, in {best['job']})."
+    if common:
+        title += f"\n\nEvery job: {' '.join(common)}"
+    md = f"{title}\n\n{md}"
+    for name, text in (("sweep_summary.csv", csv_text), ("sweep_summary.md", md)):
+        tmp = sweep_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(sweep_dir / name)
+    return rows, md
+
+
+try:  # the callback's base class; the rest of this module needs no Hydra
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
+
+
+class SweepSummary(_Callback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): the summary table when a sweep ends. A sweep
+    with failed jobs exits with status 1 after writing it (every other job has run)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():
+            return
+        rows, md = write_summary(sweep_dir)
+        log.info("\n%s\n(written to %s and %s)", md, sweep_dir / "sweep_summary.md", sweep_dir / "sweep_summary.csv")
+        failed = [r for r in rows if r["status"] in ("failed", "interrupted")]
+        if failed:
+            log.error("%d of %d jobs did not finish: %s", len(failed), len(rows),
+                      "; ".join(f"{r['job']}: {r['status']} {r['error']}".strip() for r in failed[:5]))
+            sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vision_train.sweep <sweep dir>``: (re)write and print a sweep's summary table."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vision_train.sweep", description=main.__doc__)
+    p.add_argument("sweep_dir")
+    args = p.parse_args(argv)
+    if not Path(args.sweep_dir).is_dir():
+        print(f"error: {args.sweep_dir}: no such directory (give a sweep directory, e.g. multirun/<date>/<time>)",
+              file=sys.stderr)
+        return 2
+    rows, md = write_summary(args.sweep_dir)
+    if not rows:
+        print(f"error: {args.sweep_dir}: no jobs found (no */{RECORD})", file=sys.stderr)
+        return 2
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
