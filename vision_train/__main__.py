@@ -2,14 +2,13 @@
 
 ``-m`` runs a sweep (a grid, or Optuna with ``hparams_search=<preset>``): every job is this function
 with its own overrides and run directory. A job records itself in ``<run dir>/job.json``; in a sweep, a
-job that fails is recorded with its error and returns NaN (Optuna marks the trial failed) so the sweep
-goes on, and a job already finished in the same sweep directory is skipped (``vision_train.sweep``).
+job that fails is recorded with its error and returns None (Optuna marks the trial failed) so the
+sweep goes on, and a job already finished in the same sweep directory is skipped (``vision_train.sweep``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ def main(cfg: DictConfig) -> float | None:
 
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise on CPU/GPU
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Resetting cache" of the compilation cache
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = hc.runtime.output_dir
@@ -80,7 +80,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(130)
     except sweep.JobConflict as e:  # the earlier job's files stay as they are
         log.error("error: %s", e)
-        return math.nan
+        return None
     except UserError as e:
         from .train.loop import Preempted
 
@@ -91,14 +91,14 @@ def main(cfg: DictConfig) -> float | None:
         record("failed", error=str(e))
         log.error("error: %s", e)
         if multirun:
-            return math.nan  # one bad job must not end the sweep (Optuna: a failed trial); the error is recorded
+            return None  # one bad job must not end the sweep (Optuna: a failed trial); the error is recorded
         sys.exit(2)
     except Exception as e:  # a bug, out of memory, ...: recorded; in a sweep the next job still runs
         record("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
         if not multirun:
             raise
         log.exception("job failed")
-        return math.nan
+        return None
 
 
 def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:

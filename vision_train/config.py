@@ -19,6 +19,15 @@ from .errors import ConfigError
 
 MISSING = "???"  # OmegaConf's marker for a value that must be given
 
+try:  # conf/config.yaml names sweep jobs' directories with ${vt_job_dir:...}. Registered here, at import,
+    # because a launcher's worker process (joblib, submitit) imports this module when it receives the job,
+    # before it resolves the job's directory.
+    from .sweep import register_resolver
+
+    register_resolver()
+except ImportError:  # no OmegaConf: the package is used from Python, without Hydra
+    pass
+
 
 class _Freezable:
     """Dataclasses that become read-only once validated (Hydra needs them mutable while composing)."""

@@ -30,8 +30,35 @@ from .errors import UserError
 log = logging.getLogger("vision_train")
 
 RECORD = "job.json"
+# Environment a job's record keeps (where it ran, how JAX was told to use memory).
+_ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",
+        "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "WANDB_SWEEP_ID")
 # Keys that do not change what a job computes: a re-run may differ in them and still skip the job.
 _VOLATILE = ("trainer.progress_bar", "trainer.resume", "logger.", "hardware.compilation_cache")
+
+
+# --------------------------------------------------------------------------------- job directories
+def job_dir_name(override_dirname: str, max_len: int = 150) -> str:
+    """A sweep job's directory name: its overrides (Hydra's ``override_dirname``, e.g.
+    ``model=cnn,optimizer.lr=0.001``) made safe for every file system and for checkpoint paths (Orbax's
+    TensorStore cannot restore from a path holding ``[`` or ``]``): characters other than letters,
+    digits and ``._,=+-`` become ``_``; names over ``max_len`` characters are cut and end with a hash of
+    the whole. The same overrides always give the same name (a re-run finds its jobs)."""
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", override_dirname) or "default"
+    if len(name) > max_len:
+        name = f"{name[:max_len - 13]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:12]}"
+    return name
+
+
+def register_resolver() -> None:
+    """``${vt_job_dir:...}`` for conf/config.yaml's ``hydra.sweep.subdir`` (needs OmegaConf)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("vt_job_dir"):
+        OmegaConf.register_new_resolver("vt_job_dir", job_dir_name)
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -57,7 +84,8 @@ def start_record(run_dir: str | Path, overrides: list[str], objective: str) -> d
     now = time.time()
     return write_record(run_dir, status="running", overrides=overrides, objective=objective, value=None,
                         error=None, started=_iso(now), started_ts=now, ended=None, host=socket.gethostname(),
-                        pid=os.getpid(), attempts=(read_record(run_dir) or {}).get("attempts", 0) + 1)
+                        pid=os.getpid(), attempts=(read_record(run_dir) or {}).get("attempts", 0) + 1,
+                        env={k: os.environ[k] for k in _ENV if k in os.environ})
 
 
 def end_record(run_dir: str | Path, status: str, *, value: float | None = None, error: str | None = None) -> dict:
@@ -244,7 +272,8 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    tail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    order = ["finished", "failed", "interrupted", "running"]
+    tail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])))
     best = best_row(rows)
     common, _ = split_overrides(rows)
     title = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: {tail}."
@@ -279,7 +308,7 @@ class SweepSummary(_Callback):
         failed = [r for r in rows if r["status"] in ("failed", "interrupted")]
         if failed:
             log.error("%d of %d jobs did not finish: %s", len(failed), len(rows),
-                      "; ".join(f"{r['job']}: {r['status']} {r['error']}".strip() for r in failed[:5]))
+                      "; ".join(f"{r.get('swept') or r['job']}: {r['status']} {r['error']}".strip() for r in failed[:5]))
             sys.exit(1)
 
 

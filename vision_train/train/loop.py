@@ -133,6 +133,9 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     new_acc = jax.jit(new_accumulator, out_shardings=replicated)
     acc = new_acc()
     ckpt_dir = run_dir / "checkpoints"
+    if t.checkpoint and any(c in str(ckpt_dir.resolve()) for c in "[]"):
+        raise ConfigError("hydra.run.dir", str(run_dir), "Orbax cannot restore checkpoints from a path holding [ or ]; "
+                          "choose a directory without them, or set trainer.checkpoint=false")
     shapes = ckpt_lib.param_shapes(state.params)
     if t.resume == "never" and is_main:
         moved = ckpt_lib.set_aside(ckpt_dir)
@@ -281,12 +284,14 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
             last = epoch == t.epochs - 1
             if "val" in eval_data and ((t.eval_every_epochs and (epoch + 1) % t.eval_every_epochs == 0) or last):
                 val = evaluate("val", step)
-                tracker.log({**val, "epoch": float(epoch + 1)}, step)
+                if val["val/acc"] > best_val:
+                    best_val, best_step = val["val/acc"], step
+                # best/val/acc over time too: a W&B Sweep's early termination (Hyperband) reads its metric
+                # from the history, and the summary gets the final value.
+                tracker.log({**val, "best/val/acc": best_val, "epoch": float(epoch + 1)}, step)
                 tracker.log_curves()
                 line.update(val)
                 last_val = val
-                if val["val/acc"] > best_val:
-                    best_val, best_step = val["val/acc"], step
             log.info("epoch %d/%d  %s  %s img/s  %.1fs", epoch + 1, t.epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in line.items()),
                      f"{epoch_sums['count'] / epoch_time:,.0f}", epoch_time)

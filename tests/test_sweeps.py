@@ -1,0 +1,242 @@
+"""Sweeps: a Hydra grid (run dirs, W&B group, summary table), failing jobs, re-runs that skip and resume,
+Optuna, the joblib launcher, and the command line a W&B Sweeps agent builds."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vision_train import sweep
+
+from .conftest import FAST_COMPILE, REPO, run_cli
+from .test_tracking import by_type, records
+
+CPU = ["hardware=cpu", "trainer.progress_bar=false"]
+
+
+def jobs(sweep_dir: Path) -> dict[str, Path]:
+    """A sweep's jobs: their overrides (space-separated, from job.json) -> their directory."""
+    out = {}
+    for p in sweep_dir.glob("*/job.json"):
+        try:
+            out[" ".join(json.loads(p.read_text())["overrides"])] = p.parent
+        except (ValueError, KeyError):  # being written
+            pass
+    return out
+
+
+def table(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli(["-m", "model=mlp,cnn", "optimizer.lr=1e-3,3e-3", "data=digits", "trainer.epochs=2",
+                 "trainer.batch_size=64", "logger.mode=offline", "logger.media=false", *CPU, "hardware.num_devices=2",
+                 f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    found = jobs(sweep_dir)
+    assert len(found) == 4
+    seen = set()
+    for overrides, run_dir in found.items():
+        name = run_dir.name
+        record = json.loads((run_dir / "job.json").read_text())
+        assert record["status"] == "finished" and record["objective"] == "best/val/acc"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert record["value"] == pytest.approx(summary["best/val/acc"])
+        # Its own W&B run, in the sweep's group, named and tagged by its overrides; its directory too.
+        (run,) = by_type(records(run_dir), "run")
+        assert run["run_group"] == str(sweep_dir)
+        model = run["config"]["update"]["model"]["arch"]
+        (lr,) = [t for t in run["tags"] if t.startswith("optimizer.lr=")]
+        assert f"model={model}" in run["tags"] and lr in run["display_name"]
+        assert f"model={model}" in name and lr in name
+        seen.add((model, lr))
+    assert seen == {(m, f"optimizer.lr={lr}") for m in ("mlp", "cnn") for lr in ("0.001", "0.003")}  # as Hydra writes them
+
+    rows = table(sweep_dir)
+    assert len(rows) == 4 and all(row["status"] == "finished" for row in rows)
+    (best,) = [row for row in rows if row["best"] == "*"]
+    assert float(best["value"]) == max(float(row["value"]) for row in rows)
+    md = (sweep_dir / "sweep_summary.md").read_text()
+    assert "4 jobs: 4 finished" in md and md.count("| best |") == 1
+    assert "model=cnn optimizer.lr=" in md and "Every job: " in md  # the swept keys per row, the rest once
+    assert "| best |" in r.stdout and "sweep_summary.md" in r.stdout  # printed at the end too
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli(["-m", "model=mixer_small", "data=digits", "model.patch_size=3,4", "trainer.epochs=1",
+                 "logger.mode=disabled", *CPU, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]  # the sweep reports that a job failed, after running them all
+    rows = {row["overrides"].split()[2]: row for row in table(sweep_dir)}
+    assert rows["model.patch_size=3"]["status"] == "failed"
+    assert "does not divide the 8x8 digits images" in rows["model.patch_size=3"]["error"]
+    assert rows["model.patch_size=4"]["status"] == "finished" and rows["model.patch_size=4"]["best"] == "*"
+    assert "1 of 2 jobs did not finish" in r.stdout
+
+
+def _sweep_cmd(sweep_dir):
+    # 700 training images, batch 32: 21 steps/epoch, 63 steps a job; checkpoints every 10 steps.
+    return [sys.executable, "-m", "vision_train", "-m", "trainer.seed=0,1", "model=cnn", "model.features=[16,32]",
+            "model.dense_dim=32", "data=synthetic", "data.num_examples=1000", "trainer.epochs=3",
+            "trainer.batch_size=32", "trainer.log_every_steps=3", "trainer.checkpoint_every_steps=10",
+            "logger.mode=disabled", "logger.media=false", *CPU, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def test_rerun_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}
+    p = subprocess.Popen(_sweep_cmd(sweep_dir), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    second = None
+    t0 = time.time()
+    while time.time() - t0 < 300:  # kill -9 the sweep in the middle of its second job
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        second = next((d for name, d in jobs(sweep_dir).items() if "trainer.seed=1" in name), None)
+        metrics = second / "metrics.jsonl" if second else None
+        if metrics and metrics.exists():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= 24:
+                break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    first = next(d for name, d in jobs(sweep_dir).items() if "trainer.seed=0" in name)
+    assert json.loads((first / "job.json").read_text())["status"] == "finished"
+    assert not (second / "summary.json").exists()
+    # Killed without a word: the table (any time, from the directory) calls it interrupted.
+    assert sweep.main([str(sweep_dir)]) == 0
+    assert {row["status"] for row in table(sweep_dir)} == {"finished", "interrupted"}
+    first_summary = (first / "summary.json").read_text()
+    first_mtime = (first / "summary.json").stat().st_mtime_ns
+
+    r = subprocess.run(_sweep_cmd(sweep_dir), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped: this job finished in an earlier run of the sweep" in r.stdout
+    assert (first / "summary.json").stat().st_mtime_ns == first_mtime
+    assert (first / "summary.json").read_text() == first_summary
+    log = (second / "train.log").read_text()
+    assert "resumed from" in log and "/checkpoints/20" in log  # the last checkpoint before the kill
+    record = json.loads((second / "job.json").read_text())
+    assert record["status"] == "finished" and record["attempts"] == 2
+    assert json.loads((second / "summary.json").read_text())["step"] == 63
+    assert {row["status"] for row in table(sweep_dir)} == {"finished"}
+
+
+def test_rerun_refuses_a_finished_job_whose_config_changed(tmp_path):
+    run_dir = tmp_path / "job"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"optimizer": {"lr": 0.001}, "logger": {"mode": "offline"}}))
+    (run_dir / "summary.json").write_text(json.dumps({"best/val/acc": 0.5}))
+    sweep.write_record(run_dir, status="finished")
+    assert sweep.finished_result(run_dir, {"optimizer": {"lr": 0.001}, "logger": {"mode": "disabled"}}) == {
+        "best/val/acc": 0.5}  # the logger does not change what a job computes
+    with pytest.raises(sweep.JobConflict, match=r"optimizer.lr: 0.001 -> 0.003.*new hydra.sweep.dir"):
+        sweep.finished_result(run_dir, {"optimizer": {"lr": 0.003}, "logger": {"mode": "offline"}})
+
+
+def test_the_best_job_follows_the_objectives_direction(tmp_path):
+    for name, loss, status in (("a", 0.5, "finished"), ("b", 0.2, "finished"), ("c", None, "failed")):
+        sweep.write_record(tmp_path / name, status=status, objective="test/loss", value=loss,
+                           overrides=[f"optimizer.lr={name}", "data=digits"])
+    rows, md = sweep.write_summary(tmp_path)
+    assert sweep.best_row(rows)["job"] == "b"  # a loss: smaller is better
+    assert "3 jobs: 2 finished, 1 failed." in md and "Every job: data=digits" in md
+
+
+def test_optuna_search_of_three_trials_returns_a_best_value_and_survives_a_failing_trial(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    # hidden_dim=0 is refused by the config check: that trial fails (Optuna: state FAIL), the search goes on.
+    r = run_cli(["-m", "hparams_search=mlp_toy", "hydra.sweeper.n_trials=3", "trainer.epochs=2",
+                 "model.hidden_dim=choice(0,32)", "logger.mode=disabled", *CPU,
+                 f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    rows = table(sweep_dir)
+    assert len(rows) == 3
+    done = [row for row in rows if row["status"] == "finished"]
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert done and failed, rows  # (the sampler's seed is fixed: the same trials every time)
+    assert "model.hidden_dim=0: must be > 0" in failed[0]["error"]
+    assert results["best_value"] == pytest.approx(max(float(row["value"]) for row in done))
+    assert 0.5 < results["best_value"] <= 1.0 and results["best_params"]["model.hidden_dim"] == 32
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr  # a recorded failure, not a crash
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes_without_gpu_preallocation(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=mlp", "trainer.seed=0,1",
+                 "data=toy", "trainer.epochs=2", "logger.mode=disabled", *CPU, f"hydra.sweep.dir={sweep_dir}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads((d / "job.json").read_text()) for d in jobs(sweep_dir).values()]
+    assert len(recs) == 2 and all(rec["status"] == "finished" for rec in recs)
+    assert len({rec["pid"] for rec in recs}) == 2 and os.getpid() not in {rec["pid"] for rec in recs}
+    assert all(rec["env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for rec in recs)
+
+
+def _agent_command(spec: dict, values: dict) -> list[str]:
+    """The command line ``wandb agent`` runs for one sampled point (as wandb_agent.Agent._command_run builds it)."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    command = {"args": {k: {"value": v} for k, v in values.items()}, "program": spec["program"]}
+    sweep_vars = sweep_utils.create_sweep_command_args(command)
+    sweep_vars.update(interpreter=[sys.executable], program=[spec["program"]], env=["/usr/bin/env"])
+    out = []
+    for c in map(str, sweep_utils.create_sweep_command(spec["command"])):
+        out += (sweep_vars.get(c[2:-1]) or []) if c.startswith("${") and c.endswith("}") else [c]
+    return out
+
+
+def _sample(spec: dict) -> dict:
+    """A point of the sweep's space: the first of each value list, the lower end of each range."""
+    out = {}
+    for key, p in spec["parameters"].items():
+        out[key] = p["values"][0] if "values" in p else p.get("value", p.get("min"))
+    return out
+
+
+@pytest.mark.parametrize("spec_path", sorted((Path(REPO) / "sweeps").glob("wandb_*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_agent_command_line_is_accepted(tmp_path, spec_path):
+    spec = yaml.safe_load(spec_path.read_text())
+    values = _sample(spec)
+    cmd = _agent_command(spec, values)
+    assert cmd[:4] == ["/usr/bin/env", sys.executable, "-m", "vision_train"]
+    assert [f"{k}={v}" for k, v in values.items()] == cmd[-len(values):]  # Hydra override syntax, no hyphens
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE, "WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": "run42"}
+    # Composed with every sampled value in place, the run directory named by the sweep and run ids.
+    r = subprocess.run([*cmd, "--cfg", "all", "--resolve"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    composed = yaml.safe_load(r.stdout)
+    for key, value in values.items():
+        node = composed
+        for part in key.split("."):
+            node = node[part]
+        assert node == pytest.approx(value), key
+    assert composed["hydra"]["run"]["dir"] == "outputs/wandb_sweeps/sw33p/run42"
+    assert composed["trainer"]["objective"] == "auto" or composed["trainer"]["objective"] == spec["metric"]["name"]
+
+
+def test_wandb_sweep_agent_command_runs_a_job_in_its_own_directory(tmp_path):
+    spec = yaml.safe_load((Path(REPO) / "sweeps" / "wandb_mlp_toy.yaml").read_text())
+    cmd = _agent_command(spec, _sample(spec))
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE, "WANDB_SWEEP_ID": "sw33p",
+           "WANDB_RUN_ID": "run42"}
+    r = subprocess.run([*cmd, "trainer.epochs=2", "hardware=cpu"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "wandb_sweeps" / "sw33p" / "run42"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert spec["metric"]["name"] in summary  # what the sweep optimises is in the run's summary
+    (run,) = by_type(records(run_dir), "run")
+    assert run["run_id"] == "run42"  # the agent's run id: W&B files the run under the sweep
