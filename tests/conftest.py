@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 # XLA's CPU backend at -O0 compiles tiny test models ~3x faster (4.8 s -> 1.4 s for a ViT init); tests
 # assert behaviour, not speed, and the suite is dominated by compilation. Subprocess CLI runs get it too.
@@ -12,10 +13,24 @@ os.environ["XLA_FLAGS"] = " ".join(
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One persistent compilation cache for the whole test run (every xdist worker, every CLI subprocess), as
+# a user's machine has one (hardware.compilation_cache=auto reads this variable): tests that compile
+# the same programs compile them once. Fresh for each run, so no run depends on an earlier one.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # (xdist workers inherit the controller's)
+    _OWN_CACHE = tempfile.mkdtemp(prefix="vision_train-tests-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_OWN_CACHE, "jax")
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the process that made it removes it
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

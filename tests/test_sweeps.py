@@ -240,3 +240,20 @@ def test_wandb_sweep_agent_command_runs_a_job_in_its_own_directory(tmp_path):
     assert spec["metric"]["name"] in summary  # what the sweep optimises is in the run's summary
     (run,) = by_type(records(run_dir), "run")
     assert run["run_id"] == "run42"  # the agent's run id: W&B files the run under the sweep
+
+
+def test_submitit_launcher_runs_the_jobs_and_the_slurm_preset_composes(tmp_path):
+    # submitit's local executor: the same pickling, job processes and result collection as on SLURM.
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "model=mlp", "trainer.seed=0,1",
+                 "data=toy", "trainer.epochs=2", "logger.mode=disabled", *CPU, f"hydra.sweep.dir={sweep_dir}"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [row["status"] for row in table(sweep_dir)] == ["finished", "finished"]
+    assert (sweep_dir / ".submitit").is_dir()
+
+    r = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    launcher = yaml.safe_load(r.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
+    assert launcher["gpus_per_node"] == 1 and launcher["max_num_timeout"] >= 1
