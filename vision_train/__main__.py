@@ -21,7 +21,6 @@ from .errors import UserError
 
 log = logging.getLogger("vision_train")
 register_configs()
-_PROCESS = {"started": time.time(), "jobs": 0}  # this process's import time, jobs it has run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -39,9 +38,11 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = hc.runtime.output_dir
     overrides = list(hc.overrides.task)
-    # Start-up is timed from import for a process's first job, from the job's start for later ones.
-    started = _PROCESS["started"] if _PROCESS["jobs"] == 0 else time.time()
-    _PROCESS["jobs"] += 1
+    import vision_train
+
+    process = vision_train.PROCESS  # start-up: from import for a process's first job, else from the job's start
+    started = process["started"] if process["jobs"] == 0 else time.time()
+    process["jobs"] += 1
     recorded = False
 
     def record(status: str, **kw) -> None:
@@ -63,7 +64,7 @@ def main(cfg: DictConfig) -> float | None:
                     log.info("skipped: this job finished in an earlier run of the sweep (%s %.4f; %s)",
                              objective, value, os.path.join(run_dir, "summary.json"))
                     return value
-        sweep.start_record(run_dir, overrides, objective)
+        sweep.start_record(run_dir, overrides, objective, clock_start=started)
         recorded = True
         from .parallel import configure_host_devices
 

@@ -80,10 +80,12 @@ def write_record(run_dir: str | Path, **values: Any) -> dict:
     return record
 
 
-def start_record(run_dir: str | Path, overrides: list[str], objective: str) -> dict:
+def start_record(run_dir: str | Path, overrides: list[str], objective: str, clock_start: float | None = None) -> dict:
+    """``clock_start``: what the job's start-up is timed from (the process's import for its first job)."""
     now = time.time()
     return write_record(run_dir, status="running", overrides=overrides, objective=objective, value=None,
-                        error=None, started=_iso(now), started_ts=now, ended=None, host=socket.gethostname(),
+                        error=None, started=_iso(now), started_ts=now, clock_start_ts=clock_start or now,
+                        ended=None, ended_ts=None, host=socket.gethostname(),
                         pid=os.getpid(), attempts=(read_record(run_dir) or {}).get("attempts", 0) + 1,
                         env={k: os.environ[k] for k in _ENV if k in os.environ})
 
@@ -91,7 +93,7 @@ def start_record(run_dir: str | Path, overrides: list[str], objective: str) -> d
 def end_record(run_dir: str | Path, status: str, *, value: float | None = None, error: str | None = None) -> dict:
     now = time.time()
     started = (read_record(run_dir) or {}).get("started_ts", now)
-    return write_record(run_dir, status=status, value=value, error=error, ended=_iso(now),
+    return write_record(run_dir, status=status, value=value, error=error, ended=_iso(now), ended_ts=now,
                         wall_time_s=round(now - started, 2))
 
 
