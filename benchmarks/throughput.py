@@ -258,7 +258,7 @@ def bench_model(name: str, ctx: dict) -> dict:
     timings = {}
 
     opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
-    tx = state_lib.make_optimizer(opt_cfg, state_lib.lr_schedule(opt_cfg.schedule, 1.0, 10_000, 0, 0.0))
+    tx = state_lib.make_optimizer(opt_cfg, lr_shape=state_lib.lr_schedule(opt_cfg.schedule, 1.0, 10_000, 0, 0.0))
     model = models.create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
                                  dtype=dtype, **kwargs)
     graphdef, state0 = state_lib.create(model, tx, seed=0)

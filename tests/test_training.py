@@ -74,7 +74,8 @@ def _tiny_setup(num_devices, batch_size):
     rep, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     split = sources.make_synthetic(100, (8, 8, 3), 10, seed=0)
     model = models.create("cnn", (8, 8, 3), 10, rngs=nnx.Rngs(params=0, dropout=1), features=(4, 8), dense_dim=16)
-    tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer, state_lib.lr_schedule("constant", 1.0, 100, 0, 0.0))
+    tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer,
+                                  lr_shape=state_lib.lr_schedule("constant", 1.0, 100, 0, 0.0))
     graphdef, state = state_lib.create(model, tx, seed=0)
     fns = steps.make_steps(graphdef, tx, batch_size=batch_size, aug=pipeline.Augment(flip=True),
                                              scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
@@ -130,3 +131,54 @@ def test_batch_not_divisible_by_devices_is_refused_with_the_fix(tmp_path):
 def test_more_classes_in_data_than_head_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"model.num_classes=5: synthetic has 10 classes"):
         run(tmp_path, "r", ["model.num_classes=5"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optimizer=adam", "optimizer.weight_decay=0.01"],
+    ["optimizer=adamw", "optimizer.grad_clip_norm=0.5", "optimizer.min_lr=1e-4", "optimizer.warmup_epochs=2"],
+    ["optimizer=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9", "optimizer.nesterov=true",
+     "optimizer.weight_decay=0.001", "optimizer.schedule=cosine"],
+], ids=["adam-l2", "adamw-clip-warmup-cosine", "sgd-nesterov-cosine"])
+def test_optimizer_with_runtime_hyperparameters_matches_optax(overrides):
+    """The learning rate, weight decay and clip norm live in the optimizer state; the updates are optax's own."""
+    import optax
+
+    from vision_train.train import state as state_lib
+
+    o = compose(overrides).optimizer
+    total, warmup = 40, 2 * 10 if o.warmup_epochs else 0
+    tx = state_lib.make_optimizer(o, lr_shape=state_lib.lr_schedule(o.schedule, 1.0, total, warmup, o.min_lr / o.lr))
+    schedule = state_lib.lr_schedule(o.schedule, o.lr, total, warmup, o.min_lr)
+    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm else []
+    if o.name == "adamw":
+        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    elif o.name == "adam":
+        parts += [optax.add_decayed_weights(o.weight_decay), optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)]
+    else:
+        parts += [optax.add_decayed_weights(o.weight_decay), optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov)]
+    ref = optax.chain(*parts)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+    a, b = params, params
+    sa, sb = tx.init(a), ref.init(b)
+    for _ in range(total):
+        g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+        ua, sa = tx.update(g, sa, a)
+        ub, sb = ref.update(g, sb, b)
+        a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-5, atol=1e-7)
+    assert float(sa.hyperparams["learning_rate"]) == pytest.approx(o.lr)
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate(tmp_path):
+    """The optimizer's numbers are in the checkpointed state; a resumed (or warm-started) run uses the config's."""
+    from vision_train import checkpoint as ckpt_lib
+
+    tiny = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.batch_size=64"]
+    train(compose([*tiny, "trainer.epochs=1", "optimizer.lr=1e-3"]), tmp_path / "a")
+    for name, lr in (("b", "1e-3"), ("c", "1e-2")):
+        train(compose([*tiny, "trainer.epochs=2", f"optimizer.lr={lr}", f"trainer.resume={tmp_path / 'a'}"]),
+              tmp_path / name)
+    b, c = (ckpt_lib.load_for_inference(tmp_path / n)["params"] for n in ("b", "c"))
+    assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(c)))

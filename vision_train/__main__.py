@@ -46,9 +46,10 @@ def main(cfg: DictConfig) -> float | None:
     recorded = False
 
     def record(status: str, **kw) -> None:
-        if not recorded:
-            sweep.start_record(run_dir, overrides, str(cfg.trainer.objective))
-        sweep.end_record(run_dir, status, **kw)
+        if recorded:
+            sweep.end_record(run_dir, status, **kw)
+        else:  # it stopped before it started
+            sweep.record_unstarted(run_dir, overrides, str(cfg.trainer.objective), status, **kw)
 
     try:
         if multirun:
@@ -64,6 +65,8 @@ def main(cfg: DictConfig) -> float | None:
                     log.info("skipped: this job finished in an earlier run of the sweep (%s %.4f; %s)",
                              objective, value, os.path.join(run_dir, "summary.json"))
                     return value
+        _check_checkpoint_path(run_cfg, run_dir, multirun)
+        sweep.check_not_running(run_dir)
         sweep.start_record(run_dir, overrides, objective, clock_start=started)
         recorded = True
         from .parallel import configure_host_devices
@@ -79,16 +82,24 @@ def main(cfg: DictConfig) -> float | None:
         record("interrupted", error="interrupted (Ctrl-C)")
         log.error("interrupted")
         sys.exit(130)
-    except sweep.JobConflict as e:  # the earlier job's files stay as they are
+    except sweep.JobConflict as e:  # the earlier job's files stay as they are; the table says "conflict"
         log.error("error: %s", e)
-        return None
+        if e.mark and sweep.read_record(run_dir):
+            sweep.write_record(run_dir, conflict=str(e))
+        if multirun:
+            return None
+        sys.exit(2)
     except UserError as e:
         from .train.loop import Preempted
 
-        if isinstance(e, Preempted):  # SIGTERM/Ctrl-C: checkpoint saved; the sweep stops too, a re-run resumes
+        if isinstance(e, Preempted):  # checkpoint saved; a re-run (or submitit's requeue) resumes
             record("interrupted", error=str(e))
             log.error("error: %s", e)
-            sys.exit(143)
+            if e.requeue is not None:
+                e.requeue(e.signum, None)  # submitit: requeue this job and exit
+            if multirun and "submitit" in str(hc.launcher.get("_target_", "")):
+                return None  # one SLURM job preempted: the others go on, the table says "interrupted"
+            sys.exit(143)  # SIGTERM/Ctrl-C to this process: the sweep stops too
         record("failed", error=str(e))
         log.error("error: %s", e)
         if multirun:
@@ -111,6 +122,17 @@ def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:
         cfg.logger.tags = [o[:64] for o in overrides if not o.startswith(("logger.", "trainer.progress_bar"))]
     if "joblib" in str(hc.launcher.get("_target_", "")):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _check_checkpoint_path(run_cfg, run_dir: str, multirun: bool) -> None:
+    """Before anything loads or compiles: Orbax cannot restore checkpoints from a path holding [ or ]."""
+    from .errors import ConfigError
+
+    if run_cfg.trainer.checkpoint and any(c in os.path.abspath(run_dir) for c in "[]"):
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        raise ConfigError(key, os.path.dirname(run_dir) if multirun else run_dir,
+                          "Orbax cannot restore checkpoints from a path holding [ or ]; choose a directory "
+                          "without them, or set trainer.checkpoint=false")
 
 
 def _check_direction(objective: str, hc) -> None:

@@ -124,6 +124,12 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
+            if "tree structures do not match" in str(e):
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} holds a train state of another structure than this "
+                    f"run's (another optimizer or optimizer setting, e.g. optimizer.name or gradient clipping on/off, "
+                    f"or a checkpoint from an earlier version of vision_train); resume with the settings that wrote "
+                    f"it, or start over with trainer.resume=never") from None
             raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: "
                                   f"{_why(e)}") from None
         return out["state"], out["meta"]

@@ -312,6 +312,8 @@ def validate(cfg: Config) -> Config:
     _choice("hardware.precision", h.precision, ("float32", "bfloat16"))
     _positive("hardware.num_devices", h.num_devices, allow_zero=True)
 
+    if not -2**31 <= t.seed < 2**31:
+        raise ConfigError("trainer.seed", t.seed, "must fit in 32 bits: use a value in [-2147483648, 2147483647]")
     _positive("trainer.epochs", t.epochs)
     _positive("trainer.batch_size", t.batch_size)
     _positive("trainer.log_every_steps", t.log_every_steps)

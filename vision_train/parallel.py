@@ -49,8 +49,9 @@ def select_devices(platform: str, num_devices: int):
                           f"({len(devices)} devices over {jax.process_count()} processes)")
     if num_devices:
         if num_devices > len(devices):
-            hint = (" (simulated CPU devices: hardware=cpu hardware.num_devices=N sets them up)"
-                    if platform != "cpu" else "")
+            hint = (" (simulated CPU devices: hardware=cpu hardware.num_devices=N sets them up)" if platform != "cpu"
+                    else " (simulated CPU devices are fixed when JAX starts, so the jobs of a sweep in one process "
+                         "share the first job's count: put the largest first, or use hydra/launcher=joblib)")
             raise ConfigError("hardware.num_devices", num_devices,
                               f"only {len(devices)} {devices[0].platform} device(s) found; use at most {len(devices)}{hint}")
         devices = devices[:num_devices]

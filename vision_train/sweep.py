@@ -84,7 +84,7 @@ def start_record(run_dir: str | Path, overrides: list[str], objective: str, cloc
     """``clock_start``: what the job's start-up is timed from (the process's import for its first job)."""
     now = time.time()
     return write_record(run_dir, status="running", overrides=overrides, objective=objective, value=None,
-                        error=None, started=_iso(now), started_ts=now, clock_start_ts=clock_start or now,
+                        error=None, conflict=None, started=_iso(now), started_ts=now, clock_start_ts=clock_start or now,
                         ended=None, ended_ts=None, host=socket.gethostname(),
                         pid=os.getpid(), attempts=(read_record(run_dir) or {}).get("attempts", 0) + 1,
                         env={k: os.environ[k] for k in _ENV if k in os.environ})
@@ -95,6 +95,16 @@ def end_record(run_dir: str | Path, status: str, *, value: float | None = None, 
     started = (read_record(run_dir) or {}).get("started_ts", now)
     return write_record(run_dir, status=status, value=value, error=error, ended=_iso(now), ended_ts=now,
                         wall_time_s=round(now - started, 2))
+
+
+def record_unstarted(run_dir: str | Path, overrides: list[str], objective: str, status: str, **kw) -> dict:
+    """A job that stopped before training started (bad config, Ctrl-C). A finished job's record stays as
+    it is, the attempt noted beside it: its results are still the directory's."""
+    earlier = read_record(run_dir)
+    if earlier and earlier.get("status") == "finished":
+        return write_record(run_dir, last_attempt={"status": status, "at": _iso(time.time()), **kw})
+    start_record(run_dir, overrides, objective)
+    return end_record(run_dir, status, **kw)
 
 
 def _iso(ts: float) -> str:
@@ -121,7 +131,23 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class JobConflict(UserError):
-    """A sweep job's directory holds a finished job with another config (left untouched)."""
+    """A sweep job's directory holds a finished job with another config (left untouched; ``mark``: say so
+    in its record), or another live process is training in it."""
+
+    def __init__(self, message: str, mark: bool = True):
+        super().__init__(message)
+        self.mark = mark
+
+
+def check_not_running(run_dir: str | Path) -> None:
+    """Refuse to start a job whose directory another live process on this host is training in (a sweep
+    re-run while the first is still going, two launchers on one directory)."""
+    record = read_record(run_dir)
+    if (record and record.get("status") == "running" and record.get("host") == socket.gethostname()
+            and record.get("pid") != os.getpid() and _alive(record)):
+        raise JobConflict(f"{run_dir} is being trained by process {record['pid']} on this host (since "
+                          f"{record.get('started')}); wait for it or stop it, or use another hydra.sweep.dir",
+                          mark=False)
 
 
 def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
@@ -143,7 +169,7 @@ def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
     if diff:
         shown = ", ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(current_config).get(k)!r}" for k in diff[:4])
         raise JobConflict(f"{run_dir} holds a finished job with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
-                        f"use a new hydra.sweep.dir, or add trainer.resume=never to train this job again there")
+                          f"use a new hydra.sweep.dir, or move that directory aside to train this job again")
     return summary
 
 
@@ -181,6 +207,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         status = record.get("status", "unknown")
         if status == "running" and not _alive(record):
             status = "interrupted"  # killed without a word (kill -9, node failure): re-run to resume
+        if record.get("conflict"):  # its directory holds another config's finished job: not this job's result
+            status, summary = "conflict", {}
         hydra_num = _job_num(run_dir)
         rows.append({
             "job": str(run_dir.relative_to(sweep_dir)) or ".",
@@ -190,10 +218,10 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "best/val/acc": summary.get("best/val/acc"),
             "test/acc": summary.get("test/acc"),
             "objective": record.get("objective"),
-            "value": record.get("value"),
+            "value": record.get("value") if status != "conflict" else None,
             "wall_time_s": record.get("wall_time_s") if status != "running" else None,
             "startup_s": summary.get("time/startup_s"),
-            "error": record.get("error") or "",
+            "error": record.get("conflict") or record.get("error") or "",
         })
     rows.sort(key=lambda r: (r["num"] if r["num"] is not None else 1 << 30, r["job"]))
     return rows
@@ -215,7 +243,12 @@ def best_row(rows: list[dict]) -> dict | None:
     done = [r for r in rows if r["status"] == "finished" and _finite(r["value"])]
     if not done:
         return None
-    sign = -1.0 if OBJECTIVES.get(done[0]["objective"], "maximize") == "minimize" else 1.0
+    # Jobs of one sweep may return different objectives (auto: best/val/acc, or test/acc without a val
+    # split); only the most common one is ranked.
+    objectives = [r["objective"] for r in done]
+    objective = max(set(objectives), key=objectives.count)
+    done = [r for r in done if r["objective"] == objective]
+    sign = -1.0 if OBJECTIVES.get(objective, "maximize") == "minimize" else 1.0
     return max(done, key=lambda r: sign * float(r["value"]))
 
 
@@ -253,9 +286,11 @@ def render(rows: list[dict]) -> tuple[str, str]:
     writer.writerow(COLUMNS + ["best"])
     for r in rows:
         writer.writerow([r[c] if r[c] is not None else "" for c in COLUMNS] + ["*" if r is best else ""])
-    md_cols = ["swept"] + [c for c in COLUMNS if c not in ("job", "overrides", "objective")]
-    objective = rows[0]["objective"] if rows else ""
-    names = {"value": f"value ({objective})", "swept": "overrides"}
+    objectives = {r["objective"] for r in rows if r["objective"]}
+    mixed = len(objectives) > 1
+    md_cols = ["swept"] + [c for c in COLUMNS if c not in ("job", "overrides") + (() if mixed else ("objective",))]
+    objective = "" if mixed else next(iter(objectives), "")
+    names = {"value": f"value ({objective})" if objective else "value", "swept": "overrides"}
     header = ["", *[names.get(c, c) for c in md_cols]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -301,13 +336,30 @@ class SweepSummary(_Callback):
     """Hydra callback (conf/config.yaml, hydra.callbacks): the summary table when a sweep ends. A sweep
     with failed jobs exits with status 1 after writing it (every other job has run)."""
 
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """An Optuna search must optimise its objective the right way: checked once, before any trial."""
+        from .config import OBJECTIVES
+
+        sweeper = config.hydra.sweeper
+        if "optuna" not in str(sweeper.get("_target_", "")):
+            return
+        objective = config.trainer.objective
+        if objective == "auto":
+            objective = "best/val/acc" if config.data.val_size > 0 else "test/acc"
+        direction = sweeper.get("direction")
+        if objective in OBJECTIVES and isinstance(direction, str) and direction != OBJECTIVES[objective]:
+            log.error("error: hydra.sweeper.direction=%s: trainer.objective=%s is better when %s; set "
+                      "hydra.sweeper.direction=%s", direction, objective,
+                      "larger" if OBJECTIVES[objective] == "maximize" else "smaller", OBJECTIVES[objective])
+            sys.exit(2)
+
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
         rows, md = write_summary(sweep_dir)
         log.info("\n%s\n(written to %s and %s)", md, sweep_dir / "sweep_summary.md", sweep_dir / "sweep_summary.csv")
-        failed = [r for r in rows if r["status"] in ("failed", "interrupted")]
+        failed = [r for r in rows if r["status"] in ("failed", "interrupted", "conflict")]
         if failed:
             log.error("%d of %d jobs did not finish: %s", len(failed), len(rows),
                       "; ".join(f"{r.get('swept') or r['job']}: {r['status']} {r['error']}".strip() for r in failed[:5]))
@@ -325,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.sweep_dir}: no such directory (give a sweep directory, e.g. multirun/<date>/<time>)",
               file=sys.stderr)
         return 2
-    rows, md = write_summary(args.sweep_dir)
-    if not rows:
-        print(f"error: {args.sweep_dir}: no jobs found (no */{RECORD})", file=sys.stderr)
+    if not collect(args.sweep_dir):
+        print(f"error: {args.sweep_dir}: no jobs found (no */{RECORD}); give a sweep directory", file=sys.stderr)
         return 2
+    rows, md = write_summary(args.sweep_dir)
     print(md)
     return 0
 

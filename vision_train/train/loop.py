@@ -94,7 +94,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     warmup = round(o.warmup_epochs * steps_per_epoch)
     schedule = state_lib.lr_schedule(o.schedule, o.lr, total_steps, warmup, o.min_lr)  # (logged as "lr")
     shape = state_lib.lr_schedule(o.schedule, 1.0, total_steps, warmup, o.min_lr / o.lr)
-    tx = state_lib.make_optimizer(o, shape)
+    tx = state_lib.make_optimizer(o, lr_shape=shape)
 
     # Model + optimizer state built inside one jit (eager NNX init runs op by op: slow). The seed and the
     # optimizer's hyper-parameters are arguments, not constants: the jobs of a sweep over them compile the
@@ -105,7 +105,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     def init(seed, hparams):
         rngs = nnx.Rngs(params=stream(seed, "params"), dropout=stream(seed, "dropout"))
         model = _build_model(cfg, ds, rngs, dtype)
-        return state_lib.create(model, state_lib.make_optimizer(o, shape, hparams), seed)
+        return state_lib.create(model, state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams), seed)
 
     graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
     state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
@@ -157,6 +157,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
         items, resumed = reader.restore(src_step, ckpt_lib.abstract_like({"state": state, "acc": acc}, replicated))
         state, acc = items["state"], items["acc"]
+        # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
+        state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
         log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
     start_step = int(jax.device_get(state.step))
     loop_state = resumed.get("loop", {})
@@ -326,11 +328,19 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
 
 
 class Preempted(UserError):
-    """SIGTERM/SIGINT: the step in progress finished, a checkpoint was saved, the run exits non-zero."""
+    """SIGTERM/SIGINT/SIGUSR2: the step in progress finished, a checkpoint was saved, the run stops.
+    ``requeue``: under submitit (SLURM), its checkpoint-and-requeue handler, for the caller to call once
+    the run's records are written (it requeues the job, which resumes from the checkpoint, and exits)."""
+
+    def __init__(self, message: str, signum: int = 0, requeue=None):
+        super().__init__(message)
+        self.signum, self.requeue = signum, requeue
 
 
 class _StopOnSignal:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step. Under
+    submitit (SLURM jobs of hydra/launcher=slurm), SIGUSR2 (sent before the time limit, and on
+    preemption) does too, and submitit's own handler for it, which requeues the job, is handed on."""
 
     def __init__(self):
         import signal
@@ -338,13 +348,20 @@ class _StopOnSignal:
 
         self.signum = 0
         self._old = {}
+        self.requeue = None
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signal.SIGUSR2)
+            self.requeue = previous if callable(previous) else None  # submitit's checkpoint_and_try_requeue
+            for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGUSR2,) if self.requeue else ()):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        import signal
+
+        if self.signum:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return  # SLURM sends SIGUSR2 and SIGTERM on preemption: the save already asked for goes on
         self.signum = signum
         log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
 
@@ -361,7 +378,10 @@ class _StopOnSignal:
             checkpointer.wait()
         name = signal.Signals(self.signum).name
         where = f"checkpoint saved at step {step} in {run_dir / 'checkpoints'}" if checkpointer else "no checkpoints (trainer.checkpoint=false)"
-        raise Preempted(f"stopped by {name}: {where}; run the same command (same run directory) to resume")
+        requeue = self.requeue if self.signum in (signal.SIGTERM, signal.SIGUSR2) else None
+        raise Preempted(f"stopped by {name}: {where}; " +
+                        ("submitit requeues the job, which resumes there" if requeue else
+                         "run the same command (same run directory) to resume"), self.signum, requeue)
 
 
 def _boundary_grid(split, predict, state) -> dict:

@@ -40,9 +40,10 @@ def hyperparameters(o) -> dict[str, float]:
     return {"learning_rate": float(o.lr), "weight_decay": float(o.weight_decay), "grad_clip_norm": float(o.grad_clip_norm)}
 
 
-def make_optimizer(o, shape: optax.Schedule, hparams: dict | None = None) -> optax.GradientTransformation:
-    """``o`` has OptimizerConfig's fields; ``shape``: the schedule's multiplier of the learning rate (peak 1,
-    ``lr_schedule(name, 1.0, ...)``). ``hparams`` (default ``hyperparameters(o)``) only set the initial
+def make_optimizer(o, *, lr_shape: optax.Schedule, hparams: dict | None = None) -> optax.GradientTransformation:
+    """``o`` has OptimizerConfig's fields; ``lr_shape``: the schedule as a multiplier of the learning rate
+    (peak 1: ``lr_schedule(name, 1.0, ...)``). With cosine decay to ``min_lr`` > 0, the ratio min_lr/lr is part
+    of the shape, so it is compiled in. ``hparams`` (default ``hyperparameters(o)``) only set the initial
     state: ``update`` reads them from the state. Which transforms run follows the config (e.g. clipping on
     or off); their numbers follow the state."""
 
@@ -63,10 +64,17 @@ def make_optimizer(o, shape: optax.Schedule, hparams: dict | None = None) -> opt
                 parts.append(optax.trace(decay=o.momentum, nesterov=o.nesterov))
         else:
             raise ValueError(f"unknown optimizer {o.name!r}")
-        parts.append(optax.scale_by_schedule(lambda count: -learning_rate * shape(count)))
+        parts.append(optax.scale_by_schedule(lambda count: -learning_rate * lr_shape(count)))
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(build)(**(hparams if hparams is not None else hyperparameters(o)))
+
+
+def set_hyperparameters(opt_state, hparams: dict[str, float], sharding=None):
+    """Put the config's numbers into an optimizer state (a restored one): a resumed or warm-started run
+    trains with the learning rate, weight decay and clip norm it is given, as a fresh run does."""
+    values = {k: jax.device_put(jnp.asarray(v, opt_state.hyperparams[k].dtype), sharding) for k, v in hparams.items()}
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
 
 
 def create(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
