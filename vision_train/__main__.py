@@ -66,7 +66,8 @@ def main(cfg: DictConfig) -> float | None:
                              objective, value, os.path.join(run_dir, "summary.json"))
                     return value
         _check_checkpoint_path(run_cfg, run_dir, multirun)
-        sweep.check_not_running(run_dir)
+        if not run_cfg.hardware.distributed:  # (the processes of a multi-host run share the directory)
+            sweep.check_not_running(run_dir)
         sweep.start_record(run_dir, overrides, objective, clock_start=started)
         recorded = True
         from .parallel import configure_host_devices
