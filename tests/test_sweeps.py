@@ -168,8 +168,10 @@ def test_optuna_search_of_three_trials_returns_a_best_value_and_survives_a_faili
     failed = [row for row in rows if row["status"] == "failed"]
     assert done and failed, rows  # (the sampler's seed is fixed: the same trials every time)
     assert "model.hidden_dim=0: must be > 0" in failed[0]["error"]
-    assert results["best_value"] == pytest.approx(max(float(row["value"]) for row in done))
-    assert 0.5 < results["best_value"] <= 1.0 and results["best_params"]["model.hidden_dim"] == 32
+    assert results["best_value"] == pytest.approx(min(float(row["value"]) for row in done))  # val/loss: minimised
+    assert 0.0 < results["best_value"] < 1.0 and results["best_params"]["model.hidden_dim"] == 32
+    (best,) = [row for row in rows if row["best"] == "*"]
+    assert float(best["value"]) == pytest.approx(results["best_value"])  # the table agrees with Optuna
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr  # a recorded failure, not a crash
 
 
@@ -265,10 +267,10 @@ def test_submitit_launcher_runs_the_jobs_and_the_slurm_preset_composes(tmp_path)
 
 def test_optuna_direction_that_contradicts_the_objective_is_refused_before_any_trial(tmp_path):
     sweep_dir = tmp_path / "optuna"
-    r = run_cli(["-m", "hparams_search=mlp_toy", "trainer.objective=test/loss", "logger.mode=disabled", *CPU,
+    r = run_cli(["-m", "hparams_search=mlp_toy", "trainer.objective=test/acc", "logger.mode=disabled", *CPU,
                  f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert r.returncode == 2
-    assert "hydra.sweeper.direction=maximize: trainer.objective=test/loss is better when smaller" in r.stdout
+    assert "hydra.sweeper.direction=minimize: trainer.objective=test/acc is better when larger" in r.stdout
     assert not list(sweep_dir.glob("*/job.json"))  # no trial ran
 
 
