@@ -260,7 +260,9 @@ def _fmt(v, key: str) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.1f}" if key.endswith("_s") else f"{v:.4f}"
+        if key.endswith("_s"):
+            return f"{v:.1f}"
+        return f"{v:.4f}" if key.endswith("acc") else f"{v:.4g}"  # a loss can be 4e-05
     return str(v)
 
 
@@ -315,7 +317,7 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     common, _ = split_overrides(rows)
     title = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: {tail}."
     if best is not None:
-        title += f" Best: {best['swept']} ({best['objective']} {best['value']:.4f}, in {best['job']})."
+        title += f" Best: {best['swept']} ({best['objective']} {best['value']:.4g}, in {best['job']})."
     if common:
         title += f"\n\nEvery job: {' '.join(common)}"
     md = f"{title}\n\n{md}"
