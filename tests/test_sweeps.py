@@ -16,6 +16,7 @@ import yaml
 from vision_train import sweep
 
 from .conftest import FAST_COMPILE, REPO, run_cli
+from .test_checkpoint import wait_for_step
 from .test_tracking import by_type, records
 
 CPU = ["hardware=cpu", "trainer.progress_bar=false"]
@@ -323,13 +324,7 @@ def test_slurm_sigusr2_saves_a_checkpoint_then_hands_over_to_submitits_requeue(t
     args = [a for a in _sweep_cmd(tmp_path)[4:] if not a.startswith(("trainer.seed=", "hydra.sweep.dir"))]
     p = subprocess.Popen([sys.executable, "-c", USR2_WRAPPER, *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while time.time() - t0 < 240:
-        assert p.poll() is None, p.stdout.read()[-3000:]
-        m = run_dir / "metrics.jsonl"
-        if m.exists() and any(json.loads(line)["step"] >= 12 for line in m.read_text().splitlines() if line.strip()):
-            break
-        time.sleep(0.01)
+    wait_for_step(run_dir, 12, p)
     p.send_signal(signal.SIGUSR2)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 7, out[-3000:]  # submitit's handler ran (it requeues and exits)
