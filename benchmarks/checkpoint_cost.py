@@ -9,22 +9,15 @@ blocked in saves (the device->host copy) against the time it spent training.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import statistics
 import tempfile
 
-from tracking_cost import MODELS, run
+from tracking_cost import parse_args, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="cnn", choices=list(MODELS))
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(__doc__)
     sides = {"off": dict(checkpoint=False), "every epoch": dict(checkpoint=True, checkpoint_every_epochs=1)}
     res = {k: [] for k in sides}
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,13 +51,12 @@ def run_sweep(work: Path, tag: str, args, cache: str | None, process_per_job: bo
         cmd = [sys.executable, "-m", "vision_train", "-m", *common, args.sweep, f"hydra.sweep.dir={sweep_dir}"]
         subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     total = time.time() - t0
-    records = sorted((json.loads(p.read_text()) for p in sweep_dir.rglob("job.json")), key=lambda r: r["started_ts"])
-    summaries = [json.loads((Path(p).parent / "summary.json").read_text()) for p in
-                 sorted(sweep_dir.rglob("job.json"), key=lambda p: json.loads(p.read_text())["started_ts"])]
+    jobs = sorted(((json.loads(p.read_text()), json.loads((p.parent / "summary.json").read_text()))
+                   for p in sweep_dir.rglob("job.json")), key=lambda job: job[0]["started_ts"])
     # A job's time: from its clock start (the process's import for a process's first job, else the job's
     # own start) to its end, the time a sweep spends on it.
-    return {"total_s": total, "startup_s": [s["time/startup_s"] for s in summaries],
-            "wall_s": [r["ended_ts"] - r["clock_start_ts"] for r in records]}
+    return {"total_s": total, "startup_s": [summary["time/startup_s"] for _, summary in jobs],
+            "wall_s": [record["ended_ts"] - record["clock_start_ts"] for record, _ in jobs]}
 
 
 def main():

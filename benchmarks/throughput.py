@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     import flax
     import jax.numpy as jnp
     import optax
-    from flax import nnx
 
     from vision_train.data import pipeline, sources
 

@@ -40,13 +40,19 @@ def run(model: str, mode: str, epochs: int, tmp: str, tag: str, **trainer) -> di
     return {"images_per_sec": statistics.median(ips), **summary}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str) -> argparse.Namespace:
+    """The cost benchmarks' shared command line (this one and checkpoint_cost.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cnn", choices=list(MODELS))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     os.environ.setdefault("WANDB_SILENT", "true")
     res = {"disabled": [], "offline": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -271,7 +271,8 @@ def test_optuna_direction_that_contradicts_the_objective_is_refused_before_any_t
     r = run_cli(["-m", "hparams_search=mlp_toy", "trainer.objective=test/acc", "logger.mode=disabled", *CPU,
                  f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert r.returncode == 2
-    assert "hydra.sweeper.direction=minimize: trainer.objective=test/acc is better when larger" in r.stdout
+    assert ("hydra.sweeper.direction='minimize': trainer.objective=test/acc is better when larger; "
+            "set hydra.sweeper.direction=maximize") in r.stdout
     assert not list(sweep_dir.glob("*/job.json"))  # no trial ran
 
 

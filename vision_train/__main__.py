@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> float | None:
         run_cfg = to_run_config(cfg)  # validated and frozen before JAX starts or anything compiles
         objective = objective_name(run_cfg)
         if multirun:
-            _check_direction(objective, hc)
+            sweep.check_direction(objective, hc.sweeper)
             if run_cfg.trainer.resume != "never":
                 done = sweep.finished_result(run_dir, to_dict(run_cfg))
                 if done is not None:
@@ -65,7 +65,6 @@ def main(cfg: DictConfig) -> float | None:
                     log.info("skipped: this job finished in an earlier run of the sweep (%s %.4f; %s)",
                              objective, value, os.path.join(run_dir, "summary.json"))
                     return value
-        _check_checkpoint_path(run_cfg, run_dir, multirun)
         if not run_cfg.hardware.distributed:  # (the processes of a multi-host run share the directory)
             sweep.check_not_running(run_dir)
         sweep.start_record(run_dir, overrides, objective, clock_start=started)
@@ -123,29 +122,6 @@ def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:
         cfg.logger.tags = [o[:64] for o in overrides if not o.startswith(("logger.", "trainer.progress_bar"))]
     if "joblib" in str(hc.launcher.get("_target_", "")):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-
-def _check_checkpoint_path(run_cfg, run_dir: str, multirun: bool) -> None:
-    """Before anything loads or compiles: Orbax cannot restore checkpoints from a path holding [ or ]."""
-    from .errors import ConfigError
-
-    if run_cfg.trainer.checkpoint and any(c in os.path.abspath(run_dir) for c in "[]"):
-        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        raise ConfigError(key, os.path.dirname(run_dir) if multirun else run_dir,
-                          "Orbax cannot restore checkpoints from a path holding [ or ]; choose a directory "
-                          "without them, or set trainer.checkpoint=false")
-
-
-def _check_direction(objective: str, hc) -> None:
-    """An Optuna search must optimise the objective the right way (accuracy up, loss down)."""
-    from .config import OBJECTIVES
-    from .errors import ConfigError
-
-    direction = hc.sweeper.get("direction") if "optuna" in str(hc.sweeper.get("_target_", "")) else None
-    if isinstance(direction, str) and direction != OBJECTIVES[objective]:
-        raise ConfigError("hydra.sweeper.direction", direction,
-                          f"trainer.objective={objective} is better when {'larger' if OBJECTIVES[objective] == 'maximize' else 'smaller'}; "
-                          f"set hydra.sweeper.direction={OBJECTIVES[objective]}")
 
 
 def _objective(summary: dict, objective: str) -> float:

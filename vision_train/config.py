@@ -224,11 +224,15 @@ OBJECTIVES = {"best/val/acc": "maximize", "val/acc": "maximize", "val/loss": "mi
               "test/acc": "maximize", "test/loss": "minimize"}
 
 
-def objective_name(cfg: Config) -> str:
+def resolve_objective(objective: str, val_size: int) -> str:
     """``trainer.objective`` resolved: auto is best/val/acc, or test/acc when there is no validation split."""
-    if cfg.trainer.objective != "auto":
-        return cfg.trainer.objective
-    return "best/val/acc" if cfg.data.val_size > 0 else "test/acc"
+    if objective != "auto":
+        return objective
+    return "best/val/acc" if val_size > 0 else "test/acc"
+
+
+def objective_name(cfg: Config) -> str:
+    return resolve_objective(cfg.trainer.objective, cfg.data.val_size)
 
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, exit_on_user_error
 
 log = logging.getLogger("vision_train")
 
@@ -311,6 +311,14 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     return report
 
 
+def require_checkpoint(cfg) -> None:
+    """The evaluate/predict command lines: ``checkpoint=`` must be given (a Hydra DictConfig)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "checkpoint") or not str(cfg.checkpoint).strip():
+        raise UserError(f"checkpoint= is missing: {CHECKPOINT_FIX}")
+
+
 def _main():
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -323,9 +331,8 @@ def _main():
 
         quiet_libraries()
         hc = HydraConfig.get()
-        try:
-            if OmegaConf.is_missing(cfg, "checkpoint") or not str(cfg.checkpoint).strip():
-                raise UserError(f"checkpoint= is missing: {CHECKPOINT_FIX}")
+        with exit_on_user_error(log):
+            require_checkpoint(cfg)
             ec = OmegaConf.to_object(cfg)
             from .parallel import configure_host_devices
 
@@ -333,12 +340,6 @@ def _main():
             report = evaluate(ec, hc.runtime.output_dir, given=command_line_keys(hc.overrides.task),
                               data_preset=hc.runtime.choices.get("data") is not None)
             return report[f"{ec.split}/acc"]
-        except UserError as e:
-            log.error("error: %s", e)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            log.error("interrupted")
-            sys.exit(130)
 
     main()
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import MISSING, HardwareConfig
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, exit_on_user_error
 
 log = logging.getLogger("vision_train")
 
@@ -231,12 +231,11 @@ def _main():
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from .evaluate import CHECKPOINT_FIX, quiet_libraries
+        from .evaluate import quiet_libraries, require_checkpoint
 
         quiet_libraries()
-        try:
-            if OmegaConf.is_missing(cfg, "checkpoint") or not str(cfg.checkpoint).strip():
-                raise UserError(f"checkpoint= is missing: {CHECKPOINT_FIX}")
+        with exit_on_user_error(log):
+            require_checkpoint(cfg)
             if OmegaConf.is_missing(cfg, "inputs"):
                 raise UserError("inputs= is missing: give image files or a folder, e.g. inputs=photo.png, "
                                 "inputs=[a.png,b.jpg] or inputs=images/")
@@ -247,12 +246,6 @@ def _main():
 
             configure_host_devices(pc.hardware.platform, 0)
             out = predict(pc, HydraConfig.get().runtime.output_dir)
-        except UserError as e:
-            log.error("error: %s", e)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            log.error("interrupted")
-            sys.exit(130)
         if out["errors"]:
             sys.exit(1)
 

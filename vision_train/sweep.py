@@ -167,7 +167,8 @@ def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
         return None  # unreadable: train again (the run's own resume logic decides what is usable)
     diff = config_differences(saved, current_config)
     if diff:
-        shown = ", ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(current_config).get(k)!r}" for k in diff[:4])
+        before, now = _flatten(saved), _flatten(current_config)
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
         raise JobConflict(f"{run_dir} holds a finished job with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
                           f"use a new hydra.sweep.dir, or move that directory aside to train this job again")
     return summary
@@ -277,12 +278,9 @@ def split_overrides(rows: list[dict]) -> tuple[list[str], list[str]]:
 
 def render(rows: list[dict]) -> tuple[str, str]:
     """(CSV, Markdown) of the rows; the best job is marked (``best`` column, and bold in Markdown). The
-    Markdown table shows the overrides that differ between jobs; the CSV has every job's full list."""
+    Markdown table shows each row's ``swept`` overrides (those that differ between jobs, ``write_summary``);
+    the CSV has every job's full list."""
     best = best_row(rows)
-    _, varying = split_overrides(rows)
-    for r in rows:
-        mine = dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split())
-        r["swept"] = " ".join(f"{k}={mine[k]}" for k in varying if k in mine) or r["job"]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(COLUMNS + ["best"])
@@ -307,6 +305,10 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     """Write ``sweep_summary.csv`` and ``sweep_summary.md`` to the sweep directory; return rows and Markdown."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
+    common, varying = split_overrides(rows)
+    for r in rows:  # what the Markdown table and the messages name a job by
+        mine = dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split())
+        r["swept"] = " ".join(f"{k}={mine[k]}" for k in varying if k in mine) or r["job"]
     csv_text, md = render(rows)
     counts = {}
     for r in rows:
@@ -314,7 +316,6 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     order = ["finished", "failed", "interrupted", "running"]
     tail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])))
     best = best_row(rows)
-    common, _ = split_overrides(rows)
     title = f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: {tail}."
     if best is not None:
         title += f" Best: {best['swept']} ({best['objective']} {best['value']:.4g}, in {best['job']})."
@@ -334,25 +335,33 @@ except ImportError:  # pragma: no cover
     _Callback = object
 
 
+def check_direction(objective: str, sweeper) -> None:
+    """An Optuna sweeper (``hydra.sweeper`` config) must optimise ``objective`` the right way (accuracy up,
+    loss down); other sweepers have no direction."""
+    from .config import OBJECTIVES
+    from .errors import ConfigError
+
+    if "optuna" not in str(sweeper.get("_target_", "")) or objective not in OBJECTIVES:
+        return
+    direction, want = sweeper.get("direction"), OBJECTIVES[objective]
+    if isinstance(direction, str) and direction != want:
+        raise ConfigError("hydra.sweeper.direction", direction, f"trainer.objective={objective} is better when "
+                          f"{'larger' if want == 'maximize' else 'smaller'}; set hydra.sweeper.direction={want}")
+
+
 class SweepSummary(_Callback):
     """Hydra callback (conf/config.yaml, hydra.callbacks): the summary table when a sweep ends. A sweep
     with failed jobs exits with status 1 after writing it (every other job has run)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        """An Optuna search must optimise its objective the right way: checked once, before any trial."""
-        from .config import OBJECTIVES
+        """An Optuna search must optimise its objective the right way: checked once, before any trial (each
+        job checks again, for sweeps whose jobs differ in it)."""
+        from .config import resolve_objective
 
-        sweeper = config.hydra.sweeper
-        if "optuna" not in str(sweeper.get("_target_", "")):
-            return
-        objective = config.trainer.objective
-        if objective == "auto":
-            objective = "best/val/acc" if config.data.val_size > 0 else "test/acc"
-        direction = sweeper.get("direction")
-        if objective in OBJECTIVES and isinstance(direction, str) and direction != OBJECTIVES[objective]:
-            log.error("error: hydra.sweeper.direction=%s: trainer.objective=%s is better when %s; set "
-                      "hydra.sweeper.direction=%s", direction, objective,
-                      "larger" if OBJECTIVES[objective] == "maximize" else "smaller", OBJECTIVES[objective])
+        try:
+            check_direction(resolve_objective(config.trainer.objective, config.data.val_size), config.hydra.sweeper)
+        except UserError as e:
+            log.error("error: %s", e)
             sys.exit(2)
 
     def on_multirun_end(self, config, **kwargs) -> None:

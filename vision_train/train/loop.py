@@ -50,6 +50,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     t_start = time.time()
     started_at = started_at or t_start
     run_dir = Path(run_dir)
+    if cfg.trainer.checkpoint and any(c in str(run_dir.resolve()) for c in "[]"):  # before anything loads
+        raise ConfigError("hydra.run.dir", str(run_dir), "Orbax cannot restore checkpoints from a path holding [ or ] "
+                          "(in a sweep: hydra.sweep.dir); choose a directory without them, or set "
+                          "trainer.checkpoint=false")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- hardware
@@ -133,9 +137,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     new_acc = jax.jit(new_accumulator, out_shardings=replicated)
     acc = new_acc()
     ckpt_dir = run_dir / "checkpoints"
-    if t.checkpoint and any(c in str(ckpt_dir.resolve()) for c in "[]"):
-        raise ConfigError("hydra.run.dir", str(run_dir), "Orbax cannot restore checkpoints from a path holding [ or ]; "
-                          "choose a directory without them, or set trainer.checkpoint=false")
     shapes = ckpt_lib.param_shapes(state.params)
     if t.resume == "never" and is_main:
         moved = ckpt_lib.set_aside(ckpt_dir)

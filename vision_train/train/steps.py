@@ -4,7 +4,7 @@ augmentation and the normalisation constants are closed over, everything that ch
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
