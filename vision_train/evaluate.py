@@ -231,11 +231,11 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     # ---------------------------------------------------------------- report
     from .tracking import media
 
-    cm = media.confusion_matrix(split.labels, preds, len(classes))
-    cal = media.calibration(confidence, preds == split.labels)
+    cm = np.asarray(host["confusion"]).astype(np.int64)  # the eval step's counts, as in training
+    cal = media.calibration_from_bins(host["bins"]["count"], host["bins"]["confidence"], host["bins"]["correct"])
     per_class = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, media.per_class_accuracy(cm))}
     s = ec.split
-    metrics = {f"{s}/acc": acc, f"{s}/loss": loss, f"{s}/ece": cal["ece"]}
+    metrics = {f"{s}/acc": acc, f"{s}/loss": loss, **media.eval_scalars(s, cm, cal, classes)}
     samples = [{"index": int(i), "true": classes[int(split.labels[i])], "pred": classes[int(p.argmax())],
                 "confidence": float(p.max())} for i, p in zip(sample_idx[:ec.num_samples], probs[:ec.num_samples])]
     report = {
@@ -297,7 +297,8 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
         if lg.media and is_main:
             figures = tracker.log_eval(
                 s, step, labels=split.labels, preds=preds, confidence=confidence, class_names=classes,
-                images=split.images, sample={"index": sample_idx[:lg.num_samples], "probs": probs[:lg.num_samples]})
+                images=split.images, sample={"index": sample_idx[:lg.num_samples], "probs": probs[:lg.num_samples]},
+                confusion=cm, cal=cal)
             made = figures.result() if figures is not None else None
             if made:
                 report["media"] = {k: str(v) for k, v in made["files"].items()}

@@ -15,26 +15,39 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..records import read_rows
+
 log = logging.getLogger("vision_train")
 
 
 class LocalSink:
-    def __init__(self, run_dir: Path, keep_until_step: int = 0):
+    """``metrics.jsonl``: one JSON object per (step, logging call), written on the loop's thread in the
+    loop's order, so two identical runs write identical files (but for timings)."""
+
+    def __init__(self, run_dir: Path, keep_rows: int | None = None, keep_until_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.rows = 0
         if self.path.exists():
-            # Resuming from step s: rows after s were logged by the attempt that died and are logged
-            # again now; keep the file free of duplicated steps (written aside first, then renamed).
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_until_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            tmp.replace(self.path)
+            # Resuming: the rows written after the checkpoint (``keep_rows`` of them were there when it was
+            # saved; older checkpoints: the rows up to its step) come again now, with the same values. The
+            # file is cut to the checkpoint's rows (written aside first, then renamed); a line torn by the
+            # crash is dropped.
+            rows = read_rows(self.path)
+            rows = rows[:keep_rows] if keep_rows is not None else [r for r in rows if r.get("step", 0) <= keep_until_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            try:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                tmp.replace(self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.rows = len(rows)
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps every line written
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                 for k, v in metrics.items()}}
         self._f.write(json.dumps(row) + "\n")
+        self.rows += 1
 
     def finish(self) -> None:
         self._f.close()
@@ -42,11 +55,14 @@ class LocalSink:
 
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None,
-                 resume_step: int = 0, run_id: str | None = None, wandb_step: int | None = None):
+                 resume_step: int = 0, resume_rows: int | None = None, run_id: str | None = None,
+                 wandb_step: int | None = None):
+        """``resume_step``/``resume_rows``: the checkpoint resumed from, and how many rows metrics.jsonl had
+        when it was saved (None: a checkpoint that did not record it; the rows up to its step are kept)."""
         self.run_dir = Path(run_dir)
-        self.local = LocalSink(self.run_dir, keep_until_step=resume_step) if is_main else None
+        self.local = LocalSink(self.run_dir, keep_rows=resume_rows, keep_until_step=resume_step) if is_main else None
         self.versions = config.get("meta", {}).get("versions", {})
-        self._lock = threading.Lock()  # the media thread logs too
+        self._lock = threading.Lock()  # the media thread reads metrics.jsonl (curves)
         # Eval media (figures, tables) are made on one background thread, in order, so an eval costs
         # the training loop only the fetch of its predictions.
         self._media = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media") if is_main else None
@@ -74,10 +90,8 @@ class Tracker:
         (self.run_dir / "wandb" / "superseded").mkdir(exist_ok=True)
         for d in old:
             shutil.move(str(d), self.run_dir / "wandb" / "superseded" / d.name)
-        with open(self.local.path) as f:
-            for line in f:
-                row = json.loads(line)
-                self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
+        for row in read_rows(self.local.path):
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
         log.info("W&B offline run %s resumed: %d earlier attempt(s) moved to wandb/superseded/", run_id, len(old))
 
     @property
@@ -106,12 +120,18 @@ class Tracker:
         self._queued[key] = self._media.submit(job)
         return self._queued[key]
 
+    @property
+    def rows(self) -> int:
+        """Rows in metrics.jsonl so far (a checkpoint records it: a resume cuts the file back to it)."""
+        return self.local.rows if self.local else 0
+
     def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, images=None,
-                 sample: dict | None = None, boundary: dict | None = None):
-        """Confusion matrix, per-class accuracy, calibration and prediction figures for one evaluation:
-        scalars to both sinks, PNGs under ``<run dir>/media``, tables and plots to W&B. ``boundary``:
-        2-D data's predicted classes over a grid (``_boundary_grid``). Runs on the media thread; returns
-        its future (None off process 0); ``finish`` waits for it."""
+                 sample: dict | None = None, boundary: dict | None = None, confusion=None, cal: dict | None = None):
+        """Figures for one evaluation: PNGs under ``<run dir>/media``, tables and plots to W&B. Its scalars
+        (loss, accuracy, per-class accuracy, ECE) are logged by the caller with the eval, never here: media
+        may be skipped under backlog, scalars never. ``confusion``/``cal``: the eval step's counts.
+        ``boundary``: 2-D data's predicted classes over a grid (``_boundary_grid``). Runs on the media
+        thread; returns its future (None off process 0); ``finish`` waits for it."""
         if not self.local:
             return None
 
@@ -121,16 +141,14 @@ class Tracker:
             try:
                 report = media.eval_report(split, labels=labels, preds=preds, confidence=confidence,
                                            class_names=class_names, images=images, sample=sample,
-                                           out_dir=self.run_dir / "media")
+                                           out_dir=self.run_dir / "media", confusion=confusion, cal=cal)
                 if boundary is not None:
                     report["files"]["decision_boundary"] = media.plot_decision_boundary(
                         boundary["points"], labels, boundary["grid"], boundary["grid_pred"],
                         self.run_dir / "media" / f"{split}_boundary.png", f"{split} decision boundary")
-                self.log(report["scalars"], step)
-                if self.wandb:
-                    with self._lock:
-                        self.wandb.log_eval(split, step, report, labels=labels, preds=preds,
-                                            class_names=class_names, images=images)
+                if self.wandb:  # (the sink hands it to its own thread: no lock is held over the network)
+                    self.wandb.log_eval(split, step, report, labels=labels, preds=preds,
+                                        class_names=class_names, images=images)
                 return report
             except Exception:  # media must never cost the run
                 log.exception("making the %s media at step %d failed", split, step)
@@ -144,9 +162,9 @@ class Tracker:
         from . import media
 
         def job():
-            with self._lock:
+            with self._lock:  # (the loop appends under it: no half-written line is read)
                 self.local._f.flush()
-                rows = [json.loads(line) for line in open(self.local.path)]
+                rows = read_rows(self.local.path)
             (self.run_dir / "media").mkdir(exist_ok=True)
             media.plot_curves(rows, self.run_dir / "media" / "curves.png")
 

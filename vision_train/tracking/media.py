@@ -24,16 +24,32 @@ def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict:
-    """Expected calibration error (equal-width confidence bins) and the reliability-diagram data."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    conf_sum = np.bincount(which, weights=confidence, minlength=bins)
-    acc_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=bins)
+    """Expected calibration error (equal-width confidence bins) and the reliability-diagram data, from
+    per-example confidences (the eval step counts the same bins on the device: ``calibration_from_bins``)."""
+    which = np.clip(np.floor(confidence * bins).astype(np.int64), 0, bins - 1)
+    return calibration_from_bins(np.bincount(which, minlength=bins),
+                                 np.bincount(which, weights=confidence, minlength=bins),
+                                 np.bincount(which, weights=correct.astype(np.float64), minlength=bins))
+
+
+def calibration_from_bins(count, confidence_sum, correct_sum) -> dict:
+    """ECE and reliability-diagram data from per-bin sums (count, summed confidence, summed correctness)."""
+    count, conf_sum, acc_sum = (np.asarray(a, np.float64) for a in (count, confidence_sum, correct_sum))
+    edges = np.linspace(0.0, 1.0, len(count) + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf, mean_acc = conf_sum / count, acc_sum / count
-    ece = float(np.sum(np.abs(acc_sum - conf_sum)) / max(len(confidence), 1))
+    ece = float(np.sum(np.abs(acc_sum - conf_sum)) / max(float(count.sum()), 1.0))
     return {"ece": ece, "edges": edges, "count": count, "confidence": mean_conf, "accuracy": mean_acc}
+
+
+def eval_scalars(split: str, confusion: np.ndarray, cal: dict, class_names) -> dict:
+    """The scalars of one evaluation beyond loss/accuracy: ``<split>/ece`` and ``<split>/class_acc/<class>``
+    (classes absent from the split are left out)."""
+    scalars = {f"{split}/ece": cal["ece"]}
+    for name, a in zip(class_names, per_class_accuracy(np.asarray(confusion))):
+        if not np.isnan(a):
+            scalars[f"{split}/class_acc/{name}"] = float(a)
+    return scalars
 
 
 def _figure(w: float, h: float):
@@ -143,18 +159,16 @@ def plot_decision_boundary(points: np.ndarray, labels: np.ndarray, grid: tuple, 
 
 
 def eval_report(split: str, *, labels: np.ndarray, preds: np.ndarray, confidence: np.ndarray, class_names,
-                images: np.ndarray | None, out_dir: Path, sample: dict | None = None, top_mistakes: int = 16) -> dict:
-    """Scalars and figures for one evaluation. Returns {"scalars": {...}, "files": {name: path},
-    "confusion": cm, "sample": sample}; figures are written to ``out_dir``."""
+                images: np.ndarray | None, out_dir: Path, sample: dict | None = None, top_mistakes: int = 16,
+                confusion: np.ndarray | None = None, cal: dict | None = None) -> dict:
+    """Figures for one evaluation. ``confusion``/``cal``: the eval step's counts (computed from ``preds``
+    and ``confidence`` when not given). Returns {"files": {name: path}, "confusion": cm, "sample": sample};
+    figures are written to ``out_dir``. (Its scalars come from ``eval_scalars``, logged with the eval.)"""
     out_dir.mkdir(parents=True, exist_ok=True)
     k = len(class_names)
-    cm = confusion_matrix(labels, preds, k)
     correct = preds == labels
-    cal = calibration(confidence, correct)
-    scalars = {f"{split}/ece": cal["ece"]}
-    for name, a in zip(class_names, per_class_accuracy(cm)):
-        if not np.isnan(a):
-            scalars[f"{split}/class_acc/{name}"] = float(a)
+    cm = np.asarray(confusion).astype(np.int64) if confusion is not None else confusion_matrix(labels, preds, k)
+    cal = cal if cal is not None else calibration(confidence, correct)
     files = {
         "confusion_heatmap": plot_confusion(cm, class_names, out_dir / f"{split}_confusion.png", f"{split} confusion matrix"),
         "reliability": plot_reliability(cal, out_dir / f"{split}_reliability.png", f"{split} reliability"),
@@ -170,4 +184,4 @@ def eval_report(split: str, *, labels: np.ndarray, preds: np.ndarray, confidence
         files["confident_mistakes"] = plot_predictions(images[worst], labels[worst], preds[worst], confidence[worst],
                                                        class_names, out_dir / f"{split}_mistakes.png",
                                                        f"{split}: most confident mistakes")
-    return {"scalars": scalars, "files": files, "confusion": cm, "sample": sample}
+    return {"files": files, "confusion": cm, "sample": sample}

@@ -5,13 +5,17 @@ Importable without Hydra: tests and benchmarks call it with a ``Config`` built i
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import config as config_lib
+from .. import records
 from ..errors import ConfigError, TrainingError, UserError
 
 log = logging.getLogger("vision_train")
@@ -139,20 +143,24 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     ckpt_dir = run_dir / "checkpoints"
     shapes = ckpt_lib.param_shapes(state.params)
     if t.resume == "never" and is_main:
-        moved = ckpt_lib.set_aside(ckpt_dir)
+        moved = records.set_aside_run(run_dir)  # nothing an earlier run wrote is overwritten or deleted
         if moved:
-            log.info("trainer.resume=never: earlier checkpoints moved to %s", moved)
-    checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
-                                          best_mode=t.best_mode) if t.checkpoint else None)
+            log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
     source = None
     if t.resume not in ("auto", "never"):
         source = ckpt_lib.find(t.resume)
-    elif t.resume == "auto" and checkpointer is not None and checkpointer.latest() is not None:
-        source = (ckpt_dir, None)
+    own = source is not None and source[0].resolve() == ckpt_dir.resolve()
+    if own and source[1] is not None and is_main:
+        _set_aside_after(run_dir, ckpt_dir, source[1])  # resuming from an earlier step of this run
+    checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
+                                          best_mode=t.best_mode) if t.checkpoint else None)
+    if t.resume == "auto" and checkpointer is not None and checkpointer.latest() is not None:
+        source, own = (ckpt_dir, None), True
     resumed: dict = {}
+    parent: dict | None = None
     if source is not None:
         src_dir, src_step = source
-        reader = checkpointer if (checkpointer and src_dir == ckpt_dir) else \
+        reader = checkpointer if (checkpointer and own) else \
             ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
         src_step = reader.resolve_step(src_step)
         ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
@@ -161,8 +169,21 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
         state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
         log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
+        if not own:  # another run's checkpoint: this is a new run (a new W&B run) that names its parent
+            parent = {"checkpoint": str(src_dir / str(src_step)), "step": src_step,
+                      "run_dir": str(src_dir.parent) if src_dir.name == "checkpoints" else None,
+                      "wandb_run_id": resumed.get("wandb_run_id")}
+            resumed = {"loop": resumed.get("loop", {})}
     start_step = int(jax.device_get(state.step))
     loop_state = resumed.get("loop", {})
+    if own and start_step == total_steps and (run_dir / "summary.json").exists():
+        done = json.loads((run_dir / "summary.json").read_text())
+        log.info("this run finished (step %d of %d); nothing to do. Its summary: %s. To train it again from the "
+                 "start use trainer.resume=never (the finished run's files are set aside, not overwritten)",
+                 start_step, total_steps, run_dir / "summary.json")
+        if checkpointer is not None:
+            checkpointer.close()
+        return done
 
     # ---------------------------------------------------------------- tracking
     from ..tracking import Tracker, default_run_name, run_metadata
@@ -170,9 +191,13 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     resolved = config_lib.to_dict(cfg)
     if is_main:
         _write_yaml(run_dir / "config.yaml", resolved)
-    tracker = Tracker(run_dir, {**resolved, "meta": run_metadata(run_dir, devices, n_params) if is_main else {}},
-                      cfg.logger, is_main=is_main, name=default_run_name(cfg, run_dir),
-                      resume_step=start_step, run_id=resumed.get("wandb_run_id"), wandb_step=resumed.get("wandb_step"))
+    meta = run_metadata(run_dir, devices, n_params) if is_main else {}
+    if parent:
+        meta["parent"] = parent
+    tracker = Tracker(run_dir, {**resolved, "meta": meta}, cfg.logger, is_main=is_main,
+                      name=default_run_name(cfg, run_dir), resume_step=start_step,
+                      resume_rows=loop_state.get("rows") if own else None,
+                      run_id=resumed.get("wandb_run_id"), wandb_step=resumed.get("wandb_step"))
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
@@ -183,12 +208,18 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     timing = {"startup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "media_s": 0.0, "checkpoint_s": 0.0}
 
     def evaluate(name: str, step: int) -> dict:
+        """One pass over a split; its scalars (loss, accuracy, ECE, per-class accuracy) come from the eval
+        step's sums, fetched here; the figures are drawn on the media thread from the same counts."""
+        from ..tracking import media
+
         t0 = time.time()
         x, y, idx, mask = eval_data[name]
         out = eval_step(state.params, state.other, x, y, idx, mask)
-        host = jax.device_get({k: out[k] for k in ("loss", "correct", "count")})
+        host = jax.device_get({k: out[k] for k in ("loss", "correct", "count", "confusion", "bins")})
         n = float(host["count"])
-        scalars = {f"{name}/loss": float(host["loss"]) / n, f"{name}/acc": float(host["correct"]) / n}
+        cal = media.calibration_from_bins(host["bins"]["count"], host["bins"]["confidence"], host["bins"]["correct"])
+        scalars = {f"{name}/loss": float(host["loss"]) / n, f"{name}/acc": float(host["correct"]) / n,
+                   **media.eval_scalars(name, host["confusion"], cal, ds.class_names)}
         t1 = time.time()
         timing["eval_s"] += t1 - t0
         if cfg.logger.media:
@@ -201,7 +232,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
             boundary = _boundary_grid(split, predict, state) if ds.shape == (1, 1, 2) else None  # 2-D points
             tracker.log_eval(name, step, labels=split.labels, preds=np.asarray(out["pred"])[valid],
                              confidence=np.asarray(out["confidence"])[valid], class_names=ds.class_names,
-                             images=split.images, sample=sample, boundary=boundary)
+                             images=split.images, sample=sample, boundary=boundary, confusion=host["confusion"],
+                             cal=cal)
             timing["media_s"] += time.time() - t1
         return scalars
 
@@ -215,12 +247,15 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     def save(step: int, metrics: dict | None = None) -> None:
         if checkpointer is None:
             return
-        meta = {"config": resolved, "wandb_run_id": tracker.run_id, "wandb_step": tracker.wandb_step,
-                "param_shapes": shapes, "step": step,
-                "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
-                         "std": list(ds.std), "scale": ds.scale},
-                "versions": tracker.versions, "best_metric": t.best_metric,
-                "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step, "last_val": last_val}}
+        # A deep copy: the save is written on a background thread while the loop goes on changing its sums.
+        meta = copy.deepcopy({
+            "config": resolved, "wandb_run_id": tracker.run_id, "wandb_step": tracker.wandb_step,
+            "param_shapes": shapes, "step": step,
+            "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
+                     "std": list(ds.std), "scale": ds.scale},
+            "versions": tracker.versions, "best_metric": t.best_metric,
+            "loop": {"epoch_sums": epoch_sums, "best_val": best_val, "best_step": best_step, "last_val": last_val,
+                     "rows": tracker.rows}})
         t0 = time.time()
         checkpointer.save(step, {"state": state, "acc": acc}, meta, metrics)  # blocks for the device->host copy
         timing["checkpoint_s"] += time.time() - t0
@@ -293,8 +328,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
                 # from the history, and the summary gets the final value.
                 tracker.log({**val, "best/val/acc": best_val, "epoch": float(epoch + 1)}, step)
                 tracker.log_curves()
-                line.update(val)
-                last_val = val
+                last_val = {k: val[k] for k in ("val/loss", "val/acc")}  # (per-class values: in metrics.jsonl)
+                line.update(last_val)
             log.info("epoch %d/%d  %s  %s img/s  %.1fs", epoch + 1, t.epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in line.items()),
                      f"{epoch_sums['count'] / epoch_time:,.0f}", epoch_time)
@@ -311,6 +346,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         test = evaluate("test", step)
         tracker.log(test, step)
         tracker.log_curves()
+        test = {k: test[k] for k in ("test/loss", "test/acc", "test/ece")}
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
         summary.update(test)
         summary.update(last_val)  # the final evaluation's val/loss, val/acc
@@ -383,6 +419,25 @@ class _StopOnSignal:
         raise Preempted(f"stopped by {name}: {where}; " +
                         ("submitit requeues the job, which resumes there" if requeue else
                          "run the same command (same run directory) to resume"), self.signum, requeue)
+
+
+def _set_aside_after(run_dir: Path, ckpt_dir: Path, step: int) -> None:
+    """Resuming from an earlier step of this run: what came after it is replaced. The later checkpoints,
+    the summary and a copy of metrics.jsonl (which the resume cuts back to that step) go to
+    ``<run dir>/earlier/<time>/``; nothing is deleted."""
+    later = sorted((p for p in ckpt_dir.iterdir() if p.name.isdigit() and int(p.name) > step), key=lambda p: int(p.name))
+    if not later:
+        return
+    dest = records.aside_dir(run_dir)
+    (dest / "checkpoints").mkdir(parents=True)
+    for p in later:
+        shutil.move(str(p), dest / "checkpoints" / p.name)
+    if (run_dir / "summary.json").exists():
+        shutil.move(str(run_dir / "summary.json"), dest / "summary.json")
+    if (run_dir / "metrics.jsonl").exists():
+        shutil.copy2(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    log.info("resuming from step %d: the later checkpoints (%s) and the records after it were set aside in %s",
+             step, ", ".join(p.name for p in later), dest)
 
 
 def _boundary_grid(split, predict, state) -> dict:

@@ -14,6 +14,9 @@ from flax import nnx
 from ..data import pipeline
 from .state import TrainState
 
+# Equal-width confidence bins of the expected calibration error (the eval step counts them).
+CALIBRATION_BINS = 15
+
 # Times each step function was traced (a test asserts the train step is traced once per run).
 TRACES: collections.Counter = collections.Counter()
 
@@ -27,7 +30,7 @@ def new_accumulator() -> dict:
 
 class Steps(NamedTuple):
     train: Callable    # (state, acc, images, labels, perm, index) -> (state, acc): gather, augment, update
-    eval: Callable     # (params, other, images, labels, idx, mask) -> sums and per-example predictions
+    eval: Callable     # (params, other, images, labels, idx, mask) -> sums, confusion, calibration bins, predictions
     predict: Callable  # (params, other, images) -> class probabilities
     update: Callable   # (state, acc, x, y) -> (state, acc): the train step after its input pipeline
 
@@ -83,6 +86,9 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
         """One pass over a whole split (idx, mask: (num_batches, batch)); every example counted once."""
         TRACES["eval_step"] += 1
 
+        num_classes = jax.eval_shape(lambda: forward(
+            params, other, pipeline.normalize(images[:1], scale, mean, std, dtype), train=False)).shape[-1]
+
         def body(carry, batch):
             bidx, bmask = batch
             bidx = jax.lax.with_sharding_constraint(bidx, batch_sharding)
@@ -93,13 +99,25 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, a
             loss = jnp.sum(loss_fn(logits, y, logits.shape[-1]) * m)
             probs = jax.nn.softmax(logits)
             pred = jnp.argmax(logits, -1)
-            correct = jnp.sum((pred == y) * m)
-            return (carry[0] + loss, carry[1] + correct, carry[2] + jnp.sum(m)), (pred, jnp.max(probs, -1))
+            conf = jnp.max(probs, -1)
+            hit = (pred == y).astype(jnp.float32) * m
+            # Confusion counts (rows: true class) and calibration bins: the per-class accuracy and the
+            # ECE are computed here, with the eval, so they never depend on the media thread.
+            confusion = carry["confusion"].at[y, pred].add(m)
+            b = jnp.clip(jnp.floor(conf * CALIBRATION_BINS).astype(jnp.int32), 0, CALIBRATION_BINS - 1)
+            bins = {"count": carry["bins"]["count"].at[b].add(m),
+                    "confidence": carry["bins"]["confidence"].at[b].add(conf * m),
+                    "correct": carry["bins"]["correct"].at[b].add(hit)}
+            carry = {"loss": carry["loss"] + loss, "correct": carry["correct"] + jnp.sum(hit),
+                     "count": carry["count"] + jnp.sum(m), "confusion": confusion, "bins": bins}
+            return carry, (pred, conf)
 
         z = jnp.zeros((), jnp.float32)
-        (loss, correct, count), (pred, conf) = jax.lax.scan(body, (z, z, z), (idx, mask))
-        return {"loss": loss, "correct": correct, "count": count,
-                "pred": pred.reshape(-1), "confidence": conf.reshape(-1)}
+        zb = jnp.zeros((CALIBRATION_BINS,), jnp.float32)
+        init = {"loss": z, "correct": z, "count": z, "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
+                "bins": {"count": zb, "confidence": zb, "correct": zb}}
+        sums, (pred, conf) = jax.lax.scan(body, init, (idx, mask))
+        return {**sums, "pred": pred.reshape(-1), "confidence": conf.reshape(-1)}
 
     def predict(params, other, images):
         """Class probabilities for a small host batch (sample tables, decision boundaries)."""
