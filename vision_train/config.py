@@ -187,6 +187,7 @@ class LoggerConfig(_Freezable):
     tags: List[str] = field(default_factory=list)
     notes: Optional[str] = None
     init_timeout_s: float = 30.0       # online: give up on an unreachable server after this, go on offline
+    finish_timeout_s: float = 60.0     # online: the most the end of a run waits for uploads (then: `wandb sync`)
     log_checkpoints: bool = False      # upload the best and latest checkpoints as W&B artifacts
     media: bool = True                 # confusion matrices, prediction tables/grids, calibration at each eval
     num_samples: int = 32              # the fixed validation/test images shown in prediction tables
@@ -336,6 +337,7 @@ def validate(cfg: Config) -> Config:
     _choice("logger.mode", lg.mode, ("auto", "online", "offline", "disabled"))
     _positive("logger.num_samples", lg.num_samples, allow_zero=True)
     _positive("logger.init_timeout_s", lg.init_timeout_s)
+    _positive("logger.finish_timeout_s", lg.finish_timeout_s)
     return cfg
 
 
