@@ -141,7 +141,7 @@ def test_resume_never_starts_over_and_keeps_the_old_checkpoints(tmp_path):
     train(compose([*TINY, "trainer.epochs=1"]), run_dir)
     summary = train(compose([*TINY, "trainer.epochs=1", "trainer.resume=never"]), run_dir)
     assert summary["step"] == 1257 // 64
-    assert list(tmp_path.glob("run/checkpoints.before-*"))
+    assert list(tmp_path.glob("run/earlier/*/checkpoints/*"))
 
 
 def test_resumed_offline_wandb_run_is_one_run_with_each_step_once(tmp_path):
