@@ -88,7 +88,7 @@ BAD = [
     # (how to make the checkpoint argument, extra args, text the one-line error must contain)
     ("missing", [], "checkpoint= is missing: give the training run's directory"),
     ("empty", [], "no complete checkpoint in"),
-    ("truncated", [], "could not be restored"),
+    ("truncated", [], "is damaged"),  # (earlier steps named: tests/test_failures.py)
     ("run", ["data=toy"], "data='toy': its images are 1x1x2 with 2 classes"),
 ]
 
@@ -111,7 +111,9 @@ def test_evaluate_bad_input_is_one_line_and_nonzero(trained, tmp_path, what, ext
     assert "Traceback" not in out
     errors = [line for line in out.splitlines() if "error:" in line]
     assert len(errors) == 1, out[-2000:]
-    if ckpt is not None and what != "run":
+    if what == "truncated":  # its only checkpoint
+        assert "there is no earlier checkpoint in" in errors[0] and "train again" in errors[0]
+    elif ckpt is not None and what != "run":
         assert "checkpoint=" in errors[0] and "give the training run's directory" in errors[0]
     assert not (tmp_path / "eval" / "eval.json").exists()
 

@@ -9,10 +9,16 @@ copied to host memory, then written on a background thread while training goes o
 
 Restores target the *current* mesh's shardings, so a checkpoint written on 8 devices restores on 1 and
 the other way round.
+
+Failures are one line (a ``UserError``): a full disk names the checkpoint (step and path) that could not be
+written, whether the failure happened in the call or in a background save surfacing later (at the next
+save, ``wait`` or ``close``); the failed step's temporary directory is removed, the earlier checkpoints
+stay as they were. A checkpoint that cannot be read names its step and the earlier steps to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -22,13 +28,39 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from .errors import UserError
+from .errors import DiskFull, UserError, disk_full_reason, one_line, remove_quietly
 
 log = logging.getLogger("vision_train")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, foreign, or for another model."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete checkpoint (Orbax committed it) whose files cannot be read back: damaged on disk. The
+    message names the step and the earlier steps to use instead, as the value of ``key``
+    (``trainer.resume`` when training resumes, ``checkpoint`` for evaluate/predict): ``for_key``."""
+
+    def __init__(self, directory: Path, step: int, why: str, earlier: list[int], key: str = "trainer.resume"):
+        self.directory, self.step, self.why, self.earlier, self.key = Path(directory), step, why, list(earlier), key
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = self.directory / str(self.step)
+        head = f"the checkpoint at step {self.step} ({where}) is damaged: {self.why}"
+        if not self.earlier:
+            fix = ("start over with trainer.resume=never (it sets the damaged checkpoints aside)"
+                   if self.key == "trainer.resume" else "train again, or give another run's checkpoint")
+            return f"{head}; there is no earlier checkpoint in {self.directory}: {fix}"
+        use = f"{self.key}={self.directory / str(self.earlier[-1])}"
+        if len(self.earlier) == 1:
+            return f"{head}; the earlier step {self.earlier[0]} is in {self.directory}: use it, {use}"
+        steps = ", ".join(map(str, self.earlier))
+        return f"{head}; earlier steps in {self.directory}: {steps}; use one, e.g. {use}"
+
+    def for_key(self, key: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(self.directory, self.step, self.why, self.earlier, key)
 
 
 def _ocp():
@@ -74,6 +106,7 @@ class Checkpointer:
             preservation_policy=cm.AnyPreservationPolicy(policies), create=not read_only, read_only=read_only,
             enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
         self.best_metric = best_metric
+        self._pending: int | None = None  # the step whose asynchronous save may still be running
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options,
@@ -102,20 +135,57 @@ class Checkpointer:
         return self.manager.best_step() if self.best_metric else None
 
     def save(self, step: int, items: dict, meta: dict, metrics: dict | None = None, *, force: bool = True) -> None:
+        """Start saving ``step`` (written on a background thread). A failure of the previous save surfaces
+        here, as a ``DiskFull``/``CheckpointError`` naming that save's step."""
         ocp = _ocp()
         if self.best_metric and metrics and self.best_metric not in metrics:
             metrics = None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics=metrics, force=force)
+        self.wait()  # (Orbax waits for the previous save anyway; here its failure is attributed to its step)
+        self._pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(items),
+                                                            meta=ocp.args.JsonSave(meta)),
+                              metrics=metrics, force=force)
+        except Exception as e:
+            self._pending = None
+            if isinstance(e, OSError) or disk_full_reason(e):  # (anything else, e.g. a step saved already: as is)
+                self._save_failed(step, e)
+            raise
+
+    def _save_failed(self, step: int, e: Exception):
+        """The save of ``step`` failed: its temporary directory goes, the error is one line."""
+        with contextlib.suppress(Exception):  # Orbax's threads end (a second wait does not raise the error again)
+            self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                remove_quietly(tmp)
+        earlier = [s for s in self._complete_steps() if s < step]
+        note = (f"the earlier checkpoint{'s' * (len(earlier) > 1)} (step{'s' * (len(earlier) > 1)} "
+                f"{', '.join(map(str, earlier))}) {'are' if len(earlier) > 1 else 'is'} intact" if earlier
+                else "there is no earlier checkpoint")
+        reason = disk_full_reason(e)
+        if reason:
+            raise DiskFull(self.directory / str(step), f"the checkpoint at step {step}", reason, note) from None
+        raise CheckpointError(f"the checkpoint at step {step} could not be written to {self.directory / str(step)} "
+                              f"({_why(e)}); {note}") from None
+
+    def _complete_steps(self) -> list[int]:
+        """Steps with a committed checkpoint on disk (read from the directory, not Orbax's memory)."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
+
+    def damaged(self, step: int, why: str) -> DamagedCheckpoint:
+        """The error for a checkpoint of this directory that cannot be read (names the earlier steps)."""
+        return DamagedCheckpoint(self.directory, step, why, [s for s in self.steps() if s < step])
 
     def read_meta(self, step: int) -> dict:
         ocp = _ocp()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} is unreadable (its meta): "
-                                  f"{_why(e)}") from None
+            raise self.damaged(step, f"its metadata cannot be read ({_why(e)})") from None
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """``target``: a pytree of jax.ShapeDtypeStruct with the current mesh's shardings."""
@@ -130,15 +200,34 @@ class Checkpointer:
                     f"run's (another optimizer or optimizer setting, e.g. optimizer.name or gradient clipping on/off, "
                     f"or a checkpoint from an earlier version of vision_train); resume with the settings that wrote "
                     f"it, or start over with trainer.resume=never") from None
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: "
-                                  f"{_why(e)}") from None
+            raise self.damaged(step, f"it could not be restored ({_why(e)})") from None
         return out["state"], out["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Until the save in flight is written; its failure is a ``DiskFull``/``CheckpointError``."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            if step is None:
+                raise CheckpointError(f"a checkpoint could not be written to {self.directory}: {_why(e)}") from None
+            self._save_failed(step, e)
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for the save in flight, then release Orbax's threads. The save's failure is raised (a failure
+        raised already, by ``save`` or ``wait``, is not raised again)."""
+        error = None
+        try:
+            self.wait()
+        except UserError as e:
+            error = e
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - (a failure already reported by wait)
+            log.debug("closing the checkpoint manager: %s", one_line(e))
+        if error is not None:
+            raise error
 
 
 def check_compatible(meta: dict, shapes_now: dict[str, list[int]], where: Path) -> None:
@@ -187,7 +276,7 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
         try:
             tree = ckpt.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable: {_why(e)}") from None
+            raise ckpt.damaged(step, f"its array metadata cannot be read ({_why(e)})") from None
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
@@ -195,7 +284,7 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
         try:
             out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {directory / str(step)} could not be restored: {_why(e)}") from None
+            raise ckpt.damaged(step, f"it could not be restored ({_why(e)})") from None
     finally:
         ckpt.close()
     return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],

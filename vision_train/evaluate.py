@@ -17,14 +17,13 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
-from .errors import ConfigError, UserError, exit_on_user_error
+from .errors import ConfigError, UserError, exit_on_user_error, writing
 
 log = logging.getLogger("vision_train")
 
@@ -65,24 +64,14 @@ def train_run_dir(checkpoints_dir: Path) -> Path | None:
     return checkpoints_dir.parent if checkpoints_dir.name == "checkpoints" else None
 
 
-_restore_failed = False  # a checkpoint could not be read (see quiet_libraries)
-
-
 def quiet_libraries() -> None:
-    """For the CLIs: library noise off, so an error stays one line."""
+    """For the CLIs: library noise off, so an error stays one line (and background threads' tracebacks go
+    to the log file: ``errors.install_background_error_handling``)."""
+    from .errors import install_background_error_handling
+
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax: "Given directory is read only" for every open
-    default = sys.unraisablehook
-
-    def hook(u):
-        # After a failed Orbax restore (a damaged array file), its other reads still in flight complete onto
-        # an already closed event loop, or are garbage-collected unfinished, and print a traceback each:
-        # the error has been reported in one line already.
-        if _restore_failed or (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
-            return
-        default(u)
-
-    sys.unraisablehook = hook
+    install_background_error_handling()
 
 
 def confusion_text(cm: np.ndarray, class_names, max_classes: int = 20) -> str:
@@ -107,9 +96,9 @@ def load_checkpoint(path: str, sharding=None):
 
     try:
         restored = ckpt_lib.restore_model(path, sharding=sharding)
+    except ckpt_lib.DamagedCheckpoint as e:  # names the earlier steps to give instead
+        raise e.for_key("checkpoint") from None
     except ckpt_lib.CheckpointError as e:
-        global _restore_failed
-        _restore_failed = True
         msg = str(e)
         fix = "" if "give a run directory" in msg else f"; {CHECKPOINT_FIX} (from a finished or saved training run)"
         raise ckpt_lib.CheckpointError(f"checkpoint={path}: {msg}{fix}") from None
@@ -304,7 +293,8 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
                 report["media"] = {k: str(v) for k, v in made["files"].items()}
         tracker.summary({**metrics, "num_examples": n, "checkpoint_step": step})
         if is_main:
-            (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            with writing(run_dir / "eval.json", "the evaluation report"):
+                (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
             log.info("wrote %s", run_dir / "eval.json")
         exit_code = 0
     finally:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import MISSING, HardwareConfig
-from .errors import ConfigError, UserError, exit_on_user_error
+from .errors import ConfigError, UserError, exit_on_user_error, writing
 
 log = logging.getLogger("vision_train")
 
@@ -198,8 +198,9 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
            "trained_on": cfg.data.name, "input_shape": [h, w, c], "class_names": classes,
            "top_k": min(pc.top_k, len(classes)), "predictions": rows, "errors": errors}
     path = Path(pc.json).expanduser() if pc.json else run_dir / "predictions.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    with writing(path, "the predictions"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
     print(f"predictions: {path}", flush=True)
     if errors:
         log.warning("%d of %d inputs could not be read as images (listed above and under \"errors\" in %s)",
