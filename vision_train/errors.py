@@ -91,6 +91,43 @@ def disk_full_reason(e: BaseException | None) -> str | None:
     return None
 
 
+def disk_full_error(e: BaseException, what: str = "the run's files") -> DiskFull | None:
+    """``e`` as a ``DiskFull`` naming the file it could not write (e.g. Hydra's own writes), or None when
+    ``e`` is not a full disk."""
+    reason = disk_full_reason(e)
+    if not reason:
+        return None
+    if isinstance(e, DiskFull):
+        return e
+    seen, todo, path = set(), [e], None
+    while todo and path is None:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            path = x.filename or _file_written_in(x.__traceback__)
+        todo += [x.__cause__, x.__context__]
+    return DiskFull(path or "its directory", what, reason)
+
+
+def _file_written_in(tb) -> str | None:
+    """The file open for writing in the innermost frame of ``tb`` that has one (``with open(p, "w") as f:
+    f.write(...)`` raises an OSError that does not name ``p``)."""
+    import io
+
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str) and \
+                    any(c in str(getattr(value, "mode", "")) for c in "wax+"):
+                return value.name
+    return None
+
+
 def remove_quietly(path: str | Path) -> None:
     """Remove a temporary file or directory; what cannot be removed stays (nothing to do about it here)."""
     p = Path(path)
