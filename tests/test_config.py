@@ -1,11 +1,12 @@
 """Every preset composes against the schema; impossible values are refused naming key, value and fix."""
 
 import dataclasses
+import json
 import os
 
 import pytest
 
-from vision_train.config import ConfigError, to_dict
+from vision_train.config import BEST_METRICS, METRICS, OBJECTIVES, ConfigError, UnknownKey, to_dict
 
 from .helpers import CONF, compose
 
@@ -80,3 +81,60 @@ def test_impossible_values_name_key_value_and_fix(override, key, fix):
         compose(override.split())
     assert e.value.key == key
     assert str(e.value).startswith(f"{key}=") and fix in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,key,valid", [
+    (["+trainer.epochz=3"], "trainer.epochz", "epochs"),  # Hydra's own message suggests the +
+    (["model=cnn", "+model.patch_size=4"], "model.patch_size", "dense_dim"),  # the chosen arch's schema
+    (["+model.features=[8]"], "model.features", "patch_size"),  # (model=vit: a CNN's key)
+    (["+data.augment.flipp=true"], "data.augment.flipp", "flip"),
+    (["+logger.finish_timeout=5"], "logger.finish_timeout", "project"),
+    (["+seed=1"], "seed", "trainer"),
+])
+def test_added_keys_the_schema_does_not_have_are_refused(overrides, key, valid):
+    with pytest.raises(UnknownKey) as e:
+        compose(overrides)
+    assert e.value.key == key and valid in e.value.valid
+    assert str(e.value).startswith(f"{key}: no such key (Key '{key.rpartition('.')[2]}' not in ")
+
+
+@pytest.mark.parametrize("override,key,fix", [
+    ("trainer.best_metric=bogus", "trainer.best_metric", "choose one of auto, train/loss, train/acc, val/loss, val/acc"),
+    ("trainer.best_metric=test/acc", "trainer.best_metric", "(the metrics of the epoch line)"),
+    ("data=toy trainer.best_metric=val/loss", "trainer.best_metric", "data.val_size=0 leaves toy no validation split"),
+    ("trainer.best_metric=val/loss trainer.best_mode=max", "trainer.best_mode", "set trainer.best_mode=min"),
+    ("trainer.best_metric=train/acc trainer.best_mode=min", "trainer.best_mode", "set trainer.best_mode=max"),
+    ("trainer.objective=bogus", "trainer.objective", "choose one of auto, val/loss, val/acc, best/val/acc"),
+    ("data=toy trainer.objective=val/acc", "trainer.objective", "data.val_size=0 leaves toy no validation split"),
+    ("data=toy trainer.objective=best/val/acc", "trainer.objective", "use trainer.objective=test/loss, test/acc"),
+])
+def test_keys_that_name_a_metric_name_one_the_run_reports(override, key, fix):
+    with pytest.raises(ConfigError) as e:
+        compose(override.split())
+    assert e.value.key == key and fix in str(e.value)
+
+
+def test_the_best_checkpoints_metric_and_direction_resolve_from_one_list():
+    assert set(OBJECTIVES) | set(BEST_METRICS) <= set(METRICS)  # both keys check against the same metrics
+    for overrides, metric, mode in (([], "val/acc", "max"), (["data=toy"], None, "auto"),
+                                    (["trainer.best_metric=val/loss"], "val/loss", "min"),
+                                    (["data=toy", "trainer.best_metric=train/loss"], "train/loss", "min"),
+                                    (["trainer.best_metric=null"], None, "auto")):
+        t = compose(overrides).trainer
+        assert (t.best_metric, t.best_mode) == (metric, mode), overrides
+
+
+def test_best_metric_val_loss_keeps_the_checkpoint_with_the_lowest_val_loss(tmp_path):
+    """It used to keep the highest (best_mode stayed max), and a bogus metric kept no best at all."""
+    from vision_train.train.loop import train
+
+    from .helpers import FAST
+
+    train(compose([*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits",
+                   "trainer.batch_size=64", "trainer.epochs=4", "optimizer.lr=0.01", "trainer.keep_checkpoints=1",
+                   "trainer.best_metric=val/loss"]), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    kept = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
+    assert len(val) == 4
+    assert kept == sorted({max(val), min(val, key=val.get)})  # the last, and the best: the lowest val/loss

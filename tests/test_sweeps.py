@@ -56,7 +56,7 @@ def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table
         assert record["value"] == pytest.approx(summary["best/val/acc"])
         # Its own W&B run, in the sweep's group, named and tagged by its overrides; its directory too.
         (run,) = by_type(records(run_dir), "run")
-        assert run["run_group"] == str(sweep_dir)
+        assert run["run_group"] == "sweep"  # the sweep's own name (its directory, relative to the working one)
         model = run["config"]["update"]["model"]["arch"]
         (lr,) = [t for t in run["tags"] if t.startswith("optimizer.lr=")]
         assert f"model={model}" in run["tags"] and lr in run["display_name"]
@@ -334,3 +334,50 @@ def test_slurm_sigusr2_saves_a_checkpoint_then_hands_over_to_submitits_requeue(t
     assert (run_dir / "checkpoints" / str(saved)).is_dir() and saved >= 12
     record = json.loads((run_dir / "job.json").read_text())
     assert record["status"] == "interrupted" and "submitit requeues the job" in record["error"]
+
+
+def test_the_wandb_group_is_the_sweeps_name_never_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sweep.group_name("multirun/2026-11-22/10-00-00") == "multirun/2026-11-22/10-00-00"
+    assert sweep.group_name(tmp_path / "multirun" / "lr-grid") == "multirun/lr-grid"  # under the working directory
+    assert sweep.group_name("/scratch/me/sweeps/lr-grid") == "sweeps/lr-grid"  # elsewhere: its last two parts
+    assert sweep.group_name(tmp_path) == f"{tmp_path.parent.name}/{tmp_path.name}"
+    assert sweep.group_name("/lr-grid") == "lr-grid"
+    assert len(sweep.group_name("/x/" + "a" * 300)) == 128
+
+
+def test_a_sweep_whose_job_was_refused_exits_nonzero_naming_it(tmp_path):
+    """One job's directory is being trained by another live process: that job is refused, the other runs;
+    the sweep used to exit 0."""
+    import socket
+
+    sweep_dir = tmp_path / "sweep"
+    common = ["model=mlp", "data=toy", "trainer.epochs=1", "hardware=cpu"]
+    # Its directory, as Hydra names a job (overrides sorted, those in override_dirname.exclude_keys left out).
+    refused = sweep_dir / sweep.job_dir_name(",".join(sorted([*common, "trainer.seed=0"])))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        sweep.write_record(refused, status="running", host=socket.gethostname(), pid=sleeper.pid,
+                           overrides=[*common, "trainer.seed=0", "logger.mode=disabled", "trainer.progress_bar=false"])
+        r = run_cli(["-m", *common, "trainer.seed=0,1", "logger.mode=disabled", "trainer.progress_bar=false",
+                     f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+        assert json.loads((refused / "job.json").read_text())["pid"] == sleeper.pid  # left as it was
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert f"being trained by process {sleeper.pid}" in out
+    assert "1 of 2 jobs did not finish: trainer.seed=0" in out
+    assert "running: refused, another live process is training in its directory" in out
+    assert sorted(row["status"] for row in table(sweep_dir)) == ["finished", "running"]
+
+
+def test_an_added_unknown_key_stops_the_sweep_before_any_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    r = run_cli(["-m", "model=mlp", "data=toy", "trainer.seed=0,1", "+trainer.epochz=3", "logger.mode=disabled", *CPU,
+                 f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert "error: trainer.epochz: no such key (Key 'epochz' not in 'TrainerConfig'); did you mean trainer.epochs?" \
+        in r.stdout + r.stderr
+    assert not list(sweep_dir.glob("*/job.json"))  # no job ran

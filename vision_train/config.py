@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 MISSING = "???"  # OmegaConf's marker for a value that must be given
 
@@ -169,8 +169,10 @@ class TrainerConfig(_Freezable):
     checkpoint_every_epochs: int = 1   # 0: off (still saved at the end and on SIGTERM/SIGINT)
     checkpoint_every_steps: int = 0    # 0: off; either cadence may be used, or both
     keep_checkpoints: int = 3          # the last K, plus the best by best_metric
-    best_metric: str = "val/acc"
-    best_mode: str = "max"             # max | min
+    # The epoch line's metric that picks the best checkpoint (METRICS): auto is val/acc, or none (null)
+    # without a validation split; null: no best, only the last K.
+    best_metric: Optional[str] = "auto"
+    best_mode: str = "auto"            # auto (the metric's direction) | max | min
     checkpoint: bool = True            # false: no checkpoints at all
     resume: str = "auto"               # auto (latest in this run dir) | never | <run dir or checkpoint dir>
     objective: str = "auto"            # what a run returns to a sweep (Optuna optimises it): auto or OBJECTIVES
@@ -220,9 +222,30 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class Metric:
+    """A metric a run reports (``METRICS``): which way is better, and where it appears."""
+    better: str             # max | min
+    needs_val: bool         # only with a validation split (data.val_size > 0)
+    epoch_line: bool        # in each epoch's line, which a checkpoint's best is chosen by (trainer.best_metric)
+    summary: bool           # in summary.json, which a run returns to a sweep (trainer.objective)
+
+
+# The one list of metrics that config keys may name (trainer.best_metric, trainer.objective; a sweep's
+# direction and ranking follow it).
+METRICS = {
+    "train/loss": Metric("min", needs_val=False, epoch_line=True, summary=False),
+    "train/acc": Metric("max", needs_val=False, epoch_line=True, summary=False),
+    "val/loss": Metric("min", needs_val=True, epoch_line=True, summary=True),
+    "val/acc": Metric("max", needs_val=True, epoch_line=True, summary=True),
+    "best/val/acc": Metric("max", needs_val=True, epoch_line=False, summary=True),
+    "test/loss": Metric("min", needs_val=False, epoch_line=False, summary=True),
+    "test/acc": Metric("max", needs_val=False, epoch_line=False, summary=True),
+    "test/ece": Metric("min", needs_val=False, epoch_line=False, summary=True),
+}
 # Summary values a run can return to a sweep, and whether larger is better.
-OBJECTIVES = {"best/val/acc": "maximize", "val/acc": "maximize", "val/loss": "minimize",
-              "test/acc": "maximize", "test/loss": "minimize"}
+OBJECTIVES = {k: "maximize" if m.better == "max" else "minimize" for k, m in METRICS.items() if m.summary}
+BEST_METRICS = tuple(k for k, m in METRICS.items() if m.epoch_line)
 
 
 def resolve_objective(objective: str, val_size: int) -> str:
@@ -326,11 +349,11 @@ def validate(cfg: Config) -> Config:
     _positive("trainer.checkpoint_every_epochs", t.checkpoint_every_epochs, allow_zero=True)
     _positive("trainer.checkpoint_every_steps", t.checkpoint_every_steps, allow_zero=True)
     _positive("trainer.keep_checkpoints", t.keep_checkpoints)
-    _choice("trainer.best_mode", t.best_mode, ("max", "min"))
+    if t.best_metric is not None and t.best_metric not in ("auto", *BEST_METRICS):
+        raise ConfigError("trainer.best_metric", t.best_metric, f"choose one of auto, {', '.join(BEST_METRICS)} (the "
+                          f"metrics of the epoch line) or null (no best checkpoint)")
+    _choice("trainer.best_mode", t.best_mode, ("auto", "max", "min"))
     _choice("trainer.objective", t.objective, ("auto", *OBJECTIVES))
-    if "val/" in t.objective and d.val_size == 0:
-        raise ConfigError("trainer.objective", t.objective, f"data.val_size=0 leaves {d.name} no validation split; "
-                          f"use trainer.objective=test/acc, or hold out examples with data.val_size")
     if o.warmup_epochs > t.epochs:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
 
@@ -341,13 +364,115 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_metrics(cfg: Config) -> Config:
+    """Keys that name a metric must name one this run reports (``METRICS``: a validation metric needs
+    data.val_size > 0), the best checkpoint's direction must be the metric's; ``trainer.best_metric`` and
+    ``trainer.best_mode`` are resolved in place (auto: val/acc with a validation split, else none).
+    A run's own check, before it starts: not applied to a config read back from a checkpoint (``from_dict``),
+    which evaluation may combine with other data."""
+    d, t = cfg.data, cfg.trainer
+    has_val = d.val_size > 0
+    no_val = f"data.val_size=0 leaves {d.name} no validation split; "
+    hold_out = ", or hold out examples for validation with data.val_size"
+
+    metric = t.best_metric
+    if metric == "auto":
+        metric = "val/acc" if has_val else None
+    elif metric is not None and METRICS[metric].needs_val and not has_val:
+        usable = [k for k in BEST_METRICS if not METRICS[k].needs_val]
+        raise ConfigError("trainer.best_metric", metric, f"{no_val}use trainer.best_metric={', '.join(usable)} or null "
+                          f"(no best checkpoint, only the last trainer.keep_checkpoints){hold_out}")
+    mode = t.best_mode
+    if metric is not None:
+        better = METRICS[metric].better
+        if mode not in ("auto", better):
+            raise ConfigError("trainer.best_mode", mode, f"trainer.best_metric={metric} is better when "
+                              f"{'larger' if better == 'max' else 'smaller'}; set trainer.best_mode={better} "
+                              f"(or auto)")
+        mode = better
+    t.best_metric, t.best_mode = metric, mode
+
+    if t.objective != "auto" and METRICS[t.objective].needs_val and not has_val:
+        usable = [k for k in OBJECTIVES if not METRICS[k].needs_val]
+        raise ConfigError("trainer.objective", t.objective, f"{no_val}use trainer.objective={', '.join(usable)} "
+                          f"(or auto){hold_out}")
+    return cfg
+
+
 def to_run_config(cfg: Any) -> Config:
-    """OmegaConf (from Hydra) or a Config -> validated, frozen Config. The only place OmegaConf is read."""
+    """OmegaConf (from Hydra) or a Config -> validated, frozen Config. The only place OmegaConf is read.
+    Keys the schema does not have (``+trainer.epochz=3``) are refused, naming the keys of that group."""
     if not isinstance(cfg, Config):
         from omegaconf import OmegaConf
 
+        check_keys(cfg)
         cfg = OmegaConf.to_object(cfg)
-    return _freeze(validate(cfg))
+    return _freeze(check_metrics(validate(cfg)))
+
+
+# ------------------------------------------------------------------------------------ unknown keys
+class UnknownKey(ConfigError):
+    """A key the schema does not have (a typo, or ``+key`` adding one): names the valid keys of its group."""
+
+    def __init__(self, full_key: str, schema: type, value: Any = MISSING):
+        parent, _, leaf = full_key.rpartition(".")
+        valid = [f.name for f in dataclasses.fields(schema)]
+        import difflib
+
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        group = parent or "the config"
+        if parent == "model" and "arch" in valid:
+            group = f"model (model.arch={getattr(schema, 'arch', '?')})"
+        fix = f"no such key (Key {leaf!r} not in {schema.__name__!r}); "
+        if close:
+            fix += f"did you mean {parent + '.' if parent else ''}{close[0]}? "
+        fix += f"{'T' if close else 't'}he keys of {group}: {', '.join(valid)}"
+        self.key, self.value, self.fix, self.valid = full_key, value, fix, valid
+        UserError.__init__(self, f"{full_key}: {fix}")
+
+
+def schema_at(path: str, arch: str | None = None) -> type | None:
+    """The dataclass of the config group at ``path`` ("" the top, "trainer", "data.augment", "model": the
+    schema of ``arch``), or None where the path leads to no group."""
+    import typing
+
+    schema: Any = Config
+    for part in [p for p in path.split(".") if p]:
+        if schema is Config and part == "model":
+            schema = MODEL_SCHEMAS.get(arch or "", ModelConfig)
+            continue
+        hints = typing.get_type_hints(schema)
+        schema = hints.get(part)
+        if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+            return None
+    return schema
+
+
+def check_keys(cfg: Any) -> None:
+    """Every key of a composed config (OmegaConf) must be one of the schema's: Hydra type-checks an
+    override, but an added one (``+trainer.epochz=3``) is kept and would be ignored."""
+    from omegaconf import DictConfig
+
+    def walk(node, schema, path):
+        names = {f.name for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            full = f"{path}{key}"
+            if key not in names:
+                if schema is Config and key == "hydra":  # (a sweep callback's config carries Hydra's own)
+                    continue
+                raise UnknownKey(full, schema)
+            child = node._get_node(key)
+            if not isinstance(child, DictConfig) or child._is_missing() or child._is_none():
+                continue
+            if schema is Config and key == "model":
+                arch = child.get("arch")
+                sub = MODEL_SCHEMAS.get(arch) if isinstance(arch, str) else None
+            else:
+                sub = schema_at(full)
+            if sub is not None:
+                walk(child, sub, f"{full}.")
+
+    walk(cfg, Config, "")
 
 
 def to_dict(cfg: Config) -> dict:

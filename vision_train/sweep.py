@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, writing
 
 log = logging.getLogger("vision_train")
 
@@ -75,8 +75,9 @@ def write_record(run_dir: str | Path, **values: Any) -> dict:
     record = {**(read_record(run_dir) or {}), **values}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+    with writing(path, "the job record", tmp=tmp):  # a full disk: one line, and no temporary file left
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(path)
     return record
 
 
@@ -150,9 +151,10 @@ def check_not_running(run_dir: str | Path) -> None:
                           mark=False)
 
 
-def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
+def finished_result(run_dir: str | Path, current_config: dict, conflict: bool = True) -> dict | None:
     """The summary of a job that already finished in ``run_dir`` with this same config, else None.
-    A finished job whose config differs is an error (its results would be reported as this job's)."""
+    A finished job whose config differs is an error (its results would be reported as this job's), or,
+    with ``conflict=False`` (a single run, which may go on from its checkpoint with e.g. more epochs), None."""
     run_dir = Path(run_dir)
     record = read_record(run_dir)
     summary_path = run_dir / "summary.json"
@@ -166,12 +168,40 @@ def finished_result(run_dir: str | Path, current_config: dict) -> dict | None:
     except (OSError, ValueError, yaml.YAMLError):
         return None  # unreadable: train again (the run's own resume logic decides what is usable)
     diff = config_differences(saved, current_config)
+    if diff and not conflict:
+        return None
     if diff:
         before, now = _flatten(saved), _flatten(current_config)
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
         raise JobConflict(f"{run_dir} holds a finished job with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
                           f"use a new hydra.sweep.dir, or move that directory aside to train this job again")
     return summary
+
+
+def finished_line(run_dir: str | Path, summary: dict, objective: str | None = None) -> str:
+    """What re-running a finished run's command says (in one line): when it finished, its summary, and
+    how to train it again."""
+    record = read_record(run_dir) or {}
+    keys = [k for k in dict.fromkeys([objective, "test/acc", "test/loss", "best/val/acc", "val/acc"])
+            if k and isinstance(summary.get(k), (int, float))]
+    shown = ", ".join(f"{k} {_fmt(float(summary[k]), k)}" for k in keys) or "see summary.json"
+    return (f"{run_dir} finished at {record.get('ended') or '?'}; its summary: {shown} "
+            f"({Path(run_dir) / 'summary.json'}); nothing was changed. To train it again from the start use "
+            f"trainer.resume=never (the earlier files are set aside, not overwritten)")
+
+
+def group_name(sweep_dir: str | Path, max_len: int = 128) -> str:
+    """A sweep's W&B group (``logger.group`` of its jobs): the sweep directory relative to the working
+    directory when it is under it (``multirun/2026-11-22/10-00-00``), else its last two components
+    (``/scratch/me/sweeps/lr-grid`` -> ``sweeps/lr-grid``); never an absolute path, at most 128 characters
+    (W&B's limit), keeping the end."""
+    path = os.path.abspath(str(sweep_dir))
+    cwd = os.path.abspath(os.getcwd())
+    rel = os.path.relpath(path, cwd) if path == cwd or path.startswith(cwd.rstrip(os.sep) + os.sep) else None
+    if rel in (None, "."):
+        rel = "/".join(Path(path).parts[-2:]).lstrip("/") or "sweep"
+    name = rel.replace(os.sep, "/")
+    return name[-max_len:].lstrip("/")
 
 
 # --------------------------------------------------------------------------------------- the table
@@ -354,11 +384,13 @@ class SweepSummary(_Callback):
     with failed jobs exits with status 1 after writing it (every other job has run)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        """An Optuna search must optimise its objective the right way: checked once, before any trial (each
-        job checks again, for sweeps whose jobs differ in it)."""
-        from .config import resolve_objective
+        """Checked once, before any job (each job checks again, for sweeps whose jobs differ in them): no key
+        the schema does not have (``+trainer.epochz=3``), and an Optuna search optimises its objective the
+        right way."""
+        from .config import check_keys, resolve_objective
 
         try:
+            check_keys(config)
             check_direction(resolve_objective(config.trainer.objective, config.data.val_size), config.hydra.sweeper)
         except UserError as e:
             log.error("error: %s", e)
@@ -370,10 +402,17 @@ class SweepSummary(_Callback):
             return
         rows, md = write_summary(sweep_dir)
         log.info("\n%s\n(written to %s and %s)", md, sweep_dir / "sweep_summary.md", sweep_dir / "sweep_summary.csv")
-        failed = [r for r in rows if r["status"] in ("failed", "interrupted", "conflict")]
+        # Every job that is not finished now (all of this sweep's have run): failed, interrupted, refused (a
+        # conflict, or a directory another live process is training in: still "running").
+        failed = [r for r in rows if r["status"] != "finished"]
         if failed:
+            def why(r):
+                if r["status"] == "running":
+                    return "running: refused, another live process is training in its directory"
+                return f"{r['status']} {r['error']}".strip()
+
             log.error("%d of %d jobs did not finish: %s", len(failed), len(rows),
-                      "; ".join(f"{r.get('swept') or r['job']}: {r['status']} {r['error']}".strip() for r in failed[:5]))
+                      "; ".join(f"{r.get('swept') or r['job']}: {why(r)}" for r in failed[:5]))
             sys.exit(1)
 
 
