@@ -166,3 +166,21 @@ def test_each_checkpoint_records_the_loop_state_of_its_own_step(tmp_path):
         # the rows logged before it was saved (the test set's row, at the last step, comes after the save)
         assert loop["rows"] == sum(1 for r in logged if r["step"] <= step and "test/loss" not in r), step
     reader.close()
+
+
+@pytest.mark.slow
+def test_records_exact_after_kill_9_at_many_points(tmp_path):
+    """One run directory killed (-9) at eight points spread over the run, evaluations and checkpoints
+    included, re-run after each: its records equal the uninterrupted run's."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    finish(start(full), "uninterrupted")
+    for point in (4, 10, 17, 21, 22, 30, 38, 42):
+        p = start(run)
+        try:
+            wait_for_step(run, point, p)
+        except AssertionError:  # it finished before the point was seen
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finish(start(run), "final re-run")
+    assert records(run) == records(full)
