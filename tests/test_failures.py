@@ -225,6 +225,19 @@ def test_resuming_from_a_damaged_checkpoint_names_the_step_and_how_to_resume_fro
     # (that resuming from an earlier step of a run works: tests/test_records.py)
 
 
+def test_evaluate_on_a_full_disk_is_one_line_and_leaves_no_partial_report(damaged_run, tmp_path, tmpfs):
+    disk = tmpfs(128)
+    fill(disk, leave_kb=28)  # Hydra's files and the log fit; the report and the figures do not
+    r = run_module("vision_train.evaluate", [f"checkpoint={damaged_run / 'checkpoints' / '19'}", "hardware=cpu",
+                                             "logger.mode=disabled", f"hydra.run.dir={disk / 'eval'}"], cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
+    errors_ = [line for line in console_lines(r) if "error:" in line]
+    assert len(errors_) == 1 and "error: no space left on device: could not write " in errors_[0], out[-3000:]
+    assert str(disk / "eval") in errors_[0]
+    assert not (disk / "eval" / "eval.json").exists() and leftovers(disk / "eval") == []
+
+
 # --------------------------------------------------------------------------- errors off the main thread
 @pytest.fixture
 def cli_logging(tmp_path):
@@ -290,6 +303,12 @@ def test_background_threads_event_loops_and_library_logs_keep_tracebacks_off_the
     except ValueError:
         logging.getLogger("absl").exception("_SignalingThread.run() raised an exception")
     run_thread(lambda: _log_exception("making the val media at step 19 failed", RuntimeError("boom in media")))
+    for i in range(30):  # Orbax reports one full disk once per array, from many threads: written a few times
+        _log_exception(f"writing array {i} failed", ValueError(f"RESOURCE_EXHAUSTED: array {i}: No space left on "
+                                                               f"device [os_error_code='28']"), logger="absl")
+    import warnings
+
+    warnings.warn_explicit("coroutine 'write_fragment' was never awaited", RuntimeWarning, "sys", 1)
 
     shown = console.getvalue() + capsys.readouterr().err
     assert "Traceback" not in shown, shown
@@ -300,9 +319,10 @@ def test_background_threads_event_loops_and_library_logs_keep_tracebacks_off_the
                              f"{log_file})")
     written = log_file.read_text()
     for what in ("boom in a thread", "No space left on device", "boom in a task", "boom in __del__",
-                 "RESOURCE_EXHAUSTED", "boom in media"):
+                 "RESOURCE_EXHAUSTED", "boom in media", "write_fragment' was never awaited"):
         assert what in written, what
-    assert written.count("Traceback") >= 5
+    assert written.count("Traceback") == 5  # one per failure: the full disk's once
+    assert 1 <= written.count("writing array") < 10  # (then nothing)
 
     # The main thread is untouched: its errors raise, and what it logs with a traceback keeps it.
     with pytest.raises(ZeroDivisionError):
@@ -311,11 +331,11 @@ def test_background_threads_event_loops_and_library_logs_keep_tracebacks_off_the
     assert "Traceback" in console.getvalue().split("a bug on the main thread")[1]
 
 
-def _log_exception(message, exc):
+def _log_exception(message, exc, logger="vision_train"):
     try:
         raise exc
     except Exception:
-        logging.getLogger("vision_train").exception(message)
+        logging.getLogger(logger).exception(message)
 
 
 def test_a_log_file_on_a_full_disk_is_left_behind_quietly(tmpfs, capsys):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 
@@ -153,6 +155,16 @@ def writing(path: str | Path, what: str, *, tmp: str | Path | None = None):
         raise
 
 
+def write_text(path: str | Path, text: str, what: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed; removed on failure); a full
+    disk is a ``DiskFull`` naming ``what``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path, what, tmp=tmp):
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
 # ------------------------------------------------------------------ errors off the main thread
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
@@ -223,24 +235,62 @@ class _ConsoleFilter(logging.Filter):
         return not (quiet and (record.levelno >= logging.ERROR or record.exc_info))
 
 
-class _ConsoleFormatter(logging.Formatter):
-    """A traceback logged from a background thread is one line on the console (the whole in the log file)."""
+def _exc_key(exc: BaseException) -> tuple[str, str]:
+    """Exceptions that say the same thing: one full disk (Orbax reports it once per array), else type and text."""
+    reason = disk_full_reason(exc)
+    return ("disk full", reason) if reason else (type(exc).__name__, str(exc)[:500])
 
-    def __init__(self, inner: logging.Formatter | None):
+
+class _FileRepeats(logging.Filter):
+    """In the log file an exception's traceback is written once; the same exception logged again (Orbax logs
+    one failure from many threads and event loops) is one line, and after ``limit`` repeats nothing."""
+
+    def __init__(self, limit: int = 10):
         super().__init__()
-        self.inner = inner or logging.Formatter()
+        self.limit, self.seen = limit, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        key = _exc_key(exc)
+        n = self.seen[key] = self.seen.get(key, 0) + 1
+        record.vt_repeat = n
+        return n <= self.limit
+
+
+class _Formatter(logging.Formatter):
+    """On the console, a traceback logged from a background thread is one line (the whole is in the log
+    file). In the log file, a repeated exception (``_FileRepeats``) is one line."""
+
+    def __init__(self, inner: logging.Formatter | None, console: bool):
+        super().__init__()
+        self.inner, self.console = inner or logging.Formatter(), console
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info and record.exc_info[1] is not None and record.thread != threading.main_thread().ident:
-            import copy
-
-            short = copy.copy(record)
-            where = log_file_name() or "the log file"
-            short.msg = f"{record.getMessage()} ({one_line(record.exc_info[1])}; details in {where})"
-            short.args = None
-            short.exc_info = short.exc_text = short.stack_info = None
-            return self.inner.format(short)
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            if self.console and record.thread != threading.main_thread().ident:
+                return self._short(record, f"{one_line(exc)}; details in {log_file_name() or 'the log file'}")
+            if not self.console and getattr(record, "vt_repeat", 1) > 1:
+                return self._short(record, f"{one_line(exc)}; a traceback of it is above")
         return self.inner.format(record)
+
+    def _short(self, record: logging.LogRecord, note: str) -> str:
+        import copy
+
+        short = copy.copy(record)
+        short.msg, short.args = f"{record.getMessage()} ({note})", None
+        short.exc_info = short.exc_text = short.stack_info = None
+        return self.inner.format(short)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # Orbax's writes cancelled by a failure leave coroutines never awaited; Python warns at exit.
+    if issubclass(category, RuntimeWarning) and "never awaited" in str(message) and \
+            to_log_file(f"{category.__name__}: {message} ({filename}:{lineno})"):
+        return
+    _state["showwarning"](message, category, filename, lineno, file, line)
 
 
 def _handle_error(handler: logging.Handler, original):
@@ -259,17 +309,20 @@ def install_background_error_handling() -> None:
     """For the command lines (train, evaluate, predict), once logging is configured: exceptions of
     background threads, event loops and objects being collected (``threading.excepthook``, an asyncio
     exception handler on every new loop, ``sys.unraisablehook``) go to the log file at DEBUG, not to the
-    console (a thread's failure other than a full disk is also one warning line); Orbax's and asyncio's
-    error logs go to the log file only; a traceback logged from a background thread is one line on the
-    console; a log file on a full disk is silently left behind. Exceptions on the main thread are
-    untouched. Safe to call again (each job of a sweep: Hydra sets up logging per job)."""
+    console (a thread's failure other than a full disk is also one warning line), as do the warnings of
+    coroutines never awaited; Orbax's and asyncio's error logs go to the log file only; a traceback logged
+    from a background thread is one line on the console; in the log file each exception's traceback is
+    written once (a full disk is one exception, however many arrays Orbax failed to write); a log file on a
+    full disk is silently left behind. Exceptions on the main thread are untouched. Safe to call again
+    (each job of a sweep: Hydra sets up logging per job)."""
     import asyncio
 
     if not _state:
         _state.update(thread_hook=threading.excepthook, unraisable_hook=sys.unraisablehook,
-                      policy=asyncio.get_event_loop_policy())
+                      policy=asyncio.get_event_loop_policy(), showwarning=warnings.showwarning)
         threading.excepthook = _thread_hook
         sys.unraisablehook = _unraisable_hook
+        warnings.showwarning = _show_warning
         base = type(_state["policy"])
 
         class Policy(base):  # every new loop (Orbax makes one per background read/write) gets the handler
@@ -285,9 +338,9 @@ def install_background_error_handling() -> None:
             continue
         h._vt_quiet = True
         h.handleError = _handle_error(h, h.handleError)
-        if not isinstance(h, logging.FileHandler):  # the console
-            h.addFilter(_ConsoleFilter())
-            h.setFormatter(_ConsoleFormatter(h.formatter))
+        console = not isinstance(h, logging.FileHandler)
+        h.addFilter(_ConsoleFilter() if console else _FileRepeats())
+        h.setFormatter(_Formatter(h.formatter, console))
 
 
 def uninstall_background_error_handling() -> None:
@@ -297,12 +350,13 @@ def uninstall_background_error_handling() -> None:
     if _state:
         threading.excepthook = _state["thread_hook"]
         sys.unraisablehook = _state["unraisable_hook"]
+        warnings.showwarning = _state["showwarning"]
         asyncio.set_event_loop_policy(_state["policy"])
         _state.clear()
     for h in logging.getLogger().handlers:
         if getattr(h, "_vt_quiet", False):
             del h._vt_quiet, h.handleError
-            for f in [f for f in h.filters if isinstance(f, _ConsoleFilter)]:
+            for f in [f for f in h.filters if isinstance(f, (_ConsoleFilter, _FileRepeats))]:
                 h.removeFilter(f)
-            if isinstance(h.formatter, _ConsoleFormatter):
+            if isinstance(h.formatter, _Formatter):
                 h.setFormatter(h.formatter.inner)

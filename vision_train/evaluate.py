@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
-from .errors import ConfigError, UserError, exit_on_user_error, writing
+from .errors import ConfigError, UserError, exit_on_user_error, write_text
 
 log = logging.getLogger("vision_train")
 
@@ -293,8 +293,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
                 report["media"] = {k: str(v) for k, v in made["files"].items()}
         tracker.summary({**metrics, "num_examples": n, "checkpoint_step": step})
         if is_main:
-            with writing(run_dir / "eval.json", "the evaluation report"):
-                (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            write_text(run_dir / "eval.json", json.dumps(report, indent=2), "the evaluation report")
             log.info("wrote %s", run_dir / "eval.json")
         exit_code = 0
     finally:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import MISSING, HardwareConfig
-from .errors import ConfigError, UserError, exit_on_user_error, writing
+from .errors import ConfigError, UserError, exit_on_user_error, write_text, writing
 
 log = logging.getLogger("vision_train")
 
@@ -200,7 +200,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     path = Path(pc.json).expanduser() if pc.json else run_dir / "predictions.json"
     with writing(path, "the predictions"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2))
+    write_text(path, json.dumps(out, indent=2), "the predictions")
     print(f"predictions: {path}", flush=True)
     if errors:
         log.warning("%d of %d inputs could not be read as images (listed above and under \"errors\" in %s)",
