@@ -129,10 +129,10 @@ def test_a_disk_full_before_the_run_starts_is_one_line_too(tmp_path, tmpfs):
     r = run_module("vision_train", [*JOB, "trainer.epochs=1", f"hydra.run.dir={disk / 'run'}"], cwd=tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "Traceback" not in out, out[-3000:]
-    assert console_lines(r) == [f"error: no space left on device: could not write the run's files to "
-                                f"{disk / 'run' / '.hydra' / 'config.yaml'}; free space on that disk (or choose "
-                                f"another directory) and run the same command again (a training run resumes from "
-                                f"its last checkpoint)"], out
+    expected = (f"error: no space left on device: could not write the run's files to "
+                f"{disk / 'run' / '.hydra' / 'config.yaml'}; free space on that disk (or choose another directory) "
+                f"and run the same command again (a training run resumes from its last checkpoint)")
+    assert console_lines(r) == [expected], out
 
 
 def test_a_full_disk_while_writing_the_job_record_or_metrics_leaves_no_temporary_file(tmpfs):
