@@ -359,9 +359,11 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         return summary
     finally:
         stop.restore()
-        if checkpointer is not None:
-            checkpointer.close()  # waits for a save in flight
-        tracker.finish(exit_code)
+        try:
+            if checkpointer is not None:
+                checkpointer.close()  # waits for a save in flight (its failure, e.g. a full disk, is raised here)
+        finally:
+            tracker.finish(exit_code)
 
 
 class Preempted(UserError):
@@ -460,4 +462,7 @@ def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
 def _write_yaml(path: Path, data: dict) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    from ..errors import writing
+
+    with writing(path, "the run's config"):  # (a full disk: one line)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
