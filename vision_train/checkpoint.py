@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -249,15 +248,6 @@ def check_compatible(meta: dict, shapes_now: dict[str, list[int]], where: Path) 
 def abstract_like(tree, sharding):
     """ShapeDtypeStructs of ``tree`` placed with ``sharding`` (restore onto the current mesh)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
-
-
-def set_aside(directory: Path) -> Path | None:
-    """Move existing checkpoints out of the way (trainer.resume=never): nothing is deleted."""
-    if directory.is_dir() and any(directory.iterdir()):
-        dest = directory.with_name(f"{directory.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(directory), dest)
-        return dest
-    return None
 
 
 def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
