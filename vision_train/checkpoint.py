@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
