@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, writing
+from .errors import DiskFull, UserError, writing
 
 log = logging.getLogger("vision_train")
 
@@ -75,9 +75,20 @@ def write_record(run_dir: str | Path, **values: Any) -> dict:
     record = {**(read_record(run_dir) or {}), **values}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    with writing(path, "the job record", tmp=tmp):  # a full disk: one line, and no temporary file left
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(path)
+    text = json.dumps(record, indent=2, default=str)
+    try:
+        with writing(path, "the job record", tmp=tmp):  # a full disk: one line, and no temporary file left
+            tmp.write_text(text)
+            tmp.replace(path)
+    except DiskFull:
+        # A full disk has no room for a second copy; the record's own blocks (a few KB, the file is
+        # smaller) usually take the final status in place. A crash mid-write leaves a torn record,
+        # which readers treat as absent; not writing it would leave the job "running" for good.
+        if not path.exists():
+            raise
+        with writing(path, "the job record"), open(path, "r+") as f:
+            f.write(text)
+            f.truncate()
     return record
 
 
