@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..errors import writing
 from ..records import read_rows
 
 log = logging.getLogger("vision_train")
@@ -35,22 +36,22 @@ class LocalSink:
             rows = read_rows(self.path)
             rows = rows[:keep_rows] if keep_rows is not None else [r for r in rows if r.get("step", 0) <= keep_until_step]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            try:
+            with writing(self.path, "metrics", tmp=tmp):  # (a full disk: one line; the temporary file goes)
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 tmp.replace(self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
             self.rows = len(rows)
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash keeps every line written
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                 for k, v in metrics.items()}}
-        self._f.write(json.dumps(row) + "\n")
+        with writing(self.path, f"metrics at step {step}"):
+            self._f.write(json.dumps(row) + "\n")
         self.rows += 1
 
     def finish(self) -> None:
-        self._f.close()
+        with writing(self.path, "metrics"):
+            self._f.close()
 
 
 class Tracker:
@@ -74,6 +75,8 @@ class Tracker:
             self.wandb = WandbSink(self.run_dir, config, logger_cfg, name=name, run_id=run_id, rewind_to=wandb_step)
             if run_id and self.wandb.mode == "offline":
                 self._replace_offline_attempts(run_id)
+            elif run_id and not self.wandb.rewound:  # online, a server without rewind: see WandbSink.replay
+                self.wandb.replay(read_rows(self.local.path))
 
     def _replace_offline_attempts(self, run_id: str) -> None:
         """Resuming offline: an offline run cannot be rewound, so the earlier attempts' files (which hold
@@ -97,7 +100,7 @@ class Tracker:
     @property
     def wandb_step(self) -> int | None:
         """W&B's own history counter (to rewind to on resume)."""
-        return self.wandb.run.step if self.wandb else None
+        return self.wandb.step if self.wandb else None
 
     @property
     def run_id(self) -> str | None:
@@ -174,7 +177,7 @@ class Tracker:
         if self._media:
             self._media.submit(lambda: None).result()  # pending media first: the summary is the last word
         if self.local:
-            with open(self.run_dir / "summary.json", "w") as f:
+            with writing(self.run_dir / "summary.json", "the summary"), open(self.run_dir / "summary.json", "w") as f:
                 json.dump(values, f, indent=2)
         if self.wandb:
             self.wandb.summary(values)
@@ -182,10 +185,12 @@ class Tracker:
     def finish(self, exit_code: int = 0) -> None:
         if self._media:
             self._media.shutdown(wait=True)
-        if self.local:
-            self.local.finish()
-        if self.wandb:
-            self.wandb.finish(exit_code)
+        try:
+            if self.local:
+                self.local.finish()  # (a full disk: DiskFull, once W&B has finished too)
+        finally:
+            if self.wandb:
+                self.wandb.finish(exit_code)
 
 
 def run_metadata(run_dir: Path, devices, n_params: int) -> dict:

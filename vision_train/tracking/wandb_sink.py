@@ -1,26 +1,52 @@
-"""The W&B sink. Imported only when logging to W&B is on; everything it writes stays under the run dir."""
+"""The W&B sink. Imported only when logging to W&B is on; everything it writes stays under the run dir.
+
+The server never slows or hangs the run:
+
+- ``wandb.init`` is the only W&B call made on the caller's thread, once, at start-up, bounded by
+  ``logger.init_timeout_s``. An unreachable server, refused credentials or a failed resume leave the
+  run offline (one warning line), with the same run id, and no abandoned run directory.
+- Every other call (history rows, media, summary, artifacts, the finish) goes to one background
+  thread, in order. The caller only appends to a queue: history rows are never dropped; media
+  (``log_eval``) are dropped, oldest first, when more than ``MEDIA_BACKLOG`` wait.
+- ``finish`` waits at most ``logger.finish_timeout_s``; what was not uploaded by then stays in the
+  run's W&B directory and the one line it prints gives the ``wandb sync`` command that uploads it.
+"""
 
 from __future__ import annotations
 
+import collections
+import io
 import logging
 import netrc
 import os
 import shutil
-from urllib.parse import urlparse
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger("vision_train")
+
+MEDIA_BACKLOG = 2  # eval media waiting for the W&B thread; an older one is dropped beyond this
+NO_REWIND = ".no-rewind"  # in <run dir>/wandb: this run's server refused a rewind once; resume plainly
 
 
 def _has_credentials() -> bool:
     """An API key in the environment, or in the netrc file (``$NETRC``) for the W&B host in use."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(_host()) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def _host() -> str:
+    return urlparse(_base_url()).hostname or "api.wandb.ai"
 
 
 def _isolate(run_dir: Path) -> None:
@@ -36,71 +62,306 @@ def _isolate(run_dir: Path) -> None:
         shutil.copyfile(user_settings, run_dir / "wandb/.config/settings")
 
 
+def _new_run_id() -> str:
+    """A W&B run id as W&B makes them: 8 characters of [a-z0-9]."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+class _Item:
+    __slots__ = ("kind", "fn", "rows", "what")
+
+    def __init__(self, kind: str, fn, rows: int, what: str):
+        self.kind, self.fn, self.rows, self.what = kind, fn, rows, what
+
+
 class WandbSink:
+    """One W&B run. Public: ``run`` (the wandb Run), ``mode`` (online/offline), ``rewound`` (a resume that
+    W&B rewound to the checkpoint), ``step`` (W&B's history counter once everything queued is logged),
+    and ``log``, ``log_eval``, ``log_checkpoints``, ``replay``, ``summary``, ``finish``: each returns at
+    once; the W&B thread does the work in the order of the calls."""
+
     def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None, run_id: str | None = None,
                  rewind_to: int | None = None):
-        _isolate(Path(run_dir))
+        self.run_dir = Path(run_dir)
+        _isolate(self.run_dir)
         import wandb
 
         self._wandb = wandb
+        self.finish_timeout_s = float(getattr(lc, "finish_timeout_s", 60.0))
         mode = lc.mode
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
-        kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group, tags=list(lc.tags) or None,
-                      notes=lc.notes, config=config, dir=str(run_dir), reinit="finish_previous",
-                      id=run_id, resume="allow" if run_id else None)
-        settings = wandb.Settings(init_timeout=lc.init_timeout_s, console="off")
-        if run_id and rewind_to is not None and mode == "online":
-            # Resuming after a crash: rewind the W&B run to the checkpoint, so the steps the dead attempt
-            # logged after it are replaced, not duplicated (needs a server with run rewind).
-            try:
-                rewind = {k: v for k, v in kwargs.items() if k not in ("id", "resume")}
-                self.run = wandb.init(mode=mode, settings=settings, resume_from=f"{run_id}?_step={rewind_to}", **rewind)
-                self._finish_init(mode)
-                return
-            except Exception as e:  # noqa: BLE001
-                log.warning("W&B could not rewind run %s (%s); resuming it as is", run_id, str(e).splitlines()[0][:200])
-        try:
-            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
-        except Exception as e:  # unreachable server, bad credentials: never cost the run
-            if mode != "online":
-                raise
-            log.warning("W&B online init failed (%s); continuing offline", str(e).splitlines()[0][:200])
-            mode = "offline"
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(console="off"), **kwargs)
-        self._finish_init(mode)
+        self.resumed = run_id is not None
+        # Our own id from the start: an offline fallback keeps the id the online run would have had, so
+        # `wandb sync` later uploads it as that run.
+        run_id = run_id or _new_run_id()
+        kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group,
+                      tags=list(lc.tags) or None, notes=lc.notes, config=config, dir=str(self.run_dir),
+                      reinit="finish_previous", id=run_id, resume="allow" if self.resumed else None)
+        self.rewound = False
+        self._kwargs = kwargs
+        self._summary: dict = {}
+        self.run, self.mode = self._init(mode, kwargs, lc.init_timeout_s, rewind_to)
+        self._sync_dir = str(Path(self.run.dir).parent)
+        self._service = self._service_process()
+        self._logged = self.run.step  # W&B's history counter: one per run.log call (we never pass step=)
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._current: _Item | None = None
+        self._closed = False
+        self._done = threading.Event()
+        self._dropped_media = 0
+        self._failures: dict[str, int] = {}
+        self._wandb_timed_out = False
+        self._thread = threading.Thread(target=self._work, name="wandb-sink", daemon=True)
+        self._thread.start()
+        self._tables = True  # tables (and W&B's confusion-matrix panel) can be logged
+        self._abandoned = False  # finish gave up waiting: the W&B thread says nothing more
+        self._put("define", self._define_metrics, 0, "metric definitions")
+        if self.mode == "online":
+            self._put("prepare", self._prepare_artifacts, 0, "the artifact client")
 
-    def _finish_init(self, mode: str) -> None:
-        self.mode = mode
+    # ------------------------------------------------------------------------------------ start-up
+    def _settings(self, **extra):
+        """A fresh ``wandb.Settings`` for each ``wandb.init``: init fills in the object it is given, and a
+        second init with the same one is refused. ``quiet``: no account look-up before the run starts (it
+        costs 10 s more on an unreachable server) and no history sparklines at the end."""
+        # W&B's own finish gives up a little before ours, so its end of run (and how far it got) is
+        # known within logger.finish_timeout_s.
+        wandb_finish = self.finish_timeout_s - min(5.0, 0.2 * self.finish_timeout_s)
+        return self._wandb.Settings(console="off", quiet=True, finish_timeout=wandb_finish, **extra)
+
+    def _init(self, mode: str, kwargs: dict, init_timeout_s: float, rewind_to: int | None):
+        wandb = self._wandb
+        if mode != "online":
+            return wandb.init(mode=mode, settings=self._settings(), **kwargs), mode
+        deadline = time.monotonic() + init_timeout_s  # all online attempts together
+        error = None
+        marker = self.run_dir / "wandb" / NO_REWIND
+        if self.resumed and rewind_to is not None and not marker.exists():
+            # Resuming after a crash: rewind the W&B run to the checkpoint, so the steps the dead attempt
+            # logged after it are replaced, not duplicated. Needs a server with run rewind (a preview on
+            # W&B's cloud, absent from self-hosted servers): tried once per run, then remembered.
+            rewind = {k: v for k, v in kwargs.items() if k not in ("id", "resume")}
+            try:
+                run = self._attempt(mode="online", settings=self._settings(init_timeout=init_timeout_s),
+                                    resume_from=f"{kwargs['id']}?_step={rewind_to}", **rewind)
+                self.rewound = True
+                return run, "online"
+            except Exception as e:  # noqa: BLE001
+                error = e
+        remaining = deadline - time.monotonic()
+        if remaining >= 1.0:
+            try:
+                run = self._attempt(mode="online", settings=self._settings(init_timeout=remaining), **kwargs)
+                if error is not None:  # the server answered but cannot rewind: do not ask again
+                    marker.write_text(_base_url() + "\n")
+                    log.info("W&B: run %s resumed without rewind (%s: %s)", run.id, _base_url(), _first_line(error))
+                return run, "online"
+            except Exception as e:  # noqa: BLE001
+                error = e
+        run = self._attempt(mode="offline", settings=self._settings(silent=True), **kwargs)
+        sync_dir = Path(run.dir).parent
+        log.warning("W&B: no online run at %s (%s); logging offline, upload later with: wandb sync %s",
+                    _base_url(), _first_line(error) if error else f"timed out after {init_timeout_s:g}s", sync_dir)
+        return run, "offline"
+
+    def _attempt(self, **init_kwargs):
+        """``wandb.init``; after a failure: W&B's service process is torn down (a failed init can keep the
+        run id claimed there, and the next init would be refused with "run ID ... is in use") and the run
+        directory the failed init made is removed."""
+        wandb_dir = self.run_dir / "wandb"
+        before = set(wandb_dir.glob("*run-*"))
+        try:
+            return self._wandb.init(**init_kwargs)
+        except BaseException:
+            try:
+                self._wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
+            for d in set(wandb_dir.glob("*run-*")) - before:
+                if d.is_dir() and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
+            raise
+
+    def _prepare_artifacts(self) -> None:
+        """Every table (and checkpoint) is logged as an artifact, and W&B makes two synchronous network
+        calls for each: (1) whether an artifact of that name exists with another type (~19 s when the
+        server is down, during which nothing else reaches W&B); (2) the first one builds W&B's public API
+        client, which verifies the credentials with the server (as long again). (1) only catches a type
+        mismatch early, and our artifacts' names carry the run id and a fixed type (``run_table``,
+        ``model``): skipped for this run. (2) is made now, on this thread, while the server was just
+        reached; if it fails, this run's media go without tables rather than stall."""
+        run = self.run
+        if hasattr(run, "_assert_can_log_artifact"):
+            run._assert_can_log_artifact = lambda artifact: None
+        if hasattr(run, "_public_api"):
+            try:
+                run._public_api()
+            except Exception as e:  # noqa: BLE001
+                self._tables = False
+                log.info("W&B: this run's media are logged without tables (%s)", _first_line(e))
+
+    @staticmethod
+    def _service_process():
+        """W&B's service process (``wandb-core``), when this process started it (None otherwise)."""
+        try:
+            from wandb.sdk import wandb_setup
+
+            return wandb_setup.singleton()._connection._proc._process
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _abandon(self) -> None:
+        """``finish`` gave up: W&B's service process is stopped, so that it cannot hold the exit of this
+        process (it retries a stuck artifact upload for ever, its own finish timeout queued behind it, and
+        W&B's exit hook waits for it without limit). Its transaction log then lacks its last block, so the
+        run's scalars and summary are saved again, complete, as an offline run of the same id, which
+        ``wandb sync`` uploads. W&B's own messages about the broken connection are muted (the next
+        ``wandb.init`` sets them up again). Returns the offline run's directory (None if that failed)."""
+        self._abandoned = True
+        try:
+            from wandb.errors import term
+
+            term._silent = True
+        except Exception:  # noqa: BLE001
+            pass
+        if self._service is not None and self._service.poll() is None:
+            self._service.kill()
+            self._service.wait()
+            self._thread.join(timeout=5)  # its W&B call fails now (quietly): then W&B is ours again
+        try:
+            try:
+                self._wandb.teardown()  # (the connection to the stopped process; it may complain)
+            except BaseException:  # noqa: BLE001  (incl. the SystemExit it raises for the killed process)
+                pass
+            from ..records import read_rows
+
+            run = self._wandb.init(mode="offline", settings=self._settings(silent=True),
+                                   **{**self._kwargs, "resume": "allow"})
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
+            for row in read_rows(self.run_dir / "metrics.jsonl"):
+                run.log({"step": row["step"], **{k: v for k, v in row.items() if k != "step" and v is not None}})
+            for k, v in self._summary.items():
+                run.summary[k] = v
+            run.finish(exit_code=self._exit_code)
+            return Path(run.dir).parent
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _define_metrics(self) -> None:
+        # Our own "step" is the x-axis; W&B's internal _step just counts log calls, so media logged later
+        # for an earlier step (they come from the media thread) are not dropped as out of order.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
+    # ------------------------------------------------------------------------------- the W&B thread
+    def _put(self, kind: str, fn, rows: int, what: str, droppable: bool = False) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if droppable:
+                waiting = [it for it in self._queue if it.kind == "media"]
+                for it in waiting[: max(0, len(waiting) - MEDIA_BACKLOG + 1)]:
+                    self._queue.remove(it)
+                    self._logged -= it.rows
+                    self._dropped_media += 1
+            self._queue.append(_Item(kind, fn, rows, what))
+            self._logged += rows
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                item = self._current = self._queue.popleft()
+            try:
+                if not self._abandoned:
+                    item.fn()
+            except Exception as e:  # noqa: BLE001  (W&B must never cost the run; one line per kind of call)
+                self._failures[item.kind] = self._failures.get(item.kind, 0) + 1
+                if self._failures[item.kind] == 1 and not self._abandoned:
+                    log.warning("W&B: %s not logged (%s)", item.what, _first_line(e))
+            finally:
+                with self._cond:
+                    self._current = None
+                    self._cond.notify_all()
+            if item.kind == "finish":
+                self._done.set()
+                return
+
+    @property
+    def step(self) -> int:
+        """W&B's history counter once every row queued so far is logged (what a rewind goes back to)."""
+        with self._cond:
+            return self._logged
+
+    # ------------------------------------------------------------------------------------- logging
     def log(self, metrics: dict, step: int) -> None:
-        # Our own "step" is the x-axis (define_metric); W&B's internal _step just counts log calls, so
-        # media logged later from the media thread for an earlier step are not dropped as out of order.
-        self.run.log({"step": step, **metrics})
+        row = {"step": step, **metrics}
+        self._put("row", lambda: self.run.log(row), 1, f"the row of step {step}")
+
+    def replay(self, rows) -> None:
+        """A resume that could not rewind: the rows up to the checkpoint are logged again (identical values,
+        as resume is exact), so the W&B run holds each of them even when the attempt that died was killed
+        before W&B had uploaded them (it sends every ~15 s)."""
+        n = 0
+        for row in rows:
+            self.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
+            n += 1
+        if n:
+            log.info("W&B run %s resumed without rewind: the %d rows up to the checkpoint logged again",
+                     self.run.id, n)
 
     def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images) -> None:
-        wandb = self._wandb
-        names = list(class_names)
-        payload = {f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=labels.tolist(), preds=preds.tolist(), class_names=names, title=f"{split} confusion matrix")}
+        """Confusion matrix, figures and predictions table of one evaluation. The PNGs are read now (the
+        next eval overwrites them); the W&B objects are built and logged on the W&B thread. Media, not
+        scalars: dropped (oldest first) when more than ``MEDIA_BACKLOG`` wait."""
+        files = {}
         for name, path in report["files"].items():
-            payload[f"{split}/{name}"] = wandb.Image(str(path))
+            try:
+                files[name] = Path(path).read_bytes()
+            except OSError:
+                pass
         sample = report.get("sample")
-        if sample is not None:
-            per_class = len(names) <= 20
-            cols = ["index", "image", "true", "pred", "confidence"] + ([f"p/{n}" for n in names] if per_class
-                                                                     else ["probabilities"])
-            table = wandb.Table(columns=cols)
-            for i, probs in zip(sample["index"], sample["probs"]):
-                img = images[i] if images is not None and images.dtype.name == "uint8" else None
-                row = [int(i), wandb.Image(img[..., 0] if img is not None and img.shape[-1] == 1 else img)
-                       if img is not None else None, names[labels[i]], names[int(probs.argmax())], float(probs.max())]
-                row += [float(p) for p in probs] if per_class else [[float(p) for p in probs]]
-                table.add_data(*row)
-            payload[f"{split}/predictions_table"] = table
-        self.run.log({"step": step, **payload})
+        names = list(class_names)
+
+        def job():
+            from PIL import Image
+
+            wandb = self._wandb
+            payload = {}
+            if self._tables:
+                payload[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+                    y_true=labels.tolist(), preds=preds.tolist(), class_names=names, title=f"{split} confusion matrix")
+            for name, data in files.items():
+                payload[f"{split}/{name}"] = wandb.Image(Image.open(io.BytesIO(data)))
+            if sample is not None and self._tables:
+                per_class = len(names) <= 20
+                cols = ["index", "image", "true", "pred", "confidence"] + ([f"p/{n}" for n in names] if per_class
+                                                                         else ["probabilities"])
+                table = wandb.Table(columns=cols)
+                for i, probs in zip(sample["index"], sample["probs"]):
+                    img = images[i] if images is not None and images.dtype.name == "uint8" else None
+                    row = [int(i), wandb.Image(img[..., 0] if img is not None and img.shape[-1] == 1 else img)
+                           if img is not None else None, names[labels[i]], names[int(probs.argmax())],
+                           float(probs.max())]
+                    row += [float(p) for p in probs] if per_class else [[float(p) for p in probs]]
+                    table.add_data(*row)
+                payload[f"{split}/predictions_table"] = table
+            self.run.log({"step": step, **payload})
+
+        self._put("media", job, 1, f"the {split} media of step {step}", droppable=True)
 
     def log_checkpoints(self, directory: Path, steps: dict[str, int]) -> None:
         """Checkpoint directories as model artifacts: one per step, aliased "best" and/or "latest"."""
@@ -108,16 +369,65 @@ class WandbSink:
         for alias, step in steps.items():
             if step is not None:
                 by_step.setdefault(step, []).append(alias)
-        for step, aliases in sorted(by_step.items()):
-            art = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
-            art.add_dir(str(Path(directory) / str(step)))
-            self.run.log_artifact(art, aliases=aliases + [f"step-{step}"])
+
+        def job():
+            for step, aliases in sorted(by_step.items()):
+                art = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
+                art.add_dir(str(Path(directory) / str(step)))
+                self.run.log_artifact(art, aliases=aliases + [f"step-{step}"])
+
+        self._put("artifact", job, 0, "the checkpoint artifacts")
 
     def summary(self, values: dict) -> None:
-        for k, v in values.items():
-            self.run.summary[k] = v
+        values = dict(values)
+        self._summary.update(values)
+
+        def job():
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+        self._put("summary", job, 0, "the summary")
+
+    # ---------------------------------------------------------------------------------------- end
+    def _finish_run(self, exit_code: int) -> None:
+        self.run.finish(exit_code=exit_code)
+        self._wandb_timed_out = bool(getattr(self.run, "_finish_timed_out", False))
+
+    def _pending(self) -> str:
+        """What the W&B thread has not handed to W&B yet, in words."""
+        with self._cond:
+            items = ([self._current] if self._current else []) + list(self._queue)
+        counts = collections.Counter(it.kind for it in items if it.kind not in ("define", "prepare", "finish"))
+        words = {"row": "history rows", "media": "eval media", "summary": "the summary",
+                 "artifact": "checkpoint artifacts"}
+        return ", ".join(f"{n} {words[k]}" if k in ("row", "media") else words[k] for k, n in counts.items())
 
     def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
-        if self.mode == "offline":
-            log.info("W&B run saved offline; upload it with: wandb sync %s", self.run.dir.rsplit("/files", 1)[0])
+        """Hand W&B the end of the run and wait for the upload, at most ``logger.finish_timeout_s``; then
+        say in one line what is not uploaded and the ``wandb sync`` command that uploads it, and return."""
+        self._exit_code = exit_code
+        self._put("finish", lambda: self._finish_run(exit_code), 0, "the end of the run")
+        with self._cond:
+            self._closed = True
+        if self._done.wait(self.finish_timeout_s):
+            if self._dropped_media:
+                log.info("W&B: %d eval media skipped (they came faster than W&B took them; PNGs in %s)",
+                         self._dropped_media, self.run_dir / "media")
+            if self.mode == "offline":
+                log.info("W&B run saved offline; upload it with: wandb sync %s", self._sync_dir)
+            elif self._wandb_timed_out:
+                log.warning("W&B: %s did not take all of run %s within logger.finish_timeout_s=%gs; the rest is "
+                            "in %s, upload it with: wandb sync --include-online %s", _base_url(), self.run.id,
+                            self.finish_timeout_s, self._sync_dir, self._sync_dir)
+            return
+        pending = self._pending()
+        saved = self._abandon()
+        if saved is not None:
+            log.warning("W&B: %s did not take all of run %s within logger.finish_timeout_s=%gs%s; its history and "
+                        "summary are saved offline (media: PNGs in %s), upload them with: wandb sync %s",
+                        _base_url(), self.run.id, self.finish_timeout_s,
+                        f" ({pending} not yet handed to W&B)" if pending else "", self.run_dir / "media", saved)
+        else:
+            log.warning("W&B: %s did not take all of run %s within logger.finish_timeout_s=%gs; what W&B has is in "
+                        "%s, upload it with: wandb sync --include-online %s", _base_url(), self.run.id,
+                        self.finish_timeout_s, self._sync_dir, self._sync_dir)
