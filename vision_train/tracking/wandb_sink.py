@@ -121,10 +121,11 @@ class WandbSink:
         self._dropped_media = 0
         self._failures: dict[str, int] = {}
         self._wandb_timed_out = False
-        self._thread = threading.Thread(target=self._work, name="wandb-sink", daemon=True)
-        self._thread.start()
         self._tables = True  # tables (and W&B's confusion-matrix panel) can be logged
         self._abandoned = False  # finish gave up waiting: the W&B thread says nothing more
+        self._exit_code = 0
+        self._thread = threading.Thread(target=self._work, name="wandb-sink", daemon=True)
+        self._thread.start()
         self._put("define", self._define_metrics, 0, "metric definitions")
         if self.mode == "online":
             self._put("prepare", self._prepare_artifacts, 0, "the artifact client")
@@ -163,8 +164,7 @@ class WandbSink:
             try:
                 run = self._attempt(mode="online", settings=self._settings(init_timeout=remaining), **kwargs)
                 if error is not None:  # the server answered but cannot rewind: do not ask again
-                    marker.write_text(_base_url() + "\n")
-                    log.info("W&B: run %s resumed without rewind (%s: %s)", run.id, _base_url(), _first_line(error))
+                    marker.write_text(f"{_base_url()}: {_first_line(error)}\n")
                 return run, "online"
             except Exception as e:  # noqa: BLE001
                 error = e
@@ -185,7 +185,7 @@ class WandbSink:
         except BaseException:
             try:
                 self._wandb.teardown()
-            except Exception:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001  (incl. the SystemExit it raises for a service that failed)
                 pass
             for d in set(wandb_dir.glob("*run-*")) - before:
                 if d.is_dir() and not d.is_symlink():
@@ -220,7 +220,7 @@ class WandbSink:
         except Exception:  # noqa: BLE001
             return None
 
-    def _abandon(self) -> None:
+    def _abandon(self) -> Path | None:
         """``finish`` gave up: W&B's service process is stopped, so that it cannot hold the exit of this
         process (it retries a stuck artifact upload for ever, its own finish timeout queued behind it, and
         W&B's exit hook waits for it without limit). Its transaction log then lacks its last block, so the
@@ -319,9 +319,10 @@ class WandbSink:
         for row in rows:
             self.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
             n += 1
-        if n:
-            log.info("W&B run %s resumed without rewind: the %d rows up to the checkpoint logged again",
-                     self.run.id, n)
+        marker = self.run_dir / "wandb" / NO_REWIND
+        why = marker.read_text().strip() if marker.exists() else "no rewind step in the checkpoint"
+        log.info("W&B run %s resumed without rewind (%s); the %d rows up to the checkpoint logged again",
+                 self.run.id, why, n)
 
     def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images) -> None:
         """Confusion matrix, figures and predictions table of one evaluation. The PNGs are read now (the
