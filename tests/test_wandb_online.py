@@ -107,7 +107,8 @@ def test_online_run_reads_back_through_the_server(tmp_path, wandb_server):
         assert any(f.startswith(prefix) for f in files), (prefix, files)
     png = next(f for f in files if f.startswith("media/images/test/confusion_heatmap_"))
     assert wandb_server.file(run_id, png).startswith(b"\x89PNG")
-    table = json.loads(wandb_server.file(run_id, next(f for f in files if f.startswith("media/table/test/predictions"))))
+    table_file = next(f for f in files if f.startswith("media/table/test/predictions"))
+    table = json.loads(wandb_server.file(run_id, table_file))
     assert table["columns"][:5] == ["index", "image", "true", "pred", "confidence"] and len(table["data"]) == 4
 
     # The API key: nowhere in the run directory, nor in the run's config or summary on the server.
@@ -229,7 +230,8 @@ def w_and_b_processes_of(pid: int, wait: float) -> list[int]:
                 cmd = (d / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if cmd[0].endswith(b"wandb-core") and b"--pid" in cmd and cmd[cmd.index(b"--pid") + 1:][:1] == [b"%d" % pid]:
+            owner = cmd[cmd.index(b"--pid") + 1:][:1] if b"--pid" in cmd else []
+            if cmd[0].endswith(b"wandb-core") and owner == [b"%d" % pid]:
                 alive.append(int(d.name))
         if not alive or time.time() > deadline:
             return alive
@@ -276,7 +278,8 @@ def test_unreachable_server_costs_at_most_the_init_timeout_then_the_run_goes_on_
 
     # The command line: the run goes on offline, one warning line, no traceback, the key nowhere.
     run_dir = tmp_path / "run"
-    out = finish(start(run_dir, run_env(env), ["trainer.epochs=1", "logger.init_timeout_s=3", "logger.media=false"]), "unreachable")
+    job = ["trainer.epochs=1", "logger.init_timeout_s=3", "logger.media=false"]
+    out = finish(start(run_dir, run_env(env), job), "unreachable")
     lines = [line for line in out.splitlines() if "no online run" in line]
     assert len(lines) == 1 and "wandb sync" in lines[0], out[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")) and not list((run_dir / "wandb").glob("run-*"))

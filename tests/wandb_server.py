@@ -101,7 +101,8 @@ class Server:
                     self.kill()
                     raise RuntimeError(f"openwandb did not start: {(self.data_dir / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.2)
-        self.key = json.loads(_request(f"{self.url}/api/v2/settings/api-keys", {"name": "tests"}, token))["api_key"]["key"]
+        made = json.loads(_request(f"{self.url}/api/v2/settings/api-keys", {"name": "tests"}, token))
+        self.key = made["api_key"]["key"]
         self.env = {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": self.key}
 
     def kill(self) -> None:
