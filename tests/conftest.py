@@ -37,7 +37,8 @@ def pytest_sessionfinish(session):
 def _no_home_writes(tmp_path, monkeypatch):
     """Nothing a test runs may write to $HOME (W&B's defaults would)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for var in ("WANDB_API_KEY",):
+    # An in-process W&B run leaves WANDB_SERVICE set; a later subprocess would attach to that service.
+    for var in ("WANDB_API_KEY", "WANDB_SERVICE"):
         monkeypatch.delenv(var, raising=False)
 
 
