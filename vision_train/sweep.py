@@ -82,10 +82,10 @@ def write_record(run_dir: str | Path, **values: Any) -> dict:
             tmp.replace(path)
     except DiskFull:
         # A full disk has no room for a second copy; the record's own blocks (a few KB, the file is
-        # smaller) usually take the final status in place. A crash mid-write leaves a torn record,
+        # smaller) take the final status in place when it fits in them. A crash mid-write leaves a torn record,
         # which readers treat as absent; not writing it would leave the job "running" for good.
-        if not path.exists():
-            raise
+        if not path.exists() or len(text.encode()) > path.stat().st_blocks * 512:
+            raise  # (it would need new blocks: the last complete record stays)
         with writing(path, "the job record"), open(path, "r+") as f:
             f.write(text)
             f.truncate()
