@@ -128,8 +128,8 @@ class Tracker:
         """Rows in metrics.jsonl so far (a checkpoint records it: a resume cuts the file back to it)."""
         return self.local.rows if self.local else 0
 
-    def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, images=None,
-                 sample: dict | None = None, boundary: dict | None = None, confusion=None, cal: dict | None = None):
+    def log_eval(self, split: str, step: int, *, labels, preds, confidence, class_names, confusion, cal: dict,
+                 images=None, sample: dict | None = None, boundary: dict | None = None):
         """Figures for one evaluation: PNGs under ``<run dir>/media``, tables and plots to W&B. Its scalars
         (loss, accuracy, per-class accuracy, ECE) are logged by the caller with the eval, never here: media
         may be skipped under backlog, scalars never. ``confusion``/``cal``: the eval step's counts.

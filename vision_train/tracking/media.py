@@ -12,28 +12,14 @@ from pathlib import Path
 import numpy as np
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) counts; rows are true classes, columns predictions."""
-    idx = labels.astype(np.int64) * num_classes + preds.astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
     totals = cm.sum(axis=1)
     return np.divide(np.diag(cm), totals, out=np.full(len(cm), np.nan), where=totals > 0)
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict:
-    """Expected calibration error (equal-width confidence bins) and the reliability-diagram data, from
-    per-example confidences (the eval step counts the same bins on the device: ``calibration_from_bins``)."""
-    which = np.clip(np.floor(confidence * bins).astype(np.int64), 0, bins - 1)
-    return calibration_from_bins(np.bincount(which, minlength=bins),
-                                 np.bincount(which, weights=confidence, minlength=bins),
-                                 np.bincount(which, weights=correct.astype(np.float64), minlength=bins))
-
-
 def calibration_from_bins(count, confidence_sum, correct_sum) -> dict:
-    """ECE and reliability-diagram data from per-bin sums (count, summed confidence, summed correctness)."""
+    """Expected calibration error and reliability-diagram data from the eval step's equal-width confidence
+    bins (per bin: count, summed confidence, summed correctness)."""
     count, conf_sum, acc_sum = (np.asarray(a, np.float64) for a in (count, confidence_sum, correct_sum))
     edges = np.linspace(0.0, 1.0, len(count) + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -159,16 +145,14 @@ def plot_decision_boundary(points: np.ndarray, labels: np.ndarray, grid: tuple, 
 
 
 def eval_report(split: str, *, labels: np.ndarray, preds: np.ndarray, confidence: np.ndarray, class_names,
-                images: np.ndarray | None, out_dir: Path, sample: dict | None = None, top_mistakes: int = 16,
-                confusion: np.ndarray | None = None, cal: dict | None = None) -> dict:
-    """Figures for one evaluation. ``confusion``/``cal``: the eval step's counts (computed from ``preds``
-    and ``confidence`` when not given). Returns {"files": {name: path}, "confusion": cm, "sample": sample};
-    figures are written to ``out_dir``. (Its scalars come from ``eval_scalars``, logged with the eval.)"""
+                images: np.ndarray | None, out_dir: Path, confusion: np.ndarray, cal: dict, sample: dict | None = None,
+                top_mistakes: int = 16) -> dict:
+    """Figures for one evaluation from the eval step's counts (``confusion``; ``cal``, from
+    ``calibration_from_bins``). Returns {"files": {name: path}, "confusion": cm, "sample": sample}; figures
+    are written to ``out_dir``. (Its scalars come from ``eval_scalars``, logged with the eval.)"""
     out_dir.mkdir(parents=True, exist_ok=True)
-    k = len(class_names)
     correct = preds == labels
-    cm = np.asarray(confusion).astype(np.int64) if confusion is not None else confusion_matrix(labels, preds, k)
-    cal = cal if cal is not None else calibration(confidence, correct)
+    cm = np.asarray(confusion).astype(np.int64)
     files = {
         "confusion_heatmap": plot_confusion(cm, class_names, out_dir / f"{split}_confusion.png", f"{split} confusion matrix"),
         "reliability": plot_reliability(cal, out_dir / f"{split}_reliability.png", f"{split} reliability"),
