@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -193,7 +194,7 @@ GC_WRAPPER = """
 import gc, os, runpy, signal, sys
 fired = []
 def callback(phase, info):  # like JAX's own gc callback, which runs often during start-up
-    if phase == "start" and "jax" in sys.modules and not fired:
+    if phase == "start" and "vision_train.train.loop" in sys.modules and not fired:
         fired.append(True)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands inside the callback: Python drops the KeyboardInterrupt
         for _ in range(100000):
@@ -234,6 +235,7 @@ def _max_step(run_dir) -> int:
 MOMENTS = {  # when to press Ctrl-C: a condition on the running process and its run directory
     "imports": lambda p, d: _own_handlers(p.pid),  # its first lines ran; Hydra, OmegaConf being imported
     "start-up": lambda p, d: (d / "job.json").exists(),  # recorded; JAX, data, model init to come
+    "jaxlib": lambda p, d: "jaxlib" in _text(Path(f"/proc/{p.pid}/maps")),  # XLA's C++ extensions loading
     "compilation": lambda p, d: " parameters | " in _text(d / "train.log"),  # the train step compiles next
     "training": lambda p, d: _max_step(d) >= 5,
 }
@@ -277,6 +279,34 @@ def test_ctrl_c_dropped_inside_a_gc_callback_still_stops_the_run(tmp_path):
     assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
     assert [line for line in out.splitlines() if line.strip()][-1].endswith("interrupted by Ctrl-C (SIGINT)")
     assert not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "job.json").read_text())["status"] == "interrupted"
+
+
+EXTENSION_WRAPPER = """
+import importlib.abc, os, runpy, signal, sys
+class Interrupting(importlib.abc.MetaPathFinder):  # as jaxlib's extension does when Ctrl-C lands in its init
+    def find_spec(self, name, path=None, target=None):
+        if name == "jaxlib._jax":
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("Encountered an error while initializing the extension.") from e
+sys.meta_path.insert(0, Interrupting())
+sys.argv = ["vision_train", *sys.argv[1:]]
+runpy.run_module("vision_train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_turned_into_an_import_error_by_an_extension_still_exits_130(tmp_path):
+    """A Ctrl-C landing while jaxlib's extension initialises reaches Python as ImportError("Encountered an
+    error while initializing the extension") caused by the KeyboardInterrupt: it printed a 40-line
+    traceback and exited 1."""
+    run_dir = tmp_path / "run"
+    p = _popen([*QUICK, "logger.mode=disabled", f"hydra.run.dir={run_dir}"], tmp_path, wrapper=EXTENSION_WRAPPER)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert [line for line in out.splitlines() if line.strip()][-1].endswith("interrupted by Ctrl-C (SIGINT)")
     assert json.loads((run_dir / "job.json").read_text())["status"] == "interrupted"
 
 

@@ -92,6 +92,9 @@ def main(cfg: DictConfig) -> float | None:
         from .parallel import configure_host_devices
 
         configure_host_devices(run_cfg.hardware.platform, run_cfg.hardware.num_devices)
+        with interrupts.held():  # a Ctrl-C inside these C++ extensions' start would abort the process
+            import jax  # noqa: F401
+            import orbax.checkpoint  # noqa: F401
         from .train.loop import train
 
         summary = train(run_cfg, run_dir, started_at=started)
@@ -99,13 +102,7 @@ def main(cfg: DictConfig) -> float | None:
         sweep.end_record(run_dir, "finished", value=value)
         return value
     except KeyboardInterrupt as e:  # during start-up, or a second Ctrl-C in the loop: stop now (the sweep too)
-        signum = interrupts.signum_of(e)
-        message = f"interrupted by {interrupts.describe(signum)}"
-        try:
-            record("interrupted", error=message)
-        finally:
-            log.error("%s", message)
-            interrupts.stop(signum)
+        _interrupted(e, record)
     except sweep.JobConflict as e:  # the earlier job's files stay as they are; the table says "conflict"
         log.error("error: %s", e)
         if e.mark and sweep.read_record(run_dir):
@@ -141,11 +138,25 @@ def main(cfg: DictConfig) -> float | None:
             return None  # one bad job must not end the sweep (Optuna: a failed trial); the error is recorded
         sys.exit(2)
     except Exception as e:  # a bug, out of memory, ...: recorded; in a sweep the next job still runs
+        if interrupts.interrupt_behind(e) is not None:  # (a Ctrl-C turned into ImportError by an extension)
+            _interrupted(interrupts.interrupt_behind(e), record)
         record("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
         if not multirun:
             raise
         log.exception("job failed")
         return None
+
+
+def _interrupted(e: KeyboardInterrupt, record) -> None:
+    from . import interrupts
+
+    signum = interrupts.signum_of(e)
+    message = f"interrupted by {interrupts.describe(signum)}"
+    try:
+        record("interrupted", error=message)
+    finally:
+        log.error("%s", message)
+        interrupts.stop(signum)
 
 
 def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:
@@ -228,6 +239,9 @@ def run() -> None:
         signum = interrupts.signum_of(e)
         interrupts.stop(signum, f"interrupted by {interrupts.describe(signum)}")
     except Exception as e:  # noqa: BLE001
+        if interrupts.interrupt_behind(e) is not None:  # (a Ctrl-C turned into ImportError by an extension)
+            signum = interrupts.signum_of(interrupts.interrupt_behind(e))
+            interrupts.stop(signum, f"interrupted by {interrupts.describe(signum)}")
         from .errors import disk_full_error
 
         full = disk_full_error(e)  # (e.g. Hydra's own writes, .hydra/*.yaml, on a full disk)

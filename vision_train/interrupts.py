@@ -16,6 +16,7 @@ Importable without Hydra, W&B or JAX.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -35,6 +36,19 @@ class Interrupted(KeyboardInterrupt):
 
 def signum_of(e: BaseException | None) -> int:
     return int(getattr(e, "signum", signal.SIGINT))
+
+
+def interrupt_behind(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt an exception stands for, if one does: an extension module whose initialisation a Ctrl-C
+    interrupts (jaxlib's, while JAX is imported) raises ImportError "Encountered an error while
+    initializing the extension" with the KeyboardInterrupt as its cause."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def exit_status(signum: int) -> int:
@@ -62,6 +76,26 @@ def hold() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             signal.signal(sig, _hold)
+
+
+@contextlib.contextmanager
+def held():
+    """Within: SIGINT and SIGTERM held, then raised on leaving (main thread; elsewhere a plain block). For
+    the C++ extensions' initialisation (JAX, XLA's MLIR bindings, TensorStore): an interrupt raised while
+    they call back into Python aborts the process (SIGABRT) or becomes an ImportError."""
+    if threading.current_thread() is not threading.main_thread() or _state["exiting"]:
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    hold()
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        signum, _state["held"] = _state["held"], 0
+        if signum:
+            raise Interrupted(signum)
 
 
 def install() -> None:
