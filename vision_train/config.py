@@ -165,6 +165,9 @@ class TrainerConfig(_Freezable):
     seed: int = 42                     # init, data order, dropout
     log_every_steps: int = 50
     eval_every_epochs: int = 1         # 0: only at the end
+    eval_every_steps: int = 0          # 0: off; either cadence may be used, or both
+    ema_decay: float = 0.0             # 0: off; else an exponential moving average of the parameters, evaluated as val_ema/*
+    grad_accum_steps: int = 1          # the global batch is split into this many micro-batches per step (memory / k)
     progress_bar: bool = True
     checkpoint_every_epochs: int = 1   # 0: off (still saved at the end and on SIGTERM/SIGINT)
     checkpoint_every_steps: int = 0    # 0: off; either cadence may be used, or both
@@ -229,6 +232,7 @@ class Metric:
     needs_val: bool         # only with a validation split (data.val_size > 0)
     epoch_line: bool        # in each epoch's line, which a checkpoint's best is chosen by (trainer.best_metric)
     summary: bool           # in summary.json, which a run returns to a sweep (trainer.objective)
+    needs_ema: bool = False  # only with trainer.ema_decay > 0
 
 
 # The one list of metrics that config keys may name (trainer.best_metric, trainer.objective; a sweep's
@@ -242,6 +246,10 @@ METRICS = {
     "test/loss": Metric("min", needs_val=False, epoch_line=False, summary=True),
     "test/acc": Metric("max", needs_val=False, epoch_line=False, summary=True),
     "test/ece": Metric("min", needs_val=False, epoch_line=False, summary=True),
+    "val_ema/loss": Metric("min", needs_val=True, epoch_line=True, summary=True, needs_ema=True),
+    "val_ema/acc": Metric("max", needs_val=True, epoch_line=True, summary=True, needs_ema=True),
+    "test_ema/loss": Metric("min", needs_val=False, epoch_line=False, summary=True, needs_ema=True),
+    "test_ema/acc": Metric("max", needs_val=False, epoch_line=False, summary=True, needs_ema=True),
 }
 # Summary values a run can return to a sweep, and whether larger is better.
 OBJECTIVES = {k: "maximize" if m.better == "max" else "minimize" for k, m in METRICS.items() if m.summary}
@@ -347,6 +355,15 @@ def validate(cfg: Config) -> Config:
     _positive("trainer.log_every_steps", t.log_every_steps)
     _positive("trainer.eval_every_epochs", t.eval_every_epochs, allow_zero=True)
     _positive("trainer.checkpoint_every_epochs", t.checkpoint_every_epochs, allow_zero=True)
+    _positive("trainer.eval_every_steps", t.eval_every_steps, allow_zero=True)
+    _positive("trainer.grad_accum_steps", t.grad_accum_steps)
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError("trainer.ema_decay", t.ema_decay, "must be in [0, 1): 0 turns the average off; "
+                          "0.999 or 0.9999 are usual")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError("trainer.grad_accum_steps", t.grad_accum_steps,
+                          f"must divide trainer.batch_size={t.batch_size} (each micro-batch is batch_size / "
+                          f"grad_accum_steps examples)")
     _positive("trainer.checkpoint_every_steps", t.checkpoint_every_steps, allow_zero=True)
     _positive("trainer.keep_checkpoints", t.keep_checkpoints)
     if t.best_metric is not None and t.best_metric not in ("auto", *BEST_METRICS):
@@ -375,6 +392,9 @@ def check_metrics(cfg: Config) -> Config:
     no_val = f"data.val_size=0 leaves {d.name} no validation split; "
     hold_out = ", or hold out examples for validation with data.val_size"
 
+    for key, name in (("trainer.best_metric", t.best_metric), ("trainer.objective", t.objective)):
+        if name in METRICS and METRICS[name].needs_ema and not t.ema_decay:
+            raise ConfigError(key, name, "needs the parameters' moving average: set trainer.ema_decay (e.g. 0.999)")
     metric = t.best_metric
     if metric == "auto":
         metric = "val/acc" if has_val else None
