@@ -1,6 +1,9 @@
 """Every model: logits of the right shape for every data shape, in both modes and precisions."""
 
 import functools
+import importlib
+import inspect
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +12,9 @@ import pytest
 from flax import nnx
 
 from vision_train import models
-from vision_train.config import CNNConfig, MixerConfig, MLPConfig, ViTConfig, model_kwargs
+from vision_train.models import CNNConfig, MixerConfig, MLPConfig, ViTConfig
 
-from .helpers import compose
+from .helpers import CONF, compose
 
 # Tiny variants (used for testing only): same code paths, few parameters.
 TINY = {
@@ -26,8 +29,7 @@ SHAPES = {"cifar": (32, 32, 3), "mnist": (28, 28, 1), "digits": (8, 8, 1), "wide
 
 
 def build(cfg, shape, num_classes=10, dtype=jnp.float32, seed=0):
-    return models.create(cfg.arch, shape, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype,
-                         **model_kwargs(cfg))
+    return models.create(cfg, shape, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype)
 
 
 def abstract_forward(cfg, shape, num_classes, train):
@@ -109,3 +111,18 @@ def test_presets_build_on_cifar(preset, params):
     if params:
         assert n == params
     assert n > 0
+
+
+def test_every_registered_architecture_has_a_model_taking_exactly_its_config_keys_and_a_preset():
+    """The registry is the one list: each schema's keys are its Model's keyword arguments (none ignored,
+    none missing), and each architecture has a preset in conf/model that composes to its schema."""
+    presets = {}
+    for f in sorted(os.listdir(os.path.join(CONF, "model"))):
+        cfg = compose([f"model={f[:-5]}"]).model
+        assert type(cfg) is models.ARCHITECTURES[cfg.arch]
+        presets.setdefault(cfg.arch, f)
+    assert set(presets) == set(models.ARCHITECTURES)
+    for arch, schema in models.ARCHITECTURES.items():
+        params = inspect.signature(importlib.import_module(f"vision_train.models.{arch}").Model.__init__).parameters
+        keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"dtype", "rngs"}
+        assert keyword == set(schema().kwargs()), arch

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from vision_train import sweep
+from vision_train.config import job_dir_name
 
 from .conftest import FAST_COMPILE, REPO, run_cli
 from .test_checkpoint import wait_for_step
@@ -354,7 +355,7 @@ def test_a_sweep_whose_job_was_refused_exits_nonzero_naming_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     common = ["model=mlp", "data=toy", "trainer.epochs=1", "hardware=cpu"]
     # Its directory, as Hydra names a job (overrides sorted, those in override_dirname.exclude_keys left out).
-    refused = sweep_dir / sweep.job_dir_name(",".join(sorted([*common, "trainer.seed=0"])))
+    refused = sweep_dir / job_dir_name(",".join(sorted([*common, "trainer.seed=0"])))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         sweep.write_record(refused, status="running", host=socket.gethostname(), pid=sleeper.pid,

@@ -4,38 +4,33 @@ Hydra composes YAML presets from ``conf/`` on top of these dataclasses, so every
 type-checked against them. ``to_run_config`` converts the composed config once into these
 dataclasses, validates it and freezes it: nothing downstream sees OmegaConf.
 
-This module imports neither JAX nor Hydra at the top level (the CLI must set ``XLA_FLAGS`` before
-JAX starts, and the package must stay importable without Hydra).
+The model schemas are the model registry's (``vision_train.models``): this module adds none of its own.
+This module never imports JAX (the CLI must set ``XLA_FLAGS`` before JAX starts); Hydra and OmegaConf
+when they are installed (the package is usable from Python without them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
+import hashlib
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from .errors import ConfigError, UserError
+from .errors import check_choice as _choice
+from .errors import check_positive as _positive
+from .models import ARCHITECTURES, MISSING, CNNConfig, MixerConfig, MLPConfig, ModelConfig, ViTConfig  # noqa: F401 (the
+# model schemas, part of the schema)
+from .models import Freezable as _Freezable
 
-MISSING = "???"  # OmegaConf's marker for a value that must be given
-
-try:  # conf/config.yaml names sweep jobs' directories with ${vt_job_dir:...}. Registered here, at import,
-    # because a launcher's worker process (joblib, submitit) imports this module when it receives the job,
-    # before it resolves the job's directory.
-    from .sweep import register_resolver
-
-    register_resolver()
-except ImportError:  # no OmegaConf: the package is used from Python, without Hydra
-    pass
-
-
-class _Freezable:
-    """Dataclasses that become read-only once validated (Hydra needs them mutable while composing)."""
-
-    def __setattr__(self, name, value):
-        if self.__dict__.get("_frozen"):
-            raise dataclasses.FrozenInstanceError(f"RunConfig is read-only; cannot set {name!r}")
-        object.__setattr__(self, name, value)
+try:  # the command lines compose configs with Hydra; from Python the package works without it
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig, OmegaConf
+except ImportError:  # pragma: no cover
+    ConfigStore = DictConfig = OmegaConf = None
 
 
 def _freeze(obj):
@@ -50,53 +45,23 @@ def _freeze(obj):
     return obj
 
 
-# --------------------------------------------------------------------------------------- model
-@dataclass
-class ModelConfig(_Freezable):
-    arch: str = MISSING               # which file in vision_train/models
-    num_classes: Optional[int] = None  # None: as many as the data set has
+def job_dir_name(override_dirname: str, max_len: int = 150) -> str:
+    """A sweep job's directory name: its overrides (Hydra's ``override_dirname``, e.g.
+    ``model=cnn,optimizer.lr=0.001``) made safe for every file system and for checkpoint paths (Orbax's
+    TensorStore cannot restore from a path holding ``[`` or ``]``): characters other than letters,
+    digits and ``._,=+-`` become ``_``; names over ``max_len`` characters are cut and end with a hash of
+    the whole. The same overrides always give the same name (a re-run finds its jobs)."""
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", override_dirname) or "default"
+    if len(name) > max_len:
+        name = f"{name[:max_len - 13]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:12]}"
+    return name
 
 
-@dataclass
-class MLPConfig(ModelConfig):
-    arch: str = "mlp"
-    hidden_layers: int = 1
-    hidden_dim: int = 10
-
-
-@dataclass
-class CNNConfig(ModelConfig):
-    arch: str = "cnn"
-    features: List[int] = field(default_factory=lambda: [32, 64])
-    dense_dim: int = 256
-
-
-@dataclass
-class MixerConfig(ModelConfig):
-    arch: str = "mixer"
-    patch_size: int = 4
-    num_blocks: int = 8
-    hidden_dim: int = 192
-    tokens_mlp_dim: int = 96
-    channels_mlp_dim: int = 768
-
-
-@dataclass
-class ViTConfig(ModelConfig):
-    arch: str = "vit"
-    patch_size: int = 4
-    hidden_size: int = 128
-    num_layers: int = 6
-    num_heads: int = 8
-    mlp_dim: int = 256
-    classifier: str = "token"        # token | gap
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
-    pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
-
-
-MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig, "mixer": MixerConfig, "vit": ViTConfig}
+# conf/config.yaml names sweep jobs' directories ${vt_job_dir:...}. Registered at import, because a launcher's
+# worker process (joblib, submitit) imports this module when it receives the job, before it resolves the
+# job's directory.
+if OmegaConf is not None and not OmegaConf.has_resolver("vt_job_dir"):
+    OmegaConf.register_new_resolver("vt_job_dir", job_dir_name)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -213,11 +178,9 @@ RunConfig = Config  # after validation: frozen
 
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (YAML presets in conf/ extend these)."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for arch, schema in MODEL_SCHEMAS.items():
+    for arch, schema in ARCHITECTURES.items():
         cs.store(group="schema/model", name=arch, node=schema)
     for group, schema in (("data", DataConfig), ("optimizer", OptimizerConfig),
                           ("hardware", HardwareConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
@@ -270,41 +233,13 @@ def objective_name(cfg: Config) -> str:
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
 
 
-def _choice(key: str, value, options) -> None:
-    if value not in options:
-        raise ConfigError(key, value, f"choose one of {', '.join(map(str, options))}")
-
-
-def _positive(key: str, value, *, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0) or (isinstance(value, float) and math.isnan(value)):
-        raise ConfigError(key, value, f"must be {'>= 0' if allow_zero else '> 0'}")
-
-
 def validate(cfg: Config) -> Config:
     """Checks that need no data and no devices; raises ConfigError naming key, value and fix."""
     m, d, o, h, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.hardware, cfg.trainer, cfg.logger
     if not isinstance(m, ModelConfig):
         raise ConfigError("model", m, "pick a model preset, e.g. model=vit (see conf/model/)")
-    _choice("model.arch", m.arch, tuple(MODEL_SCHEMAS))
-    if m.num_classes is not None:
-        _positive("model.num_classes", m.num_classes)
-    for name in ("patch_size", "hidden_dim", "hidden_size", "num_layers", "num_heads", "mlp_dim", "num_blocks",
-                 "tokens_mlp_dim", "channels_mlp_dim", "dense_dim"):
-        if hasattr(m, name):
-            _positive(f"model.{name}", getattr(m, name))
-    if isinstance(m, MLPConfig):
-        _positive("model.hidden_layers", m.hidden_layers, allow_zero=True)
-    if isinstance(m, CNNConfig) and (not m.features or any(f <= 0 for f in m.features)):
-        raise ConfigError("model.features", list(m.features), "give one or more channel counts, all > 0, e.g. [32,64]")
-    if isinstance(m, ViTConfig):
-        _choice("model.classifier", m.classifier, ("token", "gap"))
-        if m.hidden_size % m.num_heads:
-            raise ConfigError("model.num_heads", m.num_heads,
-                              f"must divide model.hidden_size={m.hidden_size}")
-        for name in ("dropout", "attention_dropout", "stochastic_depth"):
-            if not 0.0 <= getattr(m, name) < 1.0:
-                raise ConfigError(f"model.{name}", getattr(m, name), "must be in [0, 1)")
-        _positive("model.pad_tokens_to_multiple", m.pad_tokens_to_multiple)
+    _choice("model.arch", m.arch, tuple(ARCHITECTURES))
+    m.check()  # the architecture's own checks (vision_train.models)
 
     _choice("data.name", d.name, DATASETS)
     _positive("data.val_size", d.val_size, allow_zero=True)
@@ -423,8 +358,6 @@ def to_run_config(cfg: Any) -> Config:
     """OmegaConf (from Hydra) or a Config -> validated, frozen Config. The only place OmegaConf is read.
     Keys the schema does not have (``+trainer.epochz=3``) are refused, naming the keys of that group."""
     if not isinstance(cfg, Config):
-        from omegaconf import OmegaConf
-
         check_keys(cfg)
         cfg = OmegaConf.to_object(cfg)
     return _freeze(check_metrics(validate(cfg)))
@@ -437,8 +370,6 @@ class UnknownKey(ConfigError):
     def __init__(self, full_key: str, schema: type, value: Any = MISSING):
         parent, _, leaf = full_key.rpartition(".")
         valid = [f.name for f in dataclasses.fields(schema)]
-        import difflib
-
         close = difflib.get_close_matches(leaf, valid, n=1)
         group = parent or "the config"
         if parent == "model" and "arch" in valid:
@@ -454,12 +385,10 @@ class UnknownKey(ConfigError):
 def schema_at(path: str, arch: str | None = None) -> type | None:
     """The dataclass of the config group at ``path`` ("" the top, "trainer", "data.augment", "model": the
     schema of ``arch``), or None where the path leads to no group."""
-    import typing
-
     schema: Any = Config
     for part in [p for p in path.split(".") if p]:
         if schema is Config and part == "model":
-            schema = MODEL_SCHEMAS.get(arch or "", ModelConfig)
+            schema = ARCHITECTURES.get(arch or "", ModelConfig)
             continue
         hints = typing.get_type_hints(schema)
         schema = hints.get(part)
@@ -471,8 +400,6 @@ def schema_at(path: str, arch: str | None = None) -> type | None:
 def check_keys(cfg: Any) -> None:
     """Every key of a composed config (OmegaConf) must be one of the schema's: Hydra type-checks an
     override, but an added one (``+trainer.epochz=3``) is kept and would be ignored."""
-    from omegaconf import DictConfig
-
     def walk(node, schema, path):
         names = {f.name for f in dataclasses.fields(schema)}
         for key in node.keys():
@@ -486,7 +413,7 @@ def check_keys(cfg: Any) -> None:
                 continue
             if schema is Config and key == "model":
                 arch = child.get("arch")
-                sub = MODEL_SCHEMAS.get(arch) if isinstance(arch, str) else None
+                sub = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
             else:
                 sub = schema_at(full)
             if sub is not None:
@@ -509,9 +436,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def model_kwargs(m: ModelConfig) -> dict:
-    """The model config as keyword arguments for ``vision_train.models.create``."""
-    kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("arch", "num_classes")}
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
+    """(``m.kwargs()``; ``vision_train.models.create(m, ...)`` takes the config itself.)"""
+    return m.kwargs()
 
 
 def from_dict(d: dict) -> Config:
@@ -529,9 +455,9 @@ def from_dict(d: dict) -> Config:
         return cls(**kwargs)
 
     model = d.get("model", {})
-    schema = MODEL_SCHEMAS.get(model.get("arch"))
+    schema = ARCHITECTURES.get(model.get("arch"))
     if schema is None:
-        raise ConfigError("model.arch", model.get("arch"), f"choose one of {', '.join(MODEL_SCHEMAS)}")
+        raise ConfigError("model.arch", model.get("arch"), f"choose one of {', '.join(ARCHITECTURES)}")
     cfg = Config(model=build(schema, model), data=build(DataConfig, d.get("data")),
                  optimizer=build(OptimizerConfig, d.get("optimizer")), hardware=build(HardwareConfig, d.get("hardware")),
                  trainer=build(TrainerConfig, d.get("trainer")), logger=build(LoggerConfig, d.get("logger")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import shutil
 import sys
@@ -29,6 +30,18 @@ class ConfigError(UserError):
     def __init__(self, key: str, value, fix: str):
         self.key, self.value, self.fix = key, value, fix
         super().__init__(f"{key}={value!r}: {fix}")
+
+
+def check_choice(key: str, value, options) -> None:
+    """A ``ConfigError`` unless ``value`` is one of ``options``."""
+    if value not in options:
+        raise ConfigError(key, value, f"choose one of {', '.join(map(str, options))}")
+
+
+def check_positive(key: str, value, *, allow_zero: bool = False) -> None:
+    """A ``ConfigError`` unless ``value`` is > 0 (``allow_zero``: >= 0)."""
+    if value is None or (value < 0 if allow_zero else value <= 0) or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(key, value, f"must be {'>= 0' if allow_zero else '> 0'}")
 
 
 class DataError(UserError):

@@ -13,6 +13,7 @@ Importable without Hydra: only ``SweepSummary`` uses it, and only when Hydra cal
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -25,7 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskFull, UserError, writing
+import yaml
+
+from .config import OBJECTIVES, check_keys, resolve_objective
+from .errors import ConfigError, DiskFull, UserError, writing
+
+try:  # the callback's base class; the rest of this module needs no Hydra
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
 
 log = logging.getLogger("vision_train")
 
@@ -35,30 +44,6 @@ _ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA
         "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "WANDB_SWEEP_ID")
 # Keys that do not change what a job computes: a re-run may differ in them and still skip the job.
 _VOLATILE = ("trainer.progress_bar", "trainer.resume", "logger.", "hardware.compilation_cache")
-
-
-# --------------------------------------------------------------------------------- job directories
-def job_dir_name(override_dirname: str, max_len: int = 150) -> str:
-    """A sweep job's directory name: its overrides (Hydra's ``override_dirname``, e.g.
-    ``model=cnn,optimizer.lr=0.001``) made safe for every file system and for checkpoint paths (Orbax's
-    TensorStore cannot restore from a path holding ``[`` or ``]``): characters other than letters,
-    digits and ``._,=+-`` become ``_``; names over ``max_len`` characters are cut and end with a hash of
-    the whole. The same overrides always give the same name (a re-run finds its jobs)."""
-    import hashlib
-    import re
-
-    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", override_dirname) or "default"
-    if len(name) > max_len:
-        name = f"{name[:max_len - 13]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:12]}"
-    return name
-
-
-def register_resolver() -> None:
-    """``${vt_job_dir:...}`` for conf/config.yaml's ``hydra.sweep.subdir`` (needs OmegaConf)."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("vt_job_dir"):
-        OmegaConf.register_new_resolver("vt_job_dir", job_dir_name)
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -171,8 +156,6 @@ def finished_result(run_dir: str | Path, current_config: dict, conflict: bool = 
     summary_path = run_dir / "summary.json"
     if not record or record.get("status") != "finished" or not summary_path.exists():
         return None
-    import yaml
-
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         summary = json.loads(summary_path.read_text())
@@ -271,8 +254,6 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
 def _job_num(run_dir: Path) -> int | None:
     try:
-        import yaml
-
         return int(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"])
     except Exception:  # noqa: BLE001 (no Hydra files: a run made from Python)
         return None
@@ -280,8 +261,6 @@ def _job_num(run_dir: Path) -> int | None:
 
 def best_row(rows: list[dict]) -> dict | None:
     """The finished job with the best objective value (its direction from ``config.OBJECTIVES``)."""
-    from .config import OBJECTIVES
-
     done = [r for r in rows if r["status"] == "finished" and _finite(r["value"])]
     if not done:
         return None
@@ -370,18 +349,9 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     return rows, md
 
 
-try:  # the callback's base class; the rest of this module needs no Hydra
-    from hydra.experimental.callback import Callback as _Callback
-except ImportError:  # pragma: no cover
-    _Callback = object
-
-
 def check_direction(objective: str, sweeper) -> None:
     """An Optuna sweeper (``hydra.sweeper`` config) must optimise ``objective`` the right way (accuracy up,
     loss down); other sweepers have no direction."""
-    from .config import OBJECTIVES
-    from .errors import ConfigError
-
     if "optuna" not in str(sweeper.get("_target_", "")) or objective not in OBJECTIVES:
         return
     direction, want = sweeper.get("direction"), OBJECTIVES[objective]
@@ -398,8 +368,6 @@ class SweepSummary(_Callback):
         """Checked once, before any job (each job checks again, for sweeps whose jobs differ in them): no key
         the schema does not have (``+trainer.epochz=3``), and an Optuna search optimises its objective the
         right way."""
-        from .config import check_keys, resolve_objective
-
         try:
             check_keys(config)
             check_direction(resolve_objective(config.trainer.objective, config.data.val_size), config.hydra.sweeper)
@@ -429,8 +397,6 @@ class SweepSummary(_Callback):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vision_train.sweep <sweep dir>``: (re)write and print a sweep's summary table."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m vision_train.sweep", description=main.__doc__)
     p.add_argument("sweep_dir")
     args = p.parse_args(argv)

@@ -11,7 +11,7 @@ from flax import nnx
 
 class Model(nnx.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *,
-                 features: Sequence[int] = (32, 64), dense_dim: int = 256, dtype=jnp.float32,
+                 features: Sequence[int], dense_dim: int, dtype=jnp.float32,
                  rngs: nnx.Rngs):
         h, w, c = input_shape
         stages = len(features)

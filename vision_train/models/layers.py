@@ -6,9 +6,7 @@ import einops
 import jax
 from flax import nnx
 
-
-def valid_patch_sizes(h: int, w: int) -> list[int]:
-    return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
+from . import valid_patch_sizes
 
 
 def check_patch_size(image_hw: tuple[int, int], patch_size: int) -> None:

@@ -30,9 +30,9 @@ class MixerBlock(nnx.Module):
 
 
 class Model(nnx.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int = 4,
-                 num_blocks: int = 8, hidden_dim: int = 192, tokens_mlp_dim: int = 96,
-                 channels_mlp_dim: int = 768, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int,
+                 num_blocks: int, hidden_dim: int, tokens_mlp_dim: int,
+                 channels_mlp_dim: int, dtype=jnp.float32, rngs: nnx.Rngs):
         h, w, c = input_shape
         check_patch_size((h, w), patch_size)
         num_tokens = (h // patch_size) * (w // patch_size)

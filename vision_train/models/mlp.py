@@ -10,8 +10,8 @@ from flax import nnx
 
 
 class Model(nnx.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, hidden_layers: int = 1,
-                 hidden_dim: int = 10, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, hidden_layers: int,
+                 hidden_dim: int, dtype=jnp.float32, rngs: nnx.Rngs):
         dims = [math.prod(input_shape)] + [hidden_dim] * hidden_layers
         self.hidden = nnx.List(
             [nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])]

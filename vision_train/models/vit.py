@@ -63,10 +63,10 @@ class EncoderBlock(nnx.Module):
 
 
 class Model(nnx.Module):
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int = 4,
-                 hidden_size: int = 128, num_layers: int = 6, num_heads: int = 8, mlp_dim: int = 256,
-                 classifier: str = "token", dropout: float = 0.1, attention_dropout: float = 0.0,
-                 stochastic_depth: float = 0.0, pad_tokens_to_multiple: int = 1, dtype=jnp.float32,
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int,
+                 hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int,
+                 classifier: str, dropout: float, attention_dropout: float,
+                 stochastic_depth: float, pad_tokens_to_multiple: int, dtype=jnp.float32,
                  rngs: nnx.Rngs):
         h, w, c = input_shape
         check_patch_size((h, w), patch_size)
