@@ -109,3 +109,118 @@ def test_best_and_latest_checkpoints_become_model_artifacts(tmp_path):
     models = [a for a in arts if a.get("type") == "model"]
     aliases = {alias for a in models for alias in a.get("aliases", [])}
     assert {"best", "latest"} <= aliases, arts
+
+
+def checkpoint_meta(run_dir, step=None):
+    """A checkpoint's JSON metadata (the latest one's by default) and the file that holds it."""
+    from vision_train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", best_metric=None, read_only=True)
+    step = ckpt.latest() if step is None else step
+    (path,) = (run_dir / "checkpoints" / str(step) / "meta").glob("metadata*")
+    return step, ckpt.read_meta(step), path
+
+
+def test_a_checkpoint_with_the_old_wandb_keys_resumes_the_same_wandb_run(tmp_path):
+    """Checkpoints written before the sinks had their own metadata key held W&B's run id and history
+    counter as ``wandb_run_id``/``wandb_step``: resuming one continues that W&B run, and the checkpoints
+    written from then on hold the sinks' form."""
+    train(compose([*RUN, "trainer.epochs=1", "logger.media=false"]), tmp_path)
+    (first,) = by_type(records(tmp_path), "run")
+    assert first["job_type"] == "train"
+    step, meta, path = checkpoint_meta(tmp_path)
+    wandb_state = meta.pop("sinks")["wandb"]
+    assert wandb_state["run_id"] == first["run_id"] and "wandb_run_id" not in meta
+    meta.update(wandb_run_id=wandb_state["run_id"], wandb_step=wandb_state["step"])  # the old form
+    path.write_text(json.dumps(meta))
+
+    train(compose([*RUN, "trainer.epochs=2", "logger.media=false"]), tmp_path)
+    recs = records(tmp_path)  # the resumed run's file (the first attempt's: wandb/superseded/)
+    assert by_type(recs, "run")[0]["run_id"] == first["run_id"]
+    (earlier,) = (tmp_path / "wandb" / "superseded").iterdir()
+    assert earlier.name.endswith(first["run_id"])
+    steps = [h["item"]["step"] for h in by_type(recs, "history") if "train/loss" in h["item"]]
+    local = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [r["step"] for r in local if "train/loss" in r] and steps[-1] == 38  # the whole run, each step once
+    _, meta, _ = checkpoint_meta(tmp_path)
+    assert meta["sinks"]["wandb"]["run_id"] == first["run_id"] and "wandb_run_id" not in meta
+
+
+def test_eval_runs_carry_their_job_type_without_touching_the_environment(tmp_path, monkeypatch):
+    import os
+
+    from vision_train.tracking import Tracker
+
+    monkeypatch.delenv("WANDB_JOB_TYPE", raising=False)
+    lc = compose(["logger.mode=offline"]).logger
+    tracker = Tracker(tmp_path, {"job": "eval"}, lc, name="eval run", job_type="eval")
+    assert "WANDB_JOB_TYPE" not in os.environ
+    tracker.log({"test/acc": 0.5}, 7)
+    tracker.summary({"test/acc": 0.5})
+    tracker.finish(0)
+    (run,) = by_type(records(tmp_path), "run")
+    assert run["job_type"] == "eval" and run["display_name"] == "eval run"
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"test/acc": 0.5}
+
+
+class CopySink:
+    """A third sink, as a user would add one: its own file of rows, cut back on resume through the state
+    it stores in each checkpoint."""
+
+    run_id = None
+    built: list = []  # (every instance, in order: what each was told on construction and got)
+
+    def __init__(self, run_dir, config, logger_cfg, *, name, job_type, resume):
+        self.path, self.resume, self.evals, self.checkpoints = run_dir / "copy.jsonl", resume, [], []
+        rows = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        self.rows = resume.state["rows"] if resume is not None and resume.state else 0
+        self.path.write_text("".join(rows[:self.rows]))
+        self.file = open(self.path, "a")  # noqa: SIM115
+        self.summary_values = self.exit_code = None
+        CopySink.built.append(self)
+
+    def log(self, metrics, step):
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.rows += 1
+
+    def log_eval(self, split, step, report, **arrays):
+        self.evals.append((split, step, sorted(report["files"]), len(arrays["labels"])))
+
+    def log_checkpoints(self, ckpt_dir, aliases):
+        self.checkpoints.append(aliases)
+
+    def summary(self, values):
+        self.summary_values = dict(values)
+
+    def finish(self, exit_code=0):
+        self.file.close()
+        self.exit_code = exit_code
+
+    def resume_state(self):
+        return {"rows": self.rows}
+
+
+def test_a_third_sink_is_one_class_and_one_line_and_gets_what_the_local_record_gets(tmp_path, monkeypatch):
+    from vision_train import tracking
+
+    monkeypatch.setattr(CopySink, "built", [])
+    monkeypatch.setitem(tracking.SINKS, "copy", (CopySink, lambda lc: True))  # the one line
+    job = [*RUN, "logger.mode=disabled", "logger.num_samples=2"]
+    train(compose([*job, "trainer.epochs=1"]), tmp_path)
+    first = CopySink.built[0]
+    assert first.resume is None and first.exit_code == 0
+    step, meta, _ = checkpoint_meta(tmp_path)
+    assert meta["sinks"] == {"copy": {"rows": meta["loop"]["rows"]}}  # its state, stored by the tracker
+
+    summary = train(compose([*job, "trainer.epochs=2"]), tmp_path)  # resumes from step 19
+    second = CopySink.built[1]
+    assert second.resume.step == step and second.resume.state == {"rows": meta["loop"]["rows"]}
+    # Row for row what metrics.jsonl holds (the first run's test row, after the checkpoint, cut from both).
+    local = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r) for r in (tmp_path / "copy.jsonl").read_text().splitlines()] == [json.loads(r) for r in local]
+    assert sum("test/acc" in r for r in local) == 1
+    assert second.summary_values == json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert second.exit_code == 0
+    assert {(split, at) for split, at, _, _ in second.evals} == {("val", 38), ("test", 38)}
+    assert all("confusion_heatmap" in files and n > 0 for _, _, files, n in second.evals)
+    assert second.checkpoints == [{"best": summary["best/step"], "latest": 38}]

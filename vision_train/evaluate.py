@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +217,9 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
              else np.zeros((0, len(classes))))
 
     # ---------------------------------------------------------------- report
-    from .tracking import media
+    from .tracking import Tracker, media
 
+    train_id = Tracker.run_ids_from_meta(meta).get("wandb")  # the training run's W&B run, if it had one
     cm = np.asarray(host["confusion"]).astype(np.int64)  # the eval step's counts, as in training
     cal = media.calibration_from_bins(host["bins"]["count"], host["bins"]["confidence"], host["bins"]["correct"])
     per_class = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, media.per_class_accuracy(cm))}
@@ -229,7 +229,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
                 "confidence": float(p.max())} for i, p in zip(sample_idx[:ec.num_samples], probs[:ec.num_samples])]
     report = {
         "checkpoint": str(step_dir), "step": step, "train_run_dir": str(train_dir) if train_dir else None,
-        "train_wandb_run_id": meta.get("wandb_run_id"), "model": train_cfg.model.arch, "trained_on": trained_on,
+        "train_wandb_run_id": train_id, "model": train_cfg.model.arch, "trained_on": trained_on,
         "data": data_cfg.name, "split": s, "num_examples": n, "num_devices": nd, "platform": devices[0].platform,
         "batch_size": B, "precision": train_cfg.hardware.precision,
         "label_smoothing": train_cfg.optimizer.label_smoothing,
@@ -253,33 +253,24 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
             log.info("%s", block)
 
     # ---------------------------------------------------------------- files and W&B
-    from .tracking import Tracker, run_metadata
+    from .tracking import run_metadata
 
     lg = ec.logger
     changes = {k: getattr(train_cfg.logger, k) for k in ("project", "entity", "group") if f"logger.{k}" not in given}
     lg = dataclasses.replace(lg, **changes)
-    train_id = meta.get("wandb_run_id")
     train_path = "/".join(x for x in (train_cfg.logger.entity, train_cfg.logger.project, train_id) if x) \
         if train_id else None
     wandb_config = {
         "job": "eval", "checkpoint": str(step_dir), "checkpoint_step": step,
-        "train_run_dir": str(train_dir) if train_dir else None, "train_wandb_run_id": meta.get("wandb_run_id"),
+        "train_run_dir": str(train_dir) if train_dir else None, "train_wandb_run_id": train_id,
         "train_wandb_run_path": train_path,
         "split": s, "batch_size": B, "data": config_lib.to_dict(data_cfg),
         "model": train_dict["model"], "train_config": train_dict, "hardware": config_lib.to_dict(hw),
         "meta": run_metadata(run_dir, devices, sum(x.size for x in jax.tree.leaves(params))) if is_main else {},
     }
     name = lg.name or f"eval {train_cfg.model.arch}-{data_cfg.name} {s}" + (
-        f" (train {meta['wandb_run_id']})" if meta.get("wandb_run_id") else "")
-    before = os.environ.get("WANDB_JOB_TYPE")
-    os.environ["WANDB_JOB_TYPE"] = "eval"  # W&B's job_type (the Tracker's sink takes no job_type argument)
-    try:
-        tracker = Tracker(run_dir, wandb_config, lg, is_main=is_main, name=name[:128])
-    finally:
-        if before is None:
-            os.environ.pop("WANDB_JOB_TYPE", None)
-        else:
-            os.environ["WANDB_JOB_TYPE"] = before
+        f" (train {train_id})" if train_id else "")
+    tracker = Tracker(run_dir, wandb_config, lg, is_main=is_main, name=name[:128], job_type="eval")
     exit_code = 1
     try:
         tracker.log(metrics, step)

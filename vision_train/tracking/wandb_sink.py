@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .sinks import SinkResume
+
 log = logging.getLogger("vision_train")
 
 MEDIA_BACKLOG = 2  # eval media waiting for the W&B thread; an older one is dropped beyond this
@@ -83,29 +85,37 @@ class _Item:
 
 
 class WandbSink:
-    """One W&B run. Public: ``run`` (the wandb Run), ``mode`` (online/offline), ``rewound`` (a resume that
-    W&B rewound to the checkpoint), ``step`` (W&B's history counter once everything queued is logged),
-    and ``log``, ``log_eval``, ``log_checkpoints``, ``replay``, ``summary``, ``finish``: each returns at
-    once; the W&B thread does the work in the order of the calls."""
+    """One W&B run, a ``tracking.Sink``. Public: ``run`` (the wandb Run), ``run_id``, ``mode``
+    (online/offline), ``rewound`` (a resume that W&B rewound to the checkpoint), ``step`` (W&B's history
+    counter once everything queued is logged), and ``log``, ``log_eval``, ``log_checkpoints``, ``replay``,
+    ``summary``, ``finish``: each returns at once; the W&B thread does the work in the order of the calls.
 
-    def __init__(self, run_dir: Path, config: dict, lc, name: str | None = None, run_id: str | None = None,
-                 rewind_to: int | None = None):
+    ``resume``: the checkpoint a resumed run starts from; its ``state`` (this sink's ``resume_state()``
+    then: the run id and W&B's history counter) continues that W&B run, rewound to the checkpoint where the
+    server can, else with the rows up to it logged again (``replay``). ``job_type``: W&B's job type."""
+
+    def __init__(self, run_dir: Path, config: dict, lc, *, name: str | None = None, job_type: str | None = None,
+                 resume: SinkResume | None = None):
         self.run_dir = Path(run_dir)
         _isolate(self.run_dir)
-        import wandb
+        import wandb  # (an optional heavy import: only runs that log to W&B pay for it)
 
         self._wandb = wandb
         self.finish_timeout_s = float(getattr(lc, "finish_timeout_s", 60.0))
+        self._log_checkpoints = bool(getattr(lc, "log_checkpoints", False))
         mode = lc.mode
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
+        state = (resume.state if resume is not None else None) or {}
+        run_id, rewind_to = state.get("run_id"), state.get("step")
         self.resumed = run_id is not None
         # Our own id from the start: an offline fallback keeps the id the online run would have had, so
         # `wandb sync` later uploads it as that run.
         run_id = run_id or _new_run_id()
         kwargs = dict(project=lc.project, entity=lc.entity, name=lc.name or name, group=lc.group,
                       tags=list(lc.tags) or None, notes=lc.notes, config=config, dir=str(self.run_dir),
-                      reinit="finish_previous", id=run_id, resume="allow" if self.resumed else None)
+                      job_type=job_type, reinit="finish_previous", id=run_id,
+                      resume="allow" if self.resumed else None)
         self.rewound = False
         self._kwargs = kwargs
         self._summary: dict = {}
@@ -129,6 +139,35 @@ class WandbSink:
         self._put("define", self._define_metrics, 0, "metric definitions")
         if self.mode == "online":
             self._put("prepare", self._prepare_artifacts, 0, "the artifact client")
+        if self.resumed and self.mode == "offline":
+            self._replace_offline_attempts(resume.history)
+        elif self.resumed and not self.rewound:  # online, a server without rewind: see replay
+            self.replay(resume.history())
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def resume_state(self) -> dict:
+        """The run id and W&B's history counter (the point a rewind goes back to)."""
+        return {"run_id": self.run.id, "step": self.step}
+
+    def _replace_offline_attempts(self, history) -> None:
+        """Resuming offline: an offline run cannot be rewound, so the earlier attempts' files (which hold
+        the steps logged after the checkpoint) are moved to ``wandb/superseded/`` and the scalars up to
+        the checkpoint (``history()``: metrics.jsonl's rows) are logged again: the new file alone is the whole
+        run, each step once. (Media of the evaluations before the checkpoint stay in the superseded files
+        and in ``media/``.)"""
+        current = Path(self.run.dir).parent
+        old = [d for d in (self.run_dir / "wandb").glob(f"offline-run-*-{self.run.id}") if d != current]
+        if not old:
+            return
+        (self.run_dir / "wandb" / "superseded").mkdir(exist_ok=True)
+        for d in old:
+            shutil.move(str(d), self.run_dir / "wandb" / "superseded" / d.name)
+        for row in history():
+            self.log({k: v for k, v in row.items() if k != "step" and v is not None}, row["step"])
+        log.info("W&B offline run %s resumed: %d earlier attempt(s) moved to wandb/superseded/", self.run.id, len(old))
 
     # ------------------------------------------------------------------------------------ start-up
     def _settings(self, **extra):
@@ -324,7 +363,8 @@ class WandbSink:
         log.info("W&B run %s resumed without rewind (%s); the %d rows up to the checkpoint logged again",
                  self.run.id, why, n)
 
-    def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images) -> None:
+    def log_eval(self, split: str, step: int, report: dict, *, labels, preds, class_names, images=None,
+                 **_) -> None:
         """Confusion matrix, figures and predictions table of one evaluation. The PNGs are read now (the
         next eval overwrites them); the W&B objects are built and logged on the W&B thread. Media, not
         scalars: dropped (oldest first) when more than ``MEDIA_BACKLOG`` wait."""
@@ -364,8 +404,11 @@ class WandbSink:
 
         self._put("media", job, 1, f"the {split} media of step {step}", droppable=True)
 
-    def log_checkpoints(self, directory: Path, steps: dict[str, int]) -> None:
-        """Checkpoint directories as model artifacts: one per step, aliased "best" and/or "latest"."""
+    def log_checkpoints(self, directory: Path, steps: dict[str, int | None]) -> None:
+        """Checkpoint directories as model artifacts (when ``logger.log_checkpoints``): one per step,
+        aliased "best" and/or "latest"."""
+        if not self._log_checkpoints:
+            return
         by_step: dict[int, list[str]] = {}
         for alias, step in steps.items():
             if step is not None:

@@ -169,10 +169,12 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
         state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
         log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
-        if not own:  # another run's checkpoint: this is a new run (a new W&B run) that names its parent
+        if not own:  # another run's checkpoint: this is a new run (new tracking runs) that names its parent
+            from ..tracking import Tracker
+
             parent = {"checkpoint": str(src_dir / str(src_step)), "step": src_step,
                       "run_dir": str(src_dir.parent) if src_dir.name == "checkpoints" else None,
-                      "wandb_run_id": resumed.get("wandb_run_id")}
+                      **Tracker.parent_ids(resumed)}
             resumed = {"loop": resumed.get("loop", {})}
     start_step = int(jax.device_get(state.step))
     loop_state = resumed.get("loop", {})
@@ -195,9 +197,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     if parent:
         meta["parent"] = parent
     tracker = Tracker(run_dir, {**resolved, "meta": meta}, cfg.logger, is_main=is_main,
-                      name=default_run_name(cfg, run_dir), resume_step=start_step,
-                      resume_rows=loop_state.get("rows") if own else None,
-                      run_id=resumed.get("wandb_run_id"), wandb_step=resumed.get("wandb_step"))
+                      name=default_run_name(cfg, run_dir),
+                      resume=None if source is None else {"step": start_step,
+                                                          "rows": loop_state.get("rows") if own else None,
+                                                          "sinks": Tracker.resume_from_meta(resumed) if own else None})
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
@@ -249,7 +252,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
             return
         # A deep copy: the save is written on a background thread while the loop goes on changing its sums.
         meta = copy.deepcopy({
-            "config": resolved, "wandb_run_id": tracker.run_id, "wandb_step": tracker.wandb_step,
+            "config": resolved, **tracker.resume_state(),
             "param_shapes": shapes, "step": step,
             "data": {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
                      "std": list(ds.std), "scale": ds.scale},
@@ -340,8 +343,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
                 stop.exit(checkpointer, step, run_dir)
         if checkpointer is not None:
             checkpointer.wait()
-            if cfg.logger.log_checkpoints and tracker.wandb:
-                tracker.wandb.log_checkpoints(ckpt_dir, {"best": checkpointer.best(), "latest": checkpointer.latest()})
+            tracker.log_checkpoints(ckpt_dir, {"best": checkpointer.best(), "latest": checkpointer.latest()})
 
         test = evaluate("test", step)
         tracker.log(test, step)
