@@ -19,10 +19,19 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from .config import register_configs, to_run_config  # noqa: E402
-from .errors import DiskFull, UserError, install_background_error_handling  # noqa: E402
+import vision_train  # noqa: E402
+
+from . import interrupts, sweep  # noqa: E402
+from .config import UnknownKey, objective_name, register_configs, schema_at, to_dict, to_run_config  # noqa: E402
+from .errors import DiskFull, UserError, disk_full_error, install_background_error_handling  # noqa: E402
+from .host_devices import configure_host_devices  # noqa: E402
+from .records import set_aside_run  # noqa: E402
 
 log = logging.getLogger("vision_train")
 register_configs()
@@ -30,29 +39,20 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from . import sweep
-    from .config import objective_name, to_dict
-
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise on CPU/GPU
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Resetting cache" of the compilation cache
     install_background_error_handling()  # background threads' tracebacks: to the log file, not the console
-    from . import interrupts
-
     interrupts.guard_unraisable()  # (again on top: a Ctrl-C dropped in a gc callback is delivered again)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = hc.runtime.output_dir
     overrides = list(hc.overrides.task)
-    import vision_train
-
     process = vision_train.PROCESS  # start-up: from import for a process's first job, else from the job's start
     started = process["started"] if process["jobs"] == 0 else time.time()
     process["jobs"] += 1
     recorded = False
+    Preempted = ()  # (training's stop on a signal: bound below, where training is imported)
 
     def record(status: str, **kw) -> None:
         if recorded:
@@ -82,21 +82,21 @@ def main(cfg: DictConfig) -> float | None:
         if not run_cfg.hardware.distributed:  # (the processes of a multi-host run share the directory)
             sweep.check_not_running(run_dir)
             if run_cfg.trainer.resume == "never":  # start over: the earlier run's files, its job.json too, set aside
-                from .records import set_aside_run
-
                 moved = set_aside_run(run_dir, include_job_record=True)
                 if moved:
                     log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
         sweep.start_record(run_dir, overrides, objective, clock_start=started)
         recorded = True
-        from .parallel import configure_host_devices
-
         configure_host_devices(run_cfg.hardware.platform, run_cfg.hardware.num_devices)
-        with interrupts.held():  # a Ctrl-C inside these C++ extensions' start would abort the process
+        # JAX starts here. The command line imports nothing that imports JAX before configure_host_devices has set
+        # XLA_FLAGS / JAX_PLATFORMS for hardware.* (read when JAX is imported and starts); these are the only
+        # imports it defers. The signals are held meanwhile: a Ctrl-C inside a C++ extension's start (jaxlib,
+        # TensorStore, torch) would abort the process.
+        with interrupts.held():
             import jax  # noqa: F401
             import orbax.checkpoint  # noqa: F401
-        from .train.loop import train
 
+            from .train.loop import Preempted, train
         summary = train(run_cfg, run_dir, started_at=started)
         value = _objective(summary, objective)
         sweep.end_record(run_dir, "finished", value=value)
@@ -122,8 +122,6 @@ def main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
     except UserError as e:
-        from .train.loop import Preempted
-
         if isinstance(e, Preempted):  # checkpoint saved; a re-run (or submitit's requeue) resumes
             record("interrupted", error=str(e))
             log.error("error: %s", e)
@@ -148,8 +146,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _interrupted(e: KeyboardInterrupt, record) -> None:
-    from . import interrupts
-
     signum = interrupts.signum_of(e)
     message = f"interrupted by {interrupts.describe(signum)}"
     try:
@@ -163,9 +159,7 @@ def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:
     """A sweep's job: its W&B run is grouped by the sweep and tagged with the job's overrides; under the
     joblib launcher, JAX does not preallocate GPU memory, so parallel jobs can share a device."""
     if cfg.logger.group is None:
-        from .sweep import group_name
-
-        cfg.logger.group = group_name(hc.sweep.dir)
+        cfg.logger.group = sweep.group_name(hc.sweep.dir)
     if not cfg.logger.tags:
         cfg.logger.tags = [o[:64] for o in overrides if not o.startswith(("logger.", "trainer.progress_bar"))]
     if "joblib" in str(hc.launcher.get("_target_", "")):
@@ -182,11 +176,6 @@ def _objective(summary: dict, objective: str) -> float:
 def _hydra_error_line(e: BaseException) -> str | None:
     """Hydra's and OmegaConf's errors (composition, overrides) in one line; None for anything else. An
     unknown key given on the command line is said as one added with ``+`` is (``config.UnknownKey``)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import UnknownKey, schema_at
-
     if not isinstance(e, (HydraException, OmegaConfBaseException)):
         return None
     cause = e.__cause__
@@ -228,8 +217,6 @@ def run() -> None:
     """The command line: ``main`` with Ctrl-C and Hydra's errors each said in one line. Hydra's errors
     (an unknown key, a missing preset, a value of the wrong type) reach this function, not Hydra's own
     printer, through ``HYDRA_FULL_ERROR=1``; set that variable yourself to see their tracebacks."""
-    from . import interrupts
-
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -242,8 +229,6 @@ def run() -> None:
         if interrupts.interrupt_behind(e) is not None:  # (a Ctrl-C turned into ImportError by an extension)
             signum = interrupts.signum_of(interrupts.interrupt_behind(e))
             interrupts.stop(signum, f"interrupted by {interrupts.describe(signum)}")
-        from .errors import disk_full_error
-
         full = disk_full_error(e)  # (e.g. Hydra's own writes, .hydra/*.yaml, on a full disk)
         line = str(full) if full else None if full_error else _hydra_error_line(e)
         if line is None:

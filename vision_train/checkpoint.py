@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as cm
 
+from . import config as config_lib
+from . import models
 from .errors import DiskFull, UserError, disk_full_reason, one_line, remove_quietly
 
 log = logging.getLogger("vision_train")
@@ -61,12 +67,6 @@ class DamagedCheckpoint(CheckpointError):
         return DamagedCheckpoint(self.directory, self.step, self.why, self.earlier, key)
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
-
-
 def _why(e: Exception) -> str:
     """One line for an Orbax/TensorStore failure (their messages end in a long repr of the spec)."""
     return f"{type(e).__name__}: " + str(e).splitlines()[0].split(" See full TensorStore details")[0][:300]
@@ -92,9 +92,6 @@ def find(path: str | Path) -> tuple[Path, int | None]:
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3, best_metric: str | None = "val/acc",
                  best_mode: str = "max", read_only: bool = False):
-        ocp = _ocp()
-        from orbax.checkpoint import checkpoint_managers as cm
-
         self.directory = Path(directory)
         policies = [cm.LatestN(n=keep)]
         if best_metric:
@@ -135,7 +132,6 @@ class Checkpointer:
     def save(self, step: int, items: dict, meta: dict, metrics: dict | None = None, *, force: bool = True) -> None:
         """Start saving ``step`` (written on a background thread). A failure of the previous save surfaces
         here, as a ``DiskFull``/``CheckpointError`` naming that save's step."""
-        ocp = _ocp()
         if self.best_metric and metrics and self.best_metric not in metrics:
             metrics = None
         self.wait()  # (Orbax waits for the previous save anyway; here its failure is attributed to its step)
@@ -179,7 +175,6 @@ class Checkpointer:
         return DamagedCheckpoint(self.directory, step, why, [s for s in self.steps() if s < step])
 
     def read_meta(self, step: int) -> dict:
-        ocp = _ocp()
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001
@@ -187,7 +182,6 @@ class Checkpointer:
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """``target``: a pytree of jax.ShapeDtypeStruct with the current mesh's shardings."""
-        ocp = _ocp()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      meta=ocp.args.JsonRestore()))
@@ -258,7 +252,6 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
     first device, replicated)."""
     directory, step = find(path)
     ckpt = Checkpointer(directory, best_metric=None, read_only=True)
-    ocp = _ocp()
     try:
         step = ckpt.resolve_step(step)
         meta = ckpt.read_meta(step)
@@ -300,12 +293,6 @@ class Restored(NamedTuple):
 
 def restore_model(path: str | Path, sharding=None) -> Restored:
     """A checkpoint -> the trained model and what is needed to feed it inputs exactly as in training."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from . import config as config_lib
-    from . import models
-
     loaded = load_for_inference(path, sharding)
     try:
         cfg = config_lib.from_dict(loaded["config"])
@@ -316,8 +303,8 @@ def restore_model(path: str | Path, sharding=None) -> Restored:
     num_classes = cfg.model.num_classes or len(data["class_names"])
 
     def build():
-        return models.create(cfg.model.arch, tuple(data["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1),
-                             dtype=dtype, **config_lib.model_kwargs(cfg.model))
+        return models.create(cfg.model, tuple(data["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1),
+                             dtype=dtype)
 
     abstract = nnx.eval_shape(build)
     graphdef, params, other = nnx.split(abstract, nnx.Param, ...)

@@ -22,8 +22,9 @@ from typing import Any, List, Optional
 from .errors import ConfigError, UserError
 from .errors import check_choice as _choice
 from .errors import check_positive as _positive
-from .models import ARCHITECTURES, MISSING, CNNConfig, MixerConfig, MLPConfig, ModelConfig, ViTConfig  # noqa: F401 (the
-# model schemas, part of the schema)
+
+# The model schemas are part of the schema (their home is the model registry).
+from .models import ARCHITECTURES, MISSING, CNNConfig, MixerConfig, MLPConfig, ModelConfig, ViTConfig  # noqa: F401
 from .models import Freezable as _Freezable
 
 try:  # the command lines compose configs with Hydra; from Python the package works without it

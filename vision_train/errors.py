@@ -8,8 +8,11 @@ log file, never to the console.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import errno
+import io
 import logging
 import math
 import os
@@ -129,8 +132,6 @@ def disk_full_error(e: BaseException, what: str = "the run's files") -> DiskFull
 def _file_written_in(tb) -> str | None:
     """The file open for writing in the innermost frame of ``tb`` that has one (``with open(p, "w") as f:
     f.write(...)`` raises an OSError that does not name ``p``)."""
-    import io
-
     frames = []
     while tb is not None:
         frames.append(tb.tb_frame)
@@ -290,8 +291,6 @@ class _Formatter(logging.Formatter):
         return self.inner.format(record)
 
     def _short(self, record: logging.LogRecord, note: str) -> str:
-        import copy
-
         short = copy.copy(record)
         short.msg, short.args = f"{record.getMessage()} ({note})", None
         short.exc_info = short.exc_text = short.stack_info = None
@@ -328,8 +327,6 @@ def install_background_error_handling() -> None:
     written once (a full disk is one exception, however many arrays Orbax failed to write); a log file on a
     full disk is silently left behind. Exceptions on the main thread are untouched. Safe to call again
     (each job of a sweep: Hydra sets up logging per job)."""
-    import asyncio
-
     if not _state:
         _state.update(thread_hook=threading.excepthook, unraisable_hook=sys.unraisablehook,
                       policy=asyncio.get_event_loop_policy(), showwarning=warnings.showwarning)
@@ -358,8 +355,6 @@ def install_background_error_handling() -> None:
 
 def uninstall_background_error_handling() -> None:
     """Undo ``install_background_error_handling`` (tests)."""
-    import asyncio
-
     if _state:
         threading.excepthook = _state["thread_hook"]
         sys.unraisablehook = _state["unraisable_hook"]

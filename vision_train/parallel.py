@@ -1,27 +1,28 @@
-"""Devices and the data-parallel mesh (DESIGN.md, decision 1: jit + NamedSharding, not pmap)."""
+"""Devices and the data-parallel mesh (DESIGN.md, decision 1: jit + NamedSharding, not pmap).
+
+Imports JAX: what must happen before JAX starts (``XLA_FLAGS``, ``JAX_PLATFORMS``) is ``vision_train.host_devices``.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+
+import jax
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache as cc
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .errors import ConfigError
 
-
-def configure_host_devices(platform: str, num_devices: int) -> None:
-    """Before JAX initialises: ask XLA for ``num_devices`` simulated CPU devices when running on CPU."""
-    if platform == "cpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        if num_devices > 1:
-            flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-            flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-            os.environ["XLA_FLAGS"] = " ".join(flags)
+# Its home before; callers that run before JAX starts import it from host_devices, which does not import JAX.
+from .host_devices import configure_host_devices  # noqa: F401
 
 
 def initialize_distributed() -> None:
     """Multi-host: jax.distributed auto-detects TPU pods, SLURM and Open MPI; otherwise set
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
-    import jax
-
     if jax.distributed.is_initialized():  # must run before anything initialises the XLA backend
         return
     kwargs = {}
@@ -36,8 +37,6 @@ def initialize_distributed() -> None:
 
 def select_devices(platform: str, num_devices: int):
     """The devices to train on: all of the platform's (global, across hosts), or the first ``num_devices``."""
-    import jax
-
     try:
         devices = jax.devices() if platform == "auto" else jax.devices(platform)
     except RuntimeError as e:
@@ -59,9 +58,6 @@ def select_devices(platform: str, num_devices: int):
 
 
 def make_mesh(devices):
-    import jax
-    from jax.sharding import AxisType
-
     return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
 
 
@@ -69,22 +65,15 @@ def put_replicated(x, sharding):
     """A host array -> a global array replicated on every device of the mesh. Every process holds the
     same host data (the data sets are loaded on each host), so each fills its own devices: this works
     across hosts, where ``jax.device_put`` onto non-addressable devices would not."""
-    import jax
-    import numpy as np
-
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def replicated(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     return NamedSharding(mesh, P("data"))
 
 
@@ -113,11 +102,6 @@ def enable_compilation_cache(setting: str | None) -> str | None:
     from ``setting``'s directory, so the second job of a sweep (in this process or another, on this
     machine or any sharing the directory) skips XLA compilation of programs it has seen. The key covers
     the program, devices, XLA flags and versions; a stale entry cannot be hit. Returns the directory."""
-    import logging
-
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
     path = compilation_cache_dir(setting)
     if path is not None:
         try:

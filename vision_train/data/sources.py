@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from ..errors import DataError
 
@@ -54,8 +55,6 @@ STATS = {
 
 
 def _permutation(n: int, seed: int) -> np.ndarray:
-    import torch
-
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
@@ -78,13 +77,12 @@ def import_torchvision():
     torchvision's CUDA ``_C.so`` does not load on CPU torch, and ``import torchvision`` then dies with
     ``operator torchvision::nms does not exist``. Declaring the two operator schemas it registers
     Python fallbacks for lets the data sets and transforms import (its C++ ops stay unavailable).
+    Imported here, not at the top: only the torchvision data sets need it (a second or more to import).
     """
     try:
         import torchvision
         return torchvision
     except RuntimeError as e:
-        import torch
-
         if "torchvision::nms" not in str(e) or torch.version.cuda is not None:
             raise
         for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
@@ -156,7 +154,7 @@ def load_torchvision(name: str, root: str, *, download: bool) -> tuple[Split, Sp
 # ------------------------------------------------------------------------------- offline sets
 def load_digits() -> tuple[Split, tuple[str, ...]]:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16) as uint8 8x8x1 images."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # (only these two sets use scikit-learn: ~2 s to import)
 
     d = sk_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -166,7 +164,7 @@ def load_digits() -> tuple[Split, tuple[str, ...]]:
 def make_toy(num_examples: int, seed: int) -> Split:
     """Seed 003's 2-D set: two Gaussian blobs (20%) and two concentric circles (60% outer, 20% inner),
     scaled and moved below the blobs. Points are float32 'images' of shape 1x1x2."""
-    from sklearn.datasets import make_blobs, make_circles
+    from sklearn.datasets import make_blobs, make_circles  # (scikit-learn: see load_digits)
 
     x, y = make_blobs(n_samples=int(num_examples * 0.2), n_features=2, centers=2, cluster_std=1.9, random_state=seed)
     n_outer = int(num_examples * 0.6)
