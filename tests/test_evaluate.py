@@ -68,7 +68,7 @@ def test_evaluate_on_two_devices_reproduces_the_training_runs_test_accuracy(trai
     # An eval run in the training run's W&B project, linked to it; its files under the eval run dir.
     from vision_train.checkpoint import load_for_inference
 
-    train_id = load_for_inference(train_dir)["meta"]["wandb_run_id"]
+    train_id = load_for_inference(train_dir)["meta"]["sinks"]["wandb"]["run_id"]
     assert train_id and report["train_wandb_run_id"] == train_id
     run = wandb_run_record(ev)
     assert run["job_type"] == "eval" and run["project"] == "vision_train"

@@ -63,48 +63,51 @@ def test_train_step_compiles_once_per_run(tmp_path, caplog):
 
 
 def _tiny_setup(num_devices, batch_size):
-    """The loop's wiring for a tiny CNN on 8x8x3 synthetic data: (jitted train, eval, state, data, mesh)."""
+    """The run's wiring for a tiny CNN on 8x8x3 synthetic data: (jitted train step, eval step, state, feed,
+    data, model): the same feed and step builders the assembly uses."""
     from flax import nnx
 
     from vision_train import models, parallel
-    from vision_train.data import pipeline, sources
+    from vision_train.data import sources
     from vision_train.train import state as state_lib
+    from vision_train.train.feeds import DeviceFeed, Normalize
 
     mesh = parallel.make_mesh(jax.devices("cpu")[:num_devices])
-    rep, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    rep = parallel.replicated(mesh)
     split = sources.make_synthetic(100, (8, 8, 3), 10, seed=0)
+    ds = sources.Dataset("synthetic", train=split, val=None, test=split, class_names=tuple(map(str, range(10))),
+                         mean=(0.5,) * 3, std=(0.25,) * 3)
+    feed = DeviceFeed(ds, batch_size=batch_size, mesh=mesh, aug=pipeline.Augment(flip=True),
+                      normalize=Normalize(1 / 255, (0.5,) * 3, (0.25,) * 3, jnp.float32), eval_splits=("test",))
     model = models.create("cnn", (8, 8, 3), 10, rngs=nnx.Rngs(params=0, dropout=1), features=(4, 8), dense_dim=16)
     tx = state_lib.make_optimizer(compose(["optimizer=adam"]).optimizer,
                                   lr_shape=state_lib.lr_schedule("constant", 1.0, 100, 0, 0.0))
     graphdef, state = state_lib.create(model, tx, seed=0)
-    fns = steps.make_steps(graphdef, tx, batch_size=batch_size, aug=pipeline.Augment(flip=True),
-                                             scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
-                                             label_smoothing=0.0, batch_sharding=batch)
-    put = lambda x: parallel.put_replicated(x, rep)  # noqa: E731
-    return (jax.jit(fns.train), jax.jit(fns.eval, out_shardings=rep), jax.device_put(state, rep),
-            (put(split.images), put(split.labels)), split, model, rep)
+    train_step = jax.jit(steps.make_train_step(graphdef, tx, feed.train_batch))
+    eval_step = jax.jit(steps.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch), out_shardings=rep)
+    return train_step, eval_step, jax.device_put(state, rep), feed, split, model
 
 
 def test_eval_counts_every_example_exactly_once():
     # 100 examples, batch 48 over 8 devices: 3 batches, the last one 4/48 full.
-    _, eval_step, state, (x, y), split, model, rep = _tiny_setup(8, 48)
-    idx, mask = pipeline.eval_batches(100, 48)
-    out = jax.device_get(eval_step(state.params, state.other, x, y, jax.device_put(idx, rep), jax.device_put(mask, rep)))
-    assert out["count"] == 100
+    from vision_train.train import evaluation
+
+    _, eval_step, state, feed, split, model = _tiny_setup(8, 48)
+    out = evaluation.evaluate(eval_step, state.params, state.other, feed, "test", [str(i) for i in range(10)])
+    assert sum(out.confusion.ravel()) == 100 and len(out.preds) == 100
     logits = model(pipeline.normalize(jnp.asarray(split.images), 1 / 255, (0.5,) * 3, (0.25,) * 3, jnp.float32), train=False)
     reference = np.asarray(jnp.argmax(logits, -1))
-    assert out["correct"] == np.sum(reference == split.labels)
-    np.testing.assert_array_equal(out["pred"][mask.reshape(-1)], reference)
+    assert out.scalars["test/acc"] == np.sum(reference == split.labels) / 100
+    np.testing.assert_array_equal(out.preds, reference)
 
 
 def test_batch_work_is_split_across_devices_not_replicated():
     """XLA's per-device FLOP count of the train step on 8 devices is ~1/8 of the single-device one."""
     flops = {}
     for n in (1, 8):
-        train_step, _, state, (x, y), _, _, rep = _tiny_setup(n, 64)
-        acc = jax.device_put(steps.new_accumulator(), rep)
-        perm = jax.device_put(jnp.arange(100, dtype=jnp.int32), rep)
-        cost = train_step.lower(state, acc, x, y, perm, 0).compile().cost_analysis()
+        train_step, _, state, feed, _, _ = _tiny_setup(n, 64)
+        acc = jax.device_put(steps.new_accumulator(), feed.sharding)
+        cost = train_step.lower(state, acc, *feed.train_args(0)).compile().cost_analysis()
         flops[n] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert flops[8] < flops[1] / 4, flops
 

@@ -261,16 +261,21 @@ def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
             raise ckpt.damaged(step, f"its array metadata cannot be read ({_why(e)})") from None
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        # The whole item is read (optimizer state too: Orbax's standard handler restores trees whole).
-        wanted = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        # The parameters (and their moving average, if kept) and the model's other state only: the optimizer
+        # state, often twice the parameters' size, is not read (Orbax's partial restore of the item).
+        keys = [k for k in ("params", "other", "ema") if tree["state"].get(k) is not None]
+        wanted = {"state": {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                            tree["state"][k]) for k in keys}}
         try:
-            out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted)))["state"]
+            with ocp.PyTreeCheckpointer() as reader:
+                out = reader.restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                    item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True))
         except Exception as e:  # noqa: BLE001
             raise ckpt.damaged(step, f"it could not be restored ({_why(e)})") from None
     finally:
         ckpt.close()
     return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],
-            "other": out["state"]["other"], "step": step, "directory": directory}
+            "other": out["state"]["other"], "ema": out["state"].get("ema"), "step": step, "directory": directory}
 
 
 def _pure(tree):
@@ -314,3 +319,13 @@ def restore_model(path: str | Path, sharding=None) -> Restored:
     if loaded["other"]:
         nnx.replace_by_pure_dict(other, _pure(loaded["other"]))
     return Restored(nnx.merge(graphdef, params, other), cfg, data, loaded["step"], loaded["meta"], loaded["directory"])
+
+
+def saved_tree(ckpt: Checkpointer, step: int) -> dict:
+    """The tree of the arrays a checkpoint holds, as metadata (shapes, dtypes): ``{"state": {"step": ...,
+    "params": ..., ...}}``, plus ``"acc"`` in one written before the train step's running sums moved into
+    the loop state."""
+    try:
+        return dict(ckpt.manager.item_metadata(step)["state"])
+    except Exception as e:  # noqa: BLE001
+        raise ckpt.damaged(step, f"its array metadata cannot be read ({_why(e)})") from None

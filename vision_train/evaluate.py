@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import config as config_lib
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
 from .errors import ConfigError, UserError, exit_on_user_error, write_text
 
@@ -121,8 +122,17 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     ``data_preset``: ``ec.data`` was chosen (``data=<preset>``) and replaces the checkpoint's data config;
     otherwise the checkpoint's data config is used with the keys in ``given`` (``data.<key>``) taken from
     ``ec.data``. ``logger.project``/``.entity``/``.group`` follow the training run unless in ``given``."""
-    from . import config as config_lib
+    # JAX starts here, not when this module is imported: the command line sets XLA_FLAGS (hardware.*) first.
+    import jax
+    from flax import nnx
+
     from . import parallel
+    from .data import sources
+    from .tracking import Tracker, media, run_metadata
+    from .train import evaluation
+    from .train import steps as steps_lib
+    from .train.assembly import compute_dtype
+    from .train.feeds import DeviceFeed, Normalize
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,23 +150,17 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     # ---------------------------------------------------------------- devices and the model
     if hw.distributed:
         parallel.initialize_distributed()
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
     devices = parallel.select_devices(hw.platform, hw.num_devices)
     mesh = parallel.make_mesh(devices)
-    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    replicated = parallel.replicated(mesh)
     is_main = jax.process_index() == 0
 
     model, train_cfg, facts, step, meta, ckpt_dir = load_checkpoint(ec.checkpoint, sharding=replicated)
     step_dir, train_dir = ckpt_dir / str(step), train_run_dir(ckpt_dir)
+    train_id = Tracker.run_ids_from_meta(meta).get("wandb")  # the training run's W&B run, if it had one
     train_dict = config_lib.to_dict(train_cfg)
 
     # ---------------------------------------------------------------- data
-    from .data import pipeline, sources
-
     if data_preset:
         data_dict = config_lib.to_dict(ec.data)
     else:
@@ -188,43 +192,31 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
                           f"{data_cfg.val_size}); use split=test, or set data.val_size > 0")
     n = len(split.labels)
 
-    # ---------------------------------------------------------------- the eval step (the training run's own)
-    from .train.steps import make_steps
-
+    # ---------------------------------------------------------------- the evaluation (the training run's own)
     nd = len(devices)
     B = -(-ec.batch_size // nd) * nd
     if B != ec.batch_size:
         log.info("batch_size=%d rounded up to %d: a multiple of the %d devices", ec.batch_size, B, nd)
-    dtype = jnp.bfloat16 if train_cfg.hardware.precision == "bfloat16" else jnp.float32
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    steps = make_steps(
-        graphdef, optax.identity(), batch_size=B, aug=pipeline.Augment(), scale=facts["scale"], mean=facts["mean"],
-        std=facts["std"], dtype=dtype, label_smoothing=train_cfg.optimizer.label_smoothing,
-        batch_sharding=batch_sharding)
-    eval_step = jax.jit(steps.eval, out_shardings=replicated)
-    predict = jax.jit(steps.predict)
-    put = lambda x: parallel.put_replicated(x, replicated)  # noqa: E731
-    idx, mask = pipeline.eval_batches(n, B)
-    out = eval_step(params, other, put(split.images), put(split.labels), put(idx), put(mask))
-    host = jax.device_get(out)
-    valid = mask.reshape(-1)
-    preds = np.asarray(host["pred"])[valid].astype(np.int64)
-    confidence = np.asarray(host["confidence"])[valid].astype(np.float64)
-    count = float(host["count"])
-    acc, loss = float(host["correct"]) / count, float(host["loss"]) / count
+    feed = DeviceFeed(ds, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
+                      normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
+                                          compute_dtype(train_cfg)))
+    eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
+                                                 label_smoothing=train_cfg.optimizer.label_smoothing),
+                        out_shardings=replicated)
+    result = evaluation.evaluate(eval_step, params, other, feed, ec.split, classes)
+    preds, confidence = result.preds.astype(np.int64), result.confidence.astype(np.float64)
+    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize))
     sample_idx = np.arange(min(max(ec.num_samples, ec.logger.num_samples if ec.logger.media else 0), n))
     probs = (np.asarray(predict(params, other, split.images[sample_idx])) if len(sample_idx)
              else np.zeros((0, len(classes))))
 
     # ---------------------------------------------------------------- report
-    from .tracking import Tracker, media
-
-    train_id = Tracker.run_ids_from_meta(meta).get("wandb")  # the training run's W&B run, if it had one
-    cm = np.asarray(host["confusion"]).astype(np.int64)  # the eval step's counts, as in training
-    cal = media.calibration_from_bins(host["bins"]["count"], host["bins"]["confidence"], host["bins"]["correct"])
+    cm, cal = result.confusion.astype(np.int64), result.calibration  # the eval step's counts, as in training
     per_class = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, media.per_class_accuracy(cm))}
     s = ec.split
-    metrics = {f"{s}/acc": acc, f"{s}/loss": loss, **media.eval_scalars(s, cm, cal, classes)}
+    metrics = result.scalars
+    acc, loss = metrics[f"{s}/acc"], metrics[f"{s}/loss"]
     samples = [{"index": int(i), "true": classes[int(split.labels[i])], "pred": classes[int(p.argmax())],
                 "confidence": float(p.max())} for i, p in zip(sample_idx[:ec.num_samples], probs[:ec.num_samples])]
     report = {
@@ -253,8 +245,6 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
             log.info("%s", block)
 
     # ---------------------------------------------------------------- files and W&B
-    from .tracking import run_metadata
-
     lg = ec.logger
     changes = {k: getattr(train_cfg.logger, k) for k in ("project", "entity", "group") if f"logger.{k}" not in given}
     lg = dataclasses.replace(lg, **changes)

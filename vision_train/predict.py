@@ -131,10 +131,13 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
                           "give image files or a folder, e.g. inputs=photo.png, inputs=[a.png,b.jpg] or "
                           "inputs=images/ (a folder given must hold files)")
 
+    # JAX starts here, not when this module is imported: the command line sets XLA_FLAGS (hardware.*) first.
     import jax
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
+
+    from .train.assembly import compute_dtype
+    from .train.feeds import Normalize
+    from .train.steps import make_predict
 
     device = parallel.select_devices(pc.hardware.platform, 0)[0]  # one device is plenty
     model, cfg, facts, step, _, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
@@ -168,14 +171,9 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     # ---------------------------------------------------------------- classify
     rows = []
     if images:
-        from .data import pipeline
-        from .train.steps import make_steps
-
-        dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        forward = jax.jit(make_steps(graphdef, optax.identity(), batch_size=1, aug=pipeline.Augment(),
-                                     scale=facts["scale"], mean=facts["mean"], std=facts["std"], dtype=dtype,
-                                     label_smoothing=0.0, batch_sharding=None).predict)
+        normalize = Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]), compute_dtype(cfg))
+        forward = jax.jit(make_predict(graphdef, normalize))
         x = np.stack(images)
         B = min(pc.batch_size, len(x))  # one shape: the last chunk is padded
         probs = []

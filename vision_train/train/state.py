@@ -19,6 +19,7 @@ class TrainState:
     opt_state: Any
     other: Any               # the model's non-parameter state (RNG streams), reseeded every step
     rng: jax.Array           # base key for dropout; step s uses fold_in(rng, s)
+    ema: Any = None          # trainer.ema_decay > 0: the parameters' moving average (float32); else None
 
 
 def lr_schedule(name: str, lr: float, total_steps: int, warmup_steps: int, min_lr: float) -> optax.Schedule:
@@ -77,10 +78,12 @@ def set_hyperparameters(opt_state, hparams: dict[str, float], sharding=None):
     return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
 
 
-def create(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+def create(model: nnx.Module, tx: optax.GradientTransformation, seed: int, *,
+           ema: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), other=other,
-                       rng=jax.random.key_data(stream(seed, "step")))
+                       rng=jax.random.key_data(stream(seed, "step")),
+                       ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None)
     return graphdef, state
 
 

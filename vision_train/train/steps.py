@@ -1,17 +1,22 @@
-"""Pure train and eval steps. Built once per run by ``make_steps`` and jitted once; the graphdef, the
-augmentation and the normalisation constants are closed over, everything that changes is an argument."""
+"""The pure, jitted functions of a run: the train step, the eval step and prediction.
+
+Each is built by its own function from what it needs, and jitted once per run: the model's graphdef and
+the feed's batch function are closed over; everything that changes is an argument. A feed
+(``train.feeds``) decides where a batch comes from (gathered from device-resident data, or streamed);
+the steps only see ``feed.train_batch(args, key) -> (x, y)`` and ``feed.eval_batch(fixed, item) -> (x, y,
+mask)``, traced inside jit.
+"""
 
 from __future__ import annotations
 
 import collections
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..data import pipeline
 from .state import TrainState
 
 # Equal-width confidence bins of the expected calibration error (the eval step counts them).
@@ -20,113 +25,157 @@ CALIBRATION_BINS = 15
 # Times each step function was traced (a test asserts the train step is traced once per run).
 TRACES: collections.Counter = collections.Counter()
 
-
-def new_accumulator() -> dict:
-    """Running sums the train step adds to; fetched (and reset) only on log steps and at epoch end."""
-    z = lambda: jnp.zeros((), jnp.float32)  # noqa: E731  (distinct buffers: they are donated)
-    return {"loss": z(), "correct": z(), "count": z(), "grad_norm": z(), "steps": z(),
-            "nan_step": jnp.full((), -1, jnp.int32)}
+# The train step's running sums, fetched (and reset) on log steps; a checkpoint keeps them (loop state).
+ACCUMULATOR_KEYS = ("loss", "correct", "count", "grad_norm", "steps")
 
 
-class Steps(NamedTuple):
-    train: Callable    # (state, acc, images, labels, perm, index) -> (state, acc): gather, augment, update
-    eval: Callable     # (params, other, images, labels, idx, mask) -> sums, confusion, calibration bins, predictions
-    predict: Callable  # (params, other, images) -> class probabilities
-    update: Callable   # (state, acc, x, y) -> (state, acc): the train step after its input pipeline
+def new_accumulator(values: dict | None = None) -> dict:
+    """Running sums the train step adds to. ``values``: host numbers to start from (a checkpoint's); a key
+    it lacks starts at zero, so a sum added later does not break earlier checkpoints."""
+    values = values or {}
+    acc = {k: jnp.asarray(values.get(k, 0.0), jnp.float32) for k in ACCUMULATOR_KEYS}
+    acc["nan_step"] = jnp.asarray(values.get("nan_step", -1), jnp.int32)  # 1-based step of the first NaN loss
+    return acc
 
 
-def make_steps(graphdef, tx: optax.GradientTransformation, *, batch_size: int, aug: pipeline.Augment,
-               scale: float, mean, std, dtype, label_smoothing: float, batch_sharding) -> Steps:
-    """The step functions, not yet jitted."""
+def forward(graphdef, params, other, x, *, train: bool, key=None):
+    """The model's logits (float32) for a prepared batch."""
+    model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
+    if key is not None:
+        nnx.reseed(model, dropout=key)
+    return model(x, train=train).astype(jnp.float32)
 
-    def forward(params, other, x, *, train: bool, key=None):
-        model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
-        if key is not None:
-            nnx.reseed(model, dropout=key)
-        return model(x, train=train).astype(jnp.float32)
 
-    def loss_fn(logits, labels, num_classes):
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-            if label_smoothing else jax.nn.one_hot(labels, num_classes)
-        return optax.softmax_cross_entropy(logits, targets)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """Step s's randomness (augmentation, dropout): a pure function of the run's key and s."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
+                accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+    """``update(state, acc, x, y) -> (state, acc)``: forward, backward, optimizer update, the parameters'
+    moving average and the running sums, on a prepared batch (the train step after its input pipeline).
+
+    ``accum_steps`` > 1: the batch is split into that many micro-batches, run one after another in a
+    scan; their gradients are averaged before the one optimizer update (activation memory / accum_steps).
+    ``ema_decay`` > 0: ``state.ema`` (float32) moves towards the new parameters."""
+
+    def grads_of(params, other, x, y, key):
+        def objective(p):
+            logits = forward(graphdef, p, other, x, train=True, key=key)
+            return cross_entropy(logits, y, label_smoothing).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return loss, jnp.sum(jnp.argmax(logits, -1) == y), grads
 
     def update(state: TrainState, acc: dict, x, y):
-        """Forward, backward, optimizer update and running sums on a prepared (normalised) batch."""
-        _, k_drop = jax.random.split(_step_key(state))
+        _, k_drop = jax.random.split(step_key(state))
+        batch = y.shape[0]
+        if accum_steps == 1:
+            loss, correct, grads = grads_of(state.params, state.other, x, y, k_drop)
+        else:
+            micro = lambda a: a.reshape(accum_steps, batch // accum_steps, *a.shape[1:])  # noqa: E731
 
-        def objective(params):
-            logits = forward(params, state.other, x, train=True, key=k_drop)
-            return loss_fn(logits, y, logits.shape[-1]).mean(), logits
+            def body(carry, inputs):
+                i, xm, ym = inputs
+                loss, correct, grads = grads_of(state.params, state.other, xm, ym, jax.random.fold_in(k_drop, i))
+                total_loss, total_correct, total_grads = carry
+                return (total_loss + loss, total_correct + correct, jax.tree.map(jnp.add, total_grads, grads)), None
 
-        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            (loss, correct, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro(x), micro(y)))
+            loss = loss / accum_steps
+            grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(jnp.float32), ema, params)
         bad = ~jnp.isfinite(loss)
         acc = {
-            "loss": acc["loss"] + loss * batch_size,
-            "correct": acc["correct"] + jnp.sum(jnp.argmax(logits, -1) == y),
-            "count": acc["count"] + batch_size,
+            "loss": acc["loss"] + loss * batch,
+            "correct": acc["correct"] + correct,
+            "count": acc["count"] + batch,
             "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
             "steps": acc["steps"] + 1,
             # 1-based, like the step numbers in metrics.jsonl and W&B
             "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step + 1, acc["nan_step"]),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), acc
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), acc
 
-    def train_step(state: TrainState, acc: dict, images, labels, perm, index):
+    return update
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_batch: Callable, *,
+                    label_smoothing: float = 0.0, accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+    """``train_step(state, acc, *args) -> (state, acc)``: the feed's batch for ``args``
+    (``train_batch(args, key) -> (x, y)``, traced here), then ``make_update``'s update."""
+    update = make_update(graphdef, tx, label_smoothing=label_smoothing, accum_steps=accum_steps,
+                         ema_decay=ema_decay)
+
+    def train_step(state: TrainState, acc: dict, *args):
         TRACES["train_step"] += 1
-        idx = jax.lax.dynamic_slice_in_dim(perm, index * batch_size, batch_size)
-        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-        k_aug, _ = jax.random.split(_step_key(state))
-        x = pipeline.augment(jnp.take(images, idx, axis=0), k_aug, aug)
-        x = pipeline.normalize(x, scale, mean, std, dtype)
-        return update(state, acc, x, jnp.take(labels, idx, axis=0))
+        k_aug, _ = jax.random.split(step_key(state))
+        x, y = train_batch(args, k_aug)
+        return update(state, acc, x, y)
 
-    def eval_step(params, other, images, labels, idx, mask):
-        """One pass over a whole split (idx, mask: (num_batches, batch)); every example counted once."""
+    return train_step
+
+
+def new_eval_sums(num_classes: int) -> dict:
+    """What the eval step adds up over a split: loss, hits, examples, the confusion counts (rows: true
+    class) and the calibration bins. Every eval metric is computed from these (``train.evaluation``)."""
+    z = jnp.zeros((), jnp.float32)
+    zb = jnp.zeros((CALIBRATION_BINS,), jnp.float32)
+    return {"loss": z, "correct": z, "count": z, "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
+            "bins": {"count": zb, "confidence": zb, "correct": zb}}
+
+
+def make_eval_step(graphdef, eval_batches: Callable, eval_batch: Callable, *, label_smoothing: float = 0.0) -> Callable:
+    """``eval_step(params, other, sums, args) -> (sums, pred, confidence)``: the feed's batches of one
+    chunk of a split (``eval_batches(args) -> (fixed, items)``; ``eval_batch(fixed, item) -> (x, y, mask)``)
+    in a scan, added to ``sums``. Padding (mask 0) counts nowhere, so every example counts once."""
+
+    def eval_step(params, other, sums, args):
         TRACES["eval_step"] += 1
+        fixed, items = eval_batches(args)
 
-        num_classes = jax.eval_shape(lambda: forward(
-            params, other, pipeline.normalize(images[:1], scale, mean, std, dtype), train=False)).shape[-1]
-
-        def body(carry, batch):
-            bidx, bmask = batch
-            bidx = jax.lax.with_sharding_constraint(bidx, batch_sharding)
-            x = pipeline.normalize(jnp.take(images, bidx, axis=0), scale, mean, std, dtype)
-            y = jnp.take(labels, bidx, axis=0)
-            logits = forward(params, other, x, train=False)
-            m = bmask.astype(jnp.float32)
-            loss = jnp.sum(loss_fn(logits, y, logits.shape[-1]) * m)
+        def body(carry, item):
+            x, y, mask = eval_batch(fixed, item)
+            logits = forward(graphdef, params, other, x, train=False)
+            m = mask.astype(jnp.float32)
             probs = jax.nn.softmax(logits)
             pred = jnp.argmax(logits, -1)
             conf = jnp.max(probs, -1)
             hit = (pred == y).astype(jnp.float32) * m
-            # Confusion counts (rows: true class) and calibration bins: the per-class accuracy and the
-            # ECE are computed here, with the eval, so they never depend on the media thread.
-            confusion = carry["confusion"].at[y, pred].add(m)
             b = jnp.clip(jnp.floor(conf * CALIBRATION_BINS).astype(jnp.int32), 0, CALIBRATION_BINS - 1)
-            bins = {"count": carry["bins"]["count"].at[b].add(m),
-                    "confidence": carry["bins"]["confidence"].at[b].add(conf * m),
-                    "correct": carry["bins"]["correct"].at[b].add(hit)}
-            carry = {"loss": carry["loss"] + loss, "correct": carry["correct"] + jnp.sum(hit),
-                     "count": carry["count"] + jnp.sum(m), "confusion": confusion, "bins": bins}
+            bins = carry["bins"]
+            carry = {"loss": carry["loss"] + jnp.sum(cross_entropy(logits, y, label_smoothing) * m),
+                     "correct": carry["correct"] + jnp.sum(hit), "count": carry["count"] + jnp.sum(m),
+                     "confusion": carry["confusion"].at[y, pred].add(m),
+                     "bins": {"count": bins["count"].at[b].add(m), "confidence": bins["confidence"].at[b].add(conf * m),
+                              "correct": bins["correct"].at[b].add(hit)}}
             return carry, (pred, conf)
 
-        z = jnp.zeros((), jnp.float32)
-        zb = jnp.zeros((CALIBRATION_BINS,), jnp.float32)
-        init = {"loss": z, "correct": z, "count": z, "confusion": jnp.zeros((num_classes, num_classes), jnp.float32),
-                "bins": {"count": zb, "confidence": zb, "correct": zb}}
-        sums, (pred, conf) = jax.lax.scan(body, init, (idx, mask))
-        return {**sums, "pred": pred.reshape(-1), "confidence": conf.reshape(-1)}
+        sums, (pred, conf) = jax.lax.scan(body, sums, items)
+        return sums, pred.reshape(-1), conf.reshape(-1)
+
+    return eval_step
+
+
+def make_predict(graphdef, normalize: Callable) -> Callable:
+    """``predict(params, other, images) -> class probabilities`` for raw images (uint8 or float, as the data
+    set stores them): ``normalize`` is the training data's (``feeds.Normalize``)."""
 
     def predict(params, other, images):
-        """Class probabilities for a small host batch (sample tables, decision boundaries)."""
-        x = pipeline.normalize(images, scale, mean, std, dtype)
-        return jax.nn.softmax(forward(params, other, x, train=False))
+        return jax.nn.softmax(forward(graphdef, params, other, normalize(images), train=False))
 
-    return Steps(train_step, eval_step, predict, update)
-
-
-def _step_key(state: TrainState) -> jax.Array:
-    """Step s's randomness (augmentation, dropout): a pure function of the run's key and s."""
-    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return predict

@@ -1,0 +1,305 @@
+"""Assembly: everything a run has before its first step, built in data-flow order and returned as one
+``Run``: devices and mesh, the feed, the model and its train state (restored when resuming), the jitted
+steps, the checkpointer, the tracker. The loop (``train.loop``) only steps it and calls its hooks.
+
+Importable without Hydra; JAX is started by the caller (the CLI sets XLA_FLAGS first).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import checkpoint as ckpt_lib
+from .. import config as config_lib
+from .. import models, parallel, records
+from ..data import pipeline, sources
+from ..errors import ConfigError, writing
+from ..rng import stream
+from ..tracking import Tracker, default_run_name, run_metadata
+from . import state as state_lib
+from . import steps as steps_lib
+from .feeds import DeviceFeed, Normalize
+
+log = logging.getLogger("vision_train")
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides the train state; saved (a copy) in every checkpoint
+    and read back on resume. Keys of earlier checkpoints' "loop" metadata are read as they were."""
+    epoch_sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    best_val: float = -1.0        # the best val/acc so far, and its step (-1: none yet)
+    best_step: int = -1
+    last_val: dict = field(default_factory=dict)  # the latest validation's loss/accuracy (summary.json)
+    rows: int = 0                 # rows in metrics.jsonl when saved: a resume cuts the file back to them
+    acc: dict | None = None       # the train step's running sums since the last log step (host numbers)
+
+    def to_meta(self) -> dict:
+        return copy.deepcopy(dataclasses.asdict(self))  # (the save is written while the loop goes on)
+
+    @classmethod
+    def from_meta(cls, meta: dict | None) -> LoopState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**copy.deepcopy({k: v for k, v in (meta or {}).items() if k in names}))
+
+
+@dataclass
+class Run:
+    """One run, assembled: what the loop steps and what its hooks use."""
+    cfg: Any
+    run_dir: Path
+    devices: list
+    mesh: Any
+    is_main: bool
+    ds: sources.Dataset
+    feed: DeviceFeed
+    graphdef: Any
+    state: Any                 # TrainState (replicated)
+    acc: dict                  # the train step's running sums (on the device)
+    loop: LoopState
+    train_step: Callable       # jitted (state, acc, *feed.train_args(step)) -> (state, acc), donating both
+    eval_step: Callable        # jitted (params, other, sums, args) -> (sums, pred, confidence)
+    predict: Callable          # jitted (params, other, images) -> probabilities
+    new_acc: Callable
+    lr_at: Callable            # step -> the learning rate the optimizer applied at that step
+    checkpointer: Any          # ckpt_lib.Checkpointer, or None (trainer.checkpoint=false)
+    tracker: Tracker
+    resolved: dict             # the resolved config (config.yaml, W&B, checkpoints)
+    shapes: dict               # parameter shapes (checked on restore)
+    n_params: int
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    started_at: float
+    t_start: float
+    own_resume: bool           # resumed from this run's own checkpoint
+    timing: dict = field(default_factory=lambda: {"startup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "media_s": 0.0,
+                                                  "checkpoint_s": 0.0})
+
+    def epoch_of(self, step: int) -> int:
+        """The 0-based epoch that step ``step`` (1-based: the step just taken) belongs to."""
+        return (step - 1) // self.steps_per_epoch
+
+    def data_facts(self) -> dict:
+        ds = self.ds
+        return {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
+                "std": list(ds.std), "scale": ds.scale}
+
+    def checkpoint_meta(self, step: int) -> dict:
+        return {"config": self.resolved, **self.tracker.resume_state(), "param_shapes": self.shapes, "step": step,
+                "data": self.data_facts(), "versions": self.tracker.versions,
+                "best_metric": self.cfg.trainer.best_metric, "loop": self.loop.to_meta()}
+
+
+def check_run_dir(cfg, run_dir: Path) -> None:
+    if cfg.trainer.checkpoint and any(c in str(run_dir.resolve()) for c in "[]"):  # before anything loads
+        raise ConfigError("hydra.run.dir", str(run_dir), "Orbax cannot restore checkpoints from a path holding [ or ] "
+                          "(in a sweep: hydra.sweep.dir); choose a directory without them, or set "
+                          "trainer.checkpoint=false")
+
+
+def compute_dtype(cfg):
+    return jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
+
+
+def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | dict:
+    """Build the run. Returns its summary instead when this run's directory holds the same run, finished."""
+    t_start = time.time()
+    t = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- hardware
+    devices = parallel.select_devices(cfg.hardware.platform, cfg.hardware.num_devices)
+    parallel.check_batch_divisible(t.batch_size, len(devices))
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % len(devices):
+        fits = [k for k in range(1, t.batch_size + 1) if t.batch_size % k == 0 and (t.batch_size // k) % len(devices) == 0]
+        raise ConfigError("trainer.grad_accum_steps", t.grad_accum_steps,
+                          f"its micro-batches of {micro} examples do not divide evenly across the {len(devices)} "
+                          f"devices; use trainer.grad_accum_steps={' or '.join(map(str, fits[-3:]))}")
+    mesh = parallel.make_mesh(devices)
+    replicated = parallel.replicated(mesh)
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- data
+    ds = sources.load(cfg.data)
+    B = t.batch_size
+    if len(ds.train.labels) < B:
+        raise ConfigError("trainer.batch_size", B,
+                          f"larger than the {len(ds.train.labels)} training examples of {cfg.data.name}; "
+                          f"use at most {len(ds.train.labels) // len(devices) * len(devices)}")
+    a = cfg.data.augment
+    aug = pipeline.Augment(a.flip, a.random_resized_crop, tuple(a.crop_scale), tuple(a.crop_ratio), a.pad_crop)
+    if aug.enabled and ds.train.images.dtype != np.uint8:
+        raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
+    dtype = compute_dtype(cfg)
+    feed = DeviceFeed(ds, batch_size=B, seed=t.seed, aug=aug, normalize=Normalize(ds.scale, ds.mean, ds.std, dtype),
+                      mesh=mesh)
+    steps_per_epoch = feed.steps_per_epoch
+    total_steps = steps_per_epoch * t.epochs
+
+    # ---------------------------------------------------------------- model, optimizer, state
+    o = cfg.optimizer
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    # The schedule's shape (peak 1); the learning rate itself is a number in the optimizer state, so the
+    # jobs of a sweep over it (or the seed, weight decay, clip norm) compile the same programs, which the
+    # persistent compilation cache then serves.
+    shape = state_lib.lr_schedule(o.schedule, 1.0, total_steps, warmup, o.min_lr / o.lr)
+    seed = np.int32(t.seed)
+    hparams = {k: np.float32(v) for k, v in state_lib.hyperparameters(o).items()}
+
+    def init(seed, hparams):  # model + optimizer state built inside one jit (eager NNX init runs op by op)
+        rngs = nnx.Rngs(params=stream(seed, "params"), dropout=stream(seed, "dropout"))
+        model = models.build(cfg.model, ds.shape, ds.num_classes, rngs=rngs, dtype=dtype, data=cfg.data.name)
+        tx = state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams)
+        return state_lib.create(model, tx, seed, ema=t.ema_decay > 0)
+
+    graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
+    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
+    n_params = state_lib.param_count(state.params)
+    tx = state_lib.make_optimizer(o, lr_shape=shape)
+
+    train_step = jax.jit(steps_lib.make_train_step(
+        graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,
+        ema_decay=t.ema_decay), donate_argnums=(0, 1))
+    eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
+                                                 label_smoothing=o.label_smoothing),
+                        out_shardings=replicated)  # (fetchable from any process)
+    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize))
+    new_acc = lambda values=None: jax.device_put(steps_lib.new_accumulator(values), replicated)  # noqa: E731
+    lr_shape_at = jax.jit(shape)
+    # (float32, as the optimizer multiplies them: the learning rate in its state times the schedule's shape)
+    lr_at = lambda step: float(np.float32(o.lr) * np.asarray(lr_shape_at(step), np.float32))  # noqa: E731
+
+    # ---------------------------------------------------------------- checkpoints, resume
+    ckpt_dir = run_dir / "checkpoints"
+    shapes = ckpt_lib.param_shapes(state.params)
+    if t.resume == "never" and is_main:
+        moved = records.set_aside_run(run_dir)  # nothing an earlier run wrote is overwritten or deleted
+        if moved:
+            log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
+    source = ckpt_lib.find(t.resume) if t.resume not in ("auto", "never") else None
+    own = source is not None and source[0].resolve() == ckpt_dir.resolve()
+    if own and source[1] is not None and is_main:
+        _set_aside_after(run_dir, ckpt_dir, source[1])  # resuming from an earlier step of this run
+    checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
+                                          best_mode=t.best_mode) if t.checkpoint else None)
+    if t.resume == "auto" and checkpointer is not None and checkpointer.latest() is not None:
+        source, own = (ckpt_dir, None), True
+    acc = new_acc()
+    meta: dict = {}
+    parent = None
+    if source is not None:
+        src_dir, src_step = source
+        reader = checkpointer if (checkpointer and own) else \
+            ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
+        src_step = reader.resolve_step(src_step)
+        ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
+        state, acc, meta = _restore(reader, src_step, state, acc, replicated)
+        # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
+        state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
+        if acc is None:  # the running sums, kept in the loop state (earlier checkpoints: as arrays)
+            acc = new_acc(meta.get("loop", {}).get("acc"))
+        log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
+        if not own:  # another run's checkpoint: this is a new run (new tracking runs) that names its parent
+            parent = {"checkpoint": str(src_dir / str(src_step)), "step": src_step,
+                      "run_dir": str(src_dir.parent) if src_dir.name == "checkpoints" else None,
+                      **Tracker.parent_ids(meta)}
+            meta = {"loop": meta.get("loop", {})}
+    start_step = int(jax.device_get(state.step))
+    loop = LoopState.from_meta(meta.get("loop"))
+    if own and start_step == total_steps and (run_dir / "summary.json").exists():
+        done = json.loads((run_dir / "summary.json").read_text())
+        log.info("this run finished (step %d of %d); nothing to do. Its summary: %s. To train it again from the "
+                 "start use trainer.resume=never (the finished run's files are set aside, not overwritten)",
+                 start_step, total_steps, run_dir / "summary.json")
+        if checkpointer is not None:
+            checkpointer.close()
+        return done
+
+    # ---------------------------------------------------------------- tracking
+    resolved = config_lib.to_dict(cfg)
+    if is_main:
+        _write_yaml(run_dir / "config.yaml", resolved)
+    run_meta = run_metadata(run_dir, devices, n_params) if is_main else {}
+    if parent:
+        run_meta["parent"] = parent
+    resume = ({"step": start_step, "rows": meta.get("loop", {}).get("rows") if own else None,
+               "sinks": Tracker.resume_from_meta(meta) if own else None} if source is not None else None)
+    tracker = Tracker(run_dir, {**resolved, "meta": run_meta}, cfg.logger, is_main=is_main,
+                      name=default_run_name(cfg, run_dir), resume=resume)
+    log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
+             cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
+             0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
+             len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
+    return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, feed=feed,
+               graphdef=graphdef, state=state, acc=acc, loop=loop, train_step=train_step, eval_step=eval_step,
+               predict=predict, new_acc=new_acc, lr_at=lr_at, checkpointer=checkpointer, tracker=tracker,
+               resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,
+               steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own)
+
+
+def _restore(reader, step: int, state, acc, sharding):
+    """Restore a checkpoint onto this run's state (placed with ``sharding``). Fields are matched by name:
+    one this run does not keep (None, e.g. no moving average) is read and dropped, or skipped where the
+    checkpoint has none either; so checkpoints written before a field existed restore. Returns
+    (state, acc or None, meta): acc from checkpoints that kept the running sums as arrays."""
+    saved = ckpt_lib.saved_tree(reader, step)
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    missing = [k for k, v in fields.items() if v is not None and saved["state"].get(k) is None]
+    if missing == ["ema"]:  # the average turned on for a checkpoint without one: it starts at the weights
+        log.info("the checkpoint has no moving average of the parameters; it starts at the restored parameters")
+    elif missing:
+        raise ckpt_lib.CheckpointError(f"checkpoint {reader.directory / str(step)} lacks {', '.join(missing)}; it was "
+                                       f"written by another version of vision_train")
+    as_saved = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)  # noqa: E731
+    target = {"state": {k: (None if v is None else ckpt_lib.abstract_like(fields[k], sharding)
+                            if fields.get(k) is not None else as_saved(v)) for k, v in saved["state"].items()}}
+    if "acc" in saved:
+        target["acc"] = ckpt_lib.abstract_like(acc, sharding)
+    items, meta = reader.restore(step, target)
+    restored = {k: items["state"].get(k) for k in fields}
+    if missing:
+        restored["ema"] = jax.tree.map(lambda p: p.astype(jnp.float32), restored["params"])
+    if state.ema is None:
+        restored["ema"] = None  # (kept by the checkpoint, not used by this run)
+    return type(state)(**restored), items.get("acc"), meta
+
+
+def _set_aside_after(run_dir: Path, ckpt_dir: Path, step: int) -> None:
+    """Resuming from an earlier step of this run: what came after it is replaced. The later checkpoints,
+    the summary and a copy of metrics.jsonl (which the resume cuts back to that step) go to
+    ``<run dir>/earlier/<time>/``; nothing is deleted."""
+    later = sorted((p for p in ckpt_dir.iterdir() if p.name.isdigit() and int(p.name) > step), key=lambda p: int(p.name))
+    if not later:
+        return
+    dest = records.aside_dir(run_dir)
+    (dest / "checkpoints").mkdir(parents=True)
+    for p in later:
+        shutil.move(str(p), dest / "checkpoints" / p.name)
+    if (run_dir / "summary.json").exists():
+        shutil.move(str(run_dir / "summary.json"), dest / "summary.json")
+    if (run_dir / "metrics.jsonl").exists():
+        shutil.copy2(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    log.info("resuming from step %d: the later checkpoints (%s) and the records after it were set aside in %s",
+             step, ", ".join(p.name for p in later), dest)
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    import yaml  # (PyYAML: a dependency of Hydra's OmegaConf, installed with it)
+
+    with writing(path, "the run's config"):  # (a full disk: one line)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
