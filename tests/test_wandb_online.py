@@ -199,7 +199,7 @@ def test_server_down_mid_run_costs_the_loop_nothing_and_the_end_is_bounded(tmp_p
 
     # The end: the test row, then at most finish_timeout (+ the media still being drawn, + exit).
     test_row = max(i for i, (_, r) in enumerate(seen) if "test/acc" in r)
-    assert exited - seen[test_row][0] < finish_timeout + 15
+    assert exited - seen[test_row][0] < finish_timeout + 45  # (bounded: it once waited forever; slack for a loaded machine)
     sync_lines = [line for line in out.splitlines() if "wandb sync" in line]
     assert len(sync_lines) == 1 and f"finish_timeout_s={finish_timeout}" in sync_lines[0], out[-3000:]
     sync_args = sync_lines[0].rsplit("wandb sync ", 1)[1].split()
