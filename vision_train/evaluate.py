@@ -23,7 +23,8 @@ import numpy as np
 
 from . import config as config_lib
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
-from .errors import ConfigError, UserError, exit_on_user_error, write_text
+from .errors import ConfigError, UserError, exit_on_user_error, install_background_error_handling, write_text
+from .host_devices import configure_host_devices
 
 log = logging.getLogger("vision_train")
 
@@ -46,11 +47,9 @@ class EvalConfig:
 
 
 def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
+    from hydra.core.config_store import ConfigStore  # (Hydra: only at the command line's edge)
 
-    from .config import register_configs as register_training_configs
-
-    register_training_configs()
+    config_lib.register_configs()
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
@@ -67,8 +66,6 @@ def train_run_dir(checkpoints_dir: Path) -> Path | None:
 def quiet_libraries() -> None:
     """For the CLIs: library noise off, so an error stays one line (and background threads' tracebacks go
     to the log file: ``errors.install_background_error_handling``)."""
-    from .errors import install_background_error_handling
-
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax: "Given directory is read only" for every open
     install_background_error_handling()
@@ -92,7 +89,7 @@ def confusion_text(cm: np.ndarray, class_names, max_classes: int = 20) -> str:
 def load_checkpoint(path: str, sharding=None):
     """``checkpoint.restore_model``, with every failure one ``CheckpointError`` naming ``checkpoint=`` and
     what to give instead."""
-    from . import checkpoint as ckpt_lib
+    from . import checkpoint as ckpt_lib  # (imports JAX: after the command line set XLA_FLAGS)
 
     try:
         restored = ckpt_lib.restore_model(path, sharding=sharding)
@@ -305,8 +302,6 @@ def _main():
         with exit_on_user_error(log):
             require_checkpoint(cfg)
             ec = OmegaConf.to_object(cfg)
-            from .parallel import configure_host_devices
-
             configure_host_devices(ec.hardware.platform, ec.hardware.num_devices)
             report = evaluate(ec, hc.runtime.output_dir, given=command_line_keys(hc.overrides.task),
                               data_preset=hc.runtime.choices.get("data") is not None)

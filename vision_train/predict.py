@@ -26,7 +26,10 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import MISSING, HardwareConfig
+from .config import register_configs as register_training_configs
 from .errors import ConfigError, UserError, exit_on_user_error, write_text, writing
+from .evaluate import CHECKPOINT_FIX, load_checkpoint, quiet_libraries, require_checkpoint
+from .host_devices import configure_host_devices
 
 log = logging.getLogger("vision_train")
 
@@ -42,9 +45,7 @@ class PredictConfig:
 
 
 def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from .config import register_configs as register_training_configs
+    from hydra.core.config_store import ConfigStore  # (Hydra: only at the command line's edge)
 
     register_training_configs()
     ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
@@ -115,9 +116,6 @@ def format_table(rows: list[dict], k: int) -> str:
 
 def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     """Classify ``pc.inputs``; print the table; write the JSON. Returns the JSON's content."""
-    from . import parallel
-    from .evaluate import CHECKPOINT_FIX, load_checkpoint
-
     run_dir = Path(run_dir)
     if pc.top_k <= 0:
         raise ConfigError("top_k", pc.top_k, "must be >= 1")
@@ -135,6 +133,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     import jax
     from flax import nnx
 
+    from . import parallel
     from .train.assembly import compute_dtype
     from .train.feeds import Normalize
     from .train.steps import make_predict
@@ -230,7 +229,6 @@ def _main():
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from .evaluate import quiet_libraries, require_checkpoint
 
         quiet_libraries()
         with exit_on_user_error(log):
@@ -241,8 +239,6 @@ def _main():
             pc = OmegaConf.to_object(cfg)
             if not isinstance(pc.inputs, (str, list, tuple)):
                 pc.inputs = str(pc.inputs)
-            from .parallel import configure_host_devices
-
             configure_host_devices(pc.hardware.platform, 0)
             out = predict(pc, HydraConfig.get().runtime.output_dir)
         if out["errors"]:
