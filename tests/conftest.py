@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices (must be set before JAX initialises) and isolated W&B state."""
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -28,8 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_sessionfinish(session):
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the process that made it removes it
-        import shutil
-
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
@@ -44,8 +44,6 @@ def _no_home_writes(tmp_path, monkeypatch):
 
 def run_cli(args, cwd, timeout=600, env=None):
     """Run ``python -m vision_train`` in a subprocess (fresh JAX, like a user)."""
-    import subprocess
-
     full_env = {**os.environ, "PYTHONPATH": REPO, "HYDRA_FULL_ERROR": "0", **(env or {})}
     full_env["XLA_FLAGS"] = FAST_COMPILE  # the CLI sets its own device count from hardware.*
     return subprocess.run([sys.executable, "-m", "vision_train", *args], cwd=cwd, env=full_env,

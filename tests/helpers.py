@@ -1,8 +1,11 @@
-"""Compose the real Hydra config in-process (as the CLI does) and clamp it for tests."""
+"""Compose the real Hydra config in-process (as the CLI does), and the small configurations tests run."""
 
 from __future__ import annotations
 
 import os
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 
 from vision_train.config import register_configs, to_run_config
 
@@ -10,12 +13,30 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def compose(overrides=(), validate=True):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     return to_run_config(cfg) if validate else cfg
 
 
+# No W&B, no media, no progress bar, on the CPU: every test run, unless it tests one of these.
 FAST = ["logger.mode=disabled", "logger.media=false", "trainer.progress_bar=false", "hardware=cpu"]
+
+# Tiny models: each architecture's code paths with few parameters (a few seconds to compile on a CPU).
+TINY = {
+    "cnn": ["model=cnn", "model.features=[8,16]", "model.dense_dim=32"],
+    "cnn_wide": ["model=cnn", "model.features=[16,32]", "model.dense_dim=32"],  # slower steps (runs killed mid-way)
+    "vit": ["model=vit", "model.patch_size=2", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
+            "model.mlp_dim=32", "model.dropout=0.1", "model.stochastic_depth=0.1"],
+    "mlp": ["model=mlp"],  # the preset is tiny: one hidden layer of 10 units (seed 003)
+}
+
+# The tiny CNN on scikit-learn's digits: 1,257 training images of 8x8, 19 steps an epoch at batch 64; it
+# learns in seconds. Most tests train this.
+DIGITS = [*TINY["cnn"], "data=digits", "trainer.batch_size=64"]
+DIGITS_STEPS_PER_EPOCH = 1257 // 64
+
+# A run to stop between checkpoints (kill -9, signals, re-runs of a command line): the wider CNN on 32x32
+# synthetic images, 700 training images at batch 32 (21 steps an epoch), a checkpoint every 10 steps.
+KILLABLE = [*TINY["cnn_wide"], "data=synthetic", "data.num_examples=1000", "trainer.batch_size=32",
+            "trainer.log_every_steps=3", "trainer.checkpoint_every_steps=10"]

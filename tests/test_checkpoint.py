@@ -15,13 +15,11 @@ from vision_train import checkpoint as ckpt_lib
 from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import FAST, compose
+from .helpers import DIGITS, DIGITS_STEPS_PER_EPOCH, FAST, KILLABLE, compose
+from .test_tracking import by_type, records
 
 # 700 training images, batch 32: 21 steps/epoch, 63 steps; checkpoints every 10 steps and every epoch.
-JOB = ["model=cnn", "model.features=[16,32]", "model.dense_dim=32", "data=synthetic", "data.num_examples=1000",
-       "data.augment.flip=true", "trainer.epochs=3", "trainer.batch_size=32", "trainer.log_every_steps=3",
-       "trainer.checkpoint_every_steps=10", "hardware=cpu", "logger.mode=disabled", "logger.media=false",
-       "trainer.progress_bar=false"]
+JOB = [*KILLABLE, "data.augment.flip=true", "trainer.epochs=3", *FAST]
 
 
 def start(run_dir, extra=()):
@@ -88,7 +86,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
     assert p.returncode == 0 and f"at step {saved}" in out
 
 
-TINY = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.batch_size=64"]
+TINY = [*FAST, *DIGITS]
 
 
 def test_checkpoints_restore_across_device_counts(tmp_path):
@@ -114,7 +112,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     (tmp / "state").mkdir(parents=True)
     (tmp / "state" / "partial").write_bytes(b"\0" * 100)
     summary = train(compose([*TINY, "trainer.epochs=2"]), run_dir)
-    assert summary["step"] == 2 * (1257 // 64)  # resumed from `latest`, not from the half-written one
+    assert summary["step"] == 2 * DIGITS_STEPS_PER_EPOCH  # resumed from `latest`, not from the half-written one
     assert latest + 50 not in ckpt_lib.Checkpointer(ckpts, best_metric=None, read_only=True).steps()
 
 
@@ -140,13 +138,11 @@ def test_resume_never_starts_over_and_keeps_the_old_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     train(compose([*TINY, "trainer.epochs=1"]), run_dir)
     summary = train(compose([*TINY, "trainer.epochs=1", "trainer.resume=never"]), run_dir)
-    assert summary["step"] == 1257 // 64
+    assert summary["step"] == DIGITS_STEPS_PER_EPOCH
     assert list(tmp_path.glob("run/earlier/*/checkpoints/*"))
 
 
 def test_resumed_offline_wandb_run_is_one_run_with_each_step_once(tmp_path):
-    from .test_tracking import by_type, records
-
     run_dir = tmp_path / "run"
     p = start(run_dir, ["logger.mode=offline"])
     wait_for_step(run_dir, 33, p)

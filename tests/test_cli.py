@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from .conftest import FAST_COMPILE, REPO, run_cli
+from .helpers import DIGITS
 
-QUICK = ["model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.epochs=2",
-         "trainer.batch_size=64", "logger.mode=offline", "hardware=cpu"]
+QUICK = [*DIGITS, "trainer.epochs=2", "logger.mode=offline", "hardware=cpu"]
 
 
 def test_normal_run_writes_the_run_directory(tmp_path):
@@ -61,7 +62,7 @@ BAD = [
      "trainer.batch_size=100: the global batch must divide evenly across the 8 devices; use trainer.batch_size=104 or 96"),
     (["data=cifar10", "data.download=false", "data.root=nowhere"], "cifar-10-python.tar.gz"),
     (["trainer.best_metric=bogus"], "trainer.best_metric='bogus': choose one of auto, train/loss, train/acc, val/loss, "
-                                    "val/acc (the metrics of the epoch line) or null"),
+                                    "val/acc, val_ema/loss, val_ema/acc (the metrics of the epoch line) or null"),
     (["data=toy", "trainer.best_metric=val/acc"], "trainer.best_metric='val/acc': data.val_size=0 leaves toy no "
                                                   "validation split; use trainer.best_metric=train/loss, train/acc or null"),
     (["trainer.best_metric=val/loss", "trainer.best_mode=max"],
@@ -148,12 +149,6 @@ def test_two_processes_train_as_one_data_parallel_run(tmp_path):
     """Multi-host through jax.distributed: two CPU processes (one device each) over gloo on 127.0.0.1,
     sharing one run directory (as hosts share a file system), give the same metrics as one process with
     two devices; only process 0 writes metrics, checkpoints are written together."""
-    import socket
-    import subprocess
-    import sys
-
-    from .conftest import FAST_COMPILE, REPO
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from vision_train.config import BEST_METRICS, METRICS, OBJECTIVES, ConfigError, UnknownKey, to_dict
+from vision_train.train.loop import train
 
-from .helpers import CONF, compose
+from .helpers import CONF, DIGITS, FAST, compose
 
 
 def options(group):
@@ -121,12 +122,7 @@ def test_the_best_checkpoints_metric_and_direction_resolve_from_one_list():
 
 def test_best_metric_val_loss_keeps_the_checkpoint_with_the_lowest_val_loss(tmp_path):
     """It used to keep the highest (best_mode stayed max), and a bogus metric kept no best at all."""
-    from vision_train.train.loop import train
-
-    from .helpers import FAST
-
-    train(compose([*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits",
-                   "trainer.batch_size=64", "trainer.epochs=4", "optimizer.lr=0.01", "trainer.keep_checkpoints=1",
+    train(compose([*FAST, *DIGITS, "trainer.epochs=4", "optimizer.lr=0.01", "trainer.keep_checkpoints=1",
                    "trainer.best_metric=val/loss"]), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}

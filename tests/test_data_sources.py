@@ -6,6 +6,7 @@ No test here touches the network: an autouse fixture makes any socket connection
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import os
 import pickle
@@ -14,6 +15,9 @@ import struct
 
 import numpy as np
 import pytest
+import scipy.io
+import torch
+from sklearn.datasets import load_digits
 
 from vision_train.config import DataConfig
 from vision_train.data import sources
@@ -50,8 +54,6 @@ def skip_md5(monkeypatch, tvd):
     ``check_integrity`` name imported into their modules, so we replace that with a check that the file
     exists -- a missing file is still reported as missing. This is the only part of torchvision we bypass.
     """
-    import importlib
-
     def exists_only(fpath, md5=None):
         return os.path.isfile(fpath)
 
@@ -168,8 +170,6 @@ def write_mnist(root, folder="MNIST", n_train=24, n_test=8, seed=2, gz=False):
 
 def write_svhn(root, n_train=15, n_test=7, seed=3):
     """The .mat layout of the SVHN site: X (32, 32, 3, N) uint8, y (N, 1) with 10 for the digit 0."""
-    import scipy.io
-
     rng = np.random.default_rng(seed)
     out = []
     for fname, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
@@ -198,8 +198,6 @@ def test_cifar10_files_round_trip(tmp_path, skip_md5):
 
 
 def test_cifar10_val_split_is_torch_random_split(tmp_path, skip_md5):
-    import torch
-
     train_x, train_y, test_x, _ = write_cifar10(tmp_path)
     n, v = len(train_y), 10  # the 45,000/5,000 split of seeds 000/002/004, scaled down to 90/10
     ds = sources.load(cfg(tmp_path, "cifar10", val_size=v))
@@ -363,8 +361,6 @@ def test_digits(tmp_path):
 
 
 def test_digits_split_is_disjoint_and_complete(tmp_path):
-    from sklearn.datasets import load_digits
-
     ds = sources.load(cfg(tmp_path, "digits"))
     full = np.round(load_digits().images * 255 / 16).astype(np.uint8)
     got = np.concatenate([ds.train.images, ds.test.images])[..., 0]

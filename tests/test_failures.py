@@ -10,9 +10,11 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import jax
@@ -20,14 +22,15 @@ import numpy as np
 import pytest
 
 from vision_train import checkpoint as ckpt_lib
-from vision_train import errors
+from vision_train import errors, sweep
+from vision_train.tracking import LocalSink
+from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import FAST, compose
+from .helpers import DIGITS, FAST, compose
 
 # digits: 1257 training images, batch 64: 19 steps/epoch; a checkpoint after every epoch (steps 19, 38, 57).
-JOB = ["model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.batch_size=64",
-       "trainer.checkpoint_every_epochs=1", *FAST]
+JOB = [*DIGITS, "trainer.checkpoint_every_epochs=1", *FAST]
 
 
 def run_module(module, args, cwd, timeout=300):
@@ -85,8 +88,6 @@ def console_lines(r) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ full disk
 def test_full_disk_during_training_is_one_line_and_the_run_resumes_once_there_is_space(tmp_path, tmpfs):
-    from vision_train.train.loop import train
-
     disk = tmpfs(2048)
     run = disk / "run"
     train(compose([*JOB, "trainer.epochs=1"]), run)
@@ -136,9 +137,6 @@ def test_a_disk_full_before_the_run_starts_is_one_line_too(tmp_path, tmpfs):
 
 
 def test_a_full_disk_while_writing_the_job_record_or_metrics_leaves_no_temporary_file(tmpfs):
-    from vision_train import sweep
-    from vision_train.tracking import LocalSink
-
     disk = tmpfs(64)
     sweep.write_record(disk, status="running")
     fill(disk)
@@ -182,8 +180,6 @@ def test_a_failed_asynchronous_save_names_its_step_and_keeps_the_earlier_checkpo
 def damaged_run(tmp_path_factory):
     """A two-epoch run (checkpoints at steps 19 and 38) whose latest checkpoint's largest array file is
     garbled."""
-    from vision_train.train.loop import train
-
     run = tmp_path_factory.mktemp("damaged") / "run"
     train(compose([*JOB, "trainer.epochs=2"]), run)
     data = max((p for p in (run / "checkpoints" / "38" / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
@@ -208,8 +204,6 @@ def test_evaluate_a_damaged_checkpoint_names_the_step_and_the_earlier_one(damage
 
 def test_resuming_from_a_damaged_checkpoint_names_the_step_and_how_to_resume_from_the_earlier_one(damaged_run,
                                                                                                   tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(damaged_run, run)
     args = [*JOB, "trainer.epochs=3", f"hydra.run.dir={run}"]
@@ -306,8 +300,6 @@ def test_background_threads_event_loops_and_library_logs_keep_tracebacks_off_the
     for i in range(30):  # Orbax reports one full disk once per array, from many threads: written a few times
         _log_exception(f"writing array {i} failed", ValueError(f"RESOURCE_EXHAUSTED: array {i}: No space left on "
                                                                f"device [os_error_code='28']"), logger="absl")
-    import warnings
-
     warnings.warn_explicit("coroutine 'write_fragment' was never awaited", RuntimeWarning, "sys", 1)
 
     shown = console.getvalue() + capsys.readouterr().err

@@ -15,14 +15,14 @@ from vision_train.records import read_rows
 from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import FAST, compose
+from .helpers import DIGITS, DIGITS_STEPS_PER_EPOCH, FAST, KILLABLE, compose
+from .test_tracking import by_type
+from .test_tracking import records as wandb_records
 
 # 700 training images, batch 32: 21 steps/epoch, 42 steps; checkpoints every 10 steps and every epoch. Media
 # on: the media thread runs beside the loop (it used to log per-class accuracy and ECE itself).
-JOB = ["model=cnn", "model.features=[16,32]", "model.dense_dim=32", "data=synthetic", "data.num_examples=1000",
-       "data.augment.flip=true", "trainer.epochs=2", "trainer.batch_size=32", "trainer.log_every_steps=3",
-       "trainer.checkpoint_every_steps=10", "trainer.keep_checkpoints=20", "hardware=cpu", "logger.mode=disabled",
-       "logger.num_samples=4", "trainer.progress_bar=false"]
+JOB = [*KILLABLE, "data.augment.flip=true", "trainer.epochs=2", "trainer.keep_checkpoints=20", "hardware=cpu",
+       "logger.mode=disabled", "logger.num_samples=4", "trainer.progress_bar=false"]
 TIMING = ("images_per_sec",)  # wall-clock values: the only ones that may differ between two runs
 
 
@@ -92,8 +92,7 @@ def test_metrics_after_kills_sigterm_torn_line_and_reruns_equal_an_uninterrupted
 
 
 def test_two_identical_runs_write_identical_records(tmp_path):
-    job = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.epochs=4",
-           "trainer.batch_size=64", "trainer.log_every_steps=7", "logger.media=true", "logger.num_samples=4"]
+    job = [*FAST, *DIGITS, "trainer.epochs=4", "trainer.log_every_steps=7", "logger.media=true", "logger.num_samples=4"]
     train(compose(job), tmp_path / "a")
     train(compose(job), tmp_path / "b")
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
@@ -101,8 +100,7 @@ def test_two_identical_runs_write_identical_records(tmp_path):
     assert sum("val/ece" in r for r in a) == 4
 
 
-TINY = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.batch_size=64",
-        "trainer.keep_checkpoints=10", "trainer.log_every_steps=5"]
+TINY = [*FAST, *DIGITS, "trainer.keep_checkpoints=10", "trainer.log_every_steps=5"]
 
 
 def test_resume_from_an_earlier_step_replaces_only_what_came_after(tmp_path):
@@ -128,16 +126,14 @@ def test_resume_never_sets_the_earlier_run_aside_and_overwrites_nothing(tmp_path
     names = ("metrics.jsonl", "summary.json", "config.yaml", "media/val_confusion.png")
     before = {n: (run / n).read_bytes() for n in names}
     summary = train(compose([*TINY, "trainer.epochs=2", "trainer.resume=never"]), run)
-    assert summary["step"] == 2 * (1257 // 64)
+    assert summary["step"] == 2 * DIGITS_STEPS_PER_EPOCH
     (aside,) = (run / "earlier").iterdir()
     assert {n: (aside / n).read_bytes() for n in names} == before  # every earlier file, untouched
-    assert ckpt_lib.Checkpointer(aside / "checkpoints", best_metric=None, read_only=True).steps() == [1257 // 64]
-    assert records(run)[-1]["step"] == 2 * (1257 // 64) and records(run)[0]["step"] == 5  # a fresh record
+    assert ckpt_lib.Checkpointer(aside / "checkpoints", best_metric=None, read_only=True).steps() == [DIGITS_STEPS_PER_EPOCH]
+    assert records(run)[-1]["step"] == 2 * DIGITS_STEPS_PER_EPOCH and records(run)[0]["step"] == 5  # a fresh record
 
 
 def test_another_runs_checkpoint_starts_a_new_wandb_run_that_names_its_parent(tmp_path):
-    from .test_tracking import by_type, records as wandb_records
-
     offline = [o for o in TINY if not o.startswith("logger.mode")] + ["logger.mode=offline", "logger.media=false"]
     train(compose([*offline, "trainer.epochs=1"]), tmp_path / "a")
     parent_id = by_type(wandb_records(tmp_path / "a"), "run")[0]["run_id"]
@@ -153,7 +149,7 @@ def test_each_checkpoint_records_the_loop_state_of_its_own_step(tmp_path):
     run = tmp_path / "run"
     train(compose([*TINY, "trainer.epochs=2", "trainer.checkpoint_every_steps=3", "trainer.keep_checkpoints=20"]), run)
     reader = ckpt_lib.Checkpointer(run / "checkpoints", best_metric=None, read_only=True)
-    per_epoch = 1257 // 64
+    per_epoch = DIGITS_STEPS_PER_EPOCH
     logged = records(run)
     fetches = {s for s in range(1, 2 * per_epoch + 1) if s % 5 == 0 or s % per_epoch == 0}  # the loop's log steps
     assert len(reader.steps()) > 8

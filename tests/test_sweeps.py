@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from vision_train import sweep
 from vision_train.config import job_dir_name
 
 from .conftest import FAST_COMPILE, REPO, run_cli
+from .helpers import KILLABLE
 from .test_checkpoint import wait_for_step
 from .test_tracking import by_type, records
 
@@ -89,9 +91,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def _sweep_cmd(sweep_dir):
     # 700 training images, batch 32: 21 steps/epoch, 63 steps a job; checkpoints every 10 steps.
-    return [sys.executable, "-m", "vision_train", "-m", "trainer.seed=0,1", "model=cnn", "model.features=[16,32]",
-            "model.dense_dim=32", "data=synthetic", "data.num_examples=1000", "trainer.epochs=3",
-            "trainer.batch_size=32", "trainer.log_every_steps=3", "trainer.checkpoint_every_steps=10",
+    return [sys.executable, "-m", "vision_train", "-m", "trainer.seed=0,1", *KILLABLE, "trainer.epochs=3",
             "logger.mode=disabled", "logger.media=false", *CPU, f"hydra.sweep.dir={sweep_dir}"]
 
 
@@ -191,7 +191,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_without_gpu_preallocati
 
 def _agent_command(spec: dict, values: dict) -> list[str]:
     """The command line ``wandb agent`` runs for one sampled point (as wandb_agent.Agent._command_run builds it)."""
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
+    from wandb.sdk.launch.sweeps import utils as sweep_utils  # (W&B: only these tests need it; slow to import)
 
     command = {"args": {k: {"value": v} for k, v in values.items()}, "program": spec["program"]}
     sweep_vars = sweep_utils.create_sweep_command_args(command)
@@ -293,8 +293,6 @@ def test_a_config_conflict_is_shown_as_such_and_keeps_the_earlier_result(tmp_pat
 
 
 def test_a_job_directory_in_use_by_a_live_process_is_refused(tmp_path):
-    import socket
-
     job = tmp_path / "job"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -350,8 +348,6 @@ def test_the_wandb_group_is_the_sweeps_name_never_an_absolute_path(tmp_path, mon
 def test_a_sweep_whose_job_was_refused_exits_nonzero_naming_it(tmp_path):
     """One job's directory is being trained by another live process: that job is refused, the other runs;
     the sweep used to exit 0."""
-    import socket
-
     sweep_dir = tmp_path / "sweep"
     common = ["model=mlp", "data=toy", "trainer.epochs=1", "hardware=cpu"]
     # Its directory, as Hydra names a job (overrides sorted, those in override_dirname.exclude_keys left out).
