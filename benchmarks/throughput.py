@@ -3,24 +3,26 @@
 
 For each model preset, on a CIFAR-sized synthetic data set (32x32x3 uint8, 10 classes, on the device):
 
-  (a) pipeline   the real train step from ``vision_train.train.steps.make_steps``, jitted as the trainer
-                 jits it (donating state and accumulator): gather the batch from the device-resident set by
-                 permutation + step index, augment (flip + random-resized-crop, as the CIFAR presets),
-                 normalise, forward/backward/update;
-  (b) step alone ``make_steps(...).update``, the train step's own forward/backward/update, on the *same*
-                 batches, gathered, augmented and normalised once beforehand (outside the timed region)
-                 and already on the device.
+  (a) pipeline   the real train step as the run assembles it (``vision_train.train.assembly``):
+                 ``steps.make_train_step`` over a ``feeds.DeviceFeed``'s ``train_batch``, jitted donating
+                 state and accumulator, called with ``feed.train_args(step)``: gather the batch from the
+                 device-resident set by permutation + step index, augment (flip + random-resized-crop, as
+                 the CIFAR presets), normalise, forward/backward/update;
+  (b) step alone ``steps.make_update``, the train step's own forward/backward/update, on the *same*
+                 batches (the feed's ``train_batch`` with the step's key), gathered, augmented and
+                 normalised once beforehand (outside the timed region) and already on the device.
 
 Before timing, one step of (a) and one of (b) from the same initial state must give the same loss and
 gradient norm, so (b) really is (a) minus the input pipeline. Each side then runs ``--steps`` timed steps per
 repeat, synchronised with ``block_until_ready`` at the end of each timed loop; the repeats alternate the
 order (a b | b a | a b ...) so drift and noise on a shared machine hit both sides alike, and the table
-reports medians. ``--time-budget`` shrinks steps, repeats and warm-up for slow models (a CPU run of all five
+reports medians. The train step must be traced once (a warning says so otherwise). ``--time-budget`` shrinks steps, repeats and warm-up for slow models (a CPU run of all five
 presets takes about four minutes on 2 cores). FLOPs per step come from XLA's cost analysis of the compiled
 step alone; MFU divides the achieved FLOP/s by a peak (``--peak-tflops``, or a built-in figure for known
 accelerators; n/a on CPU unless given).
 
 No Hydra, no W&B:  python benchmarks/throughput.py [--models mlp,cnn] [--steps 20] [--json out.json]
+(``benchmarks/compare_trees.py`` runs this against another checkout's own copy, interleaved.)
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--num-devices", type=int, default=0, help="0: all (on cpu: simulate this many)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    p.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="micro-batches per step, as trainer.grad_accum_steps (1: off)")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="moving average of the parameters, as trainer.ema_decay (0: off)")
     p.add_argument("--num-examples", type=int, default=45000, help="size of the device-resident training set "
                                                                     "(45,000: CIFAR-10's train split)")
     p.add_argument("--no-augment-column", action="store_true",
@@ -98,6 +104,10 @@ def parse_args(argv=None):
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(PRESETS)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --repeats, --warmup and --batch-size must be >= 1")
+    if args.grad_accum_steps < 1 or args.batch_size % args.grad_accum_steps:
+        p.error(f"--grad-accum-steps must be >= 1 and divide --batch-size {args.batch_size}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        p.error("--ema-decay must be in [0, 1)")
     return args
 
 
@@ -135,21 +145,25 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import optax
 
+    import vision_train
     from vision_train.data import pipeline, sources
+    from vision_train.train.feeds import DeviceFeed, Normalize
 
     t_run = time.perf_counter()
     devices = parallel.select_devices(args.platform, args.num_devices)
     nd = len(devices)
     parallel.check_batch_divisible(args.batch_size, nd)
     mesh = parallel.make_mesh(devices)
-    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    replicated = parallel.replicated(mesh)
     dev = devices[0]
     peak = args.peak_tflops if args.peak_tflops else default_peak(dev.device_kind, dev.platform, args.precision)
     peak_src = "--peak-tflops" if args.peak_tflops else ("built-in table" if peak else None)
 
     print(f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__} "
-          f"| backend {jax.default_backend()} | {nd} x {dev.device_kind} ({dev.platform})")
+          f"| backend {jax.default_backend()} | {nd} x {dev.device_kind} ({dev.platform}) "
+          f"| vision_train from {Path(vision_train.__file__).parent}")
     print(f"precision {args.precision} | batch {args.batch_size} | optimizer {args.optimizer} | "
+          f"grad accum {args.grad_accum_steps} | ema decay {args.ema_decay:g} | "
           f"warmup {args.warmup} | repeats {args.repeats} | steps <= {args.steps} "
           f"(time budget {args.time_budget:g}s/model) | CPU cores {os.cpu_count()}")
     print("MFU peak: " + (f"{peak:g} TFLOP/s per device ({peak_src})" if peak else
@@ -163,16 +177,19 @@ def main(argv=None) -> int:
     mean, std = sources.STATS["cifar10"]
     scale = 1.0 / 255
     aug = pipeline.Augment(flip=True, random_resized_crop=True, crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1))
-    train_x = jax.device_put(split.images, replicated)
-    train_y = jax.device_put(split.labels, replicated)
-    perm = jax.jit(pipeline.epoch_permutation, static_argnums=(2,), out_shardings=replicated)(0, 0, len(split.labels))
     dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
+    ds = sources.Dataset(name="synthetic", train=split, val=None, test=split,
+                         class_names=tuple(str(i) for i in range(num_classes)), mean=mean, std=std, scale=scale)
+    # The run's feed (assembly.assemble builds the same): the training set on every device, batches gathered
+    # by the epoch's permutation inside the train step. No evaluation splits: nothing here evaluates.
+    feed = DeviceFeed(ds, batch_size=B, normalize=Normalize(scale, mean, std, dtype), mesh=mesh, seed=0, aug=aug,
+                      eval_splits=())
     print(f"data: synthetic {len(split.labels):,} x {'x'.join(map(str, shape))} uint8, {num_classes} classes, "
           f"device-resident; augment flip + random-resized-crop (0.8-1.0, 0.9-1.1)")
 
-    ctx = dict(args=args, shape=shape, num_classes=num_classes, B=B, dtype=dtype, aug=aug, scale=scale, mean=mean,
-               std=std, train_x=train_x, train_y=train_y, perm=perm, n_examples=len(split.labels),
-               replicated=replicated, batch_sharding=batch_sharding, peak=peak)
+    ctx = dict(args=args, shape=shape, num_classes=num_classes, B=B, dtype=dtype, feed=feed,
+               n_examples=len(split.labels), replicated=replicated, batch_sharding=parallel.batch_sharded(mesh),
+               peak=peak)
     results, failed = [], []
     for name in args.models:
         try:
@@ -225,6 +242,8 @@ def main(argv=None) -> int:
     if args.json:
         meta = {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": dev.device_kind,
                 "num_devices": nd, "precision": args.precision, "batch_size": B, "optimizer": args.optimizer,
+                "grad_accum_steps": args.grad_accum_steps, "ema_decay": args.ema_decay,
+                "vision_train": str(Path(vision_train.__file__).parent),
                 "warmup": args.warmup, "repeats": args.repeats, "max_steps": args.steps,
                 "time_budget_s": args.time_budget, "peak_tflops_per_device": peak, "peak_source": peak_src,
                 "cpu_count": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
@@ -237,6 +256,8 @@ def main(argv=None) -> int:
 
 def bench_model(name: str, ctx: dict) -> dict:
     """Compile, check, warm up and time one model: (a) the pipeline step, (b) the step alone."""
+    import copy
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -248,10 +269,8 @@ def bench_model(name: str, ctx: dict) -> dict:
     from vision_train.train import steps as steps_lib
 
     args = ctx["args"]
-    B, dtype, aug = ctx["B"], ctx["dtype"], ctx["aug"]
-    train_x, train_y, perm = ctx["train_x"], ctx["train_y"], ctx["perm"]
+    B, dtype, feed = ctx["B"], ctx["dtype"], ctx["feed"]
     replicated, batch_sharding = ctx["replicated"], ctx["batch_sharding"]
-    scale, mean, std = ctx["scale"], ctx["mean"], ctx["std"]
     arch, kwargs = PRESETS[name]
     t_model = time.perf_counter()
     timings = {}
@@ -260,33 +279,28 @@ def bench_model(name: str, ctx: dict) -> dict:
     tx = state_lib.make_optimizer(opt_cfg, lr_shape=state_lib.lr_schedule(opt_cfg.schedule, 1.0, 10_000, 0, 0.0))
     model = models.create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
                                  dtype=dtype, **kwargs)
-    graphdef, state0 = state_lib.create(model, tx, seed=0)
+    graphdef, state0 = state_lib.create(model, tx, seed=0, ema=args.ema_decay > 0)
     del model
     n_params = state_lib.param_count(state0.params)
-    common = dict(scale=scale, mean=mean, std=std, dtype=dtype, label_smoothing=opt_cfg.label_smoothing,
-                  batch_sharding=batch_sharding)
+    common = dict(label_smoothing=opt_cfg.label_smoothing, accum_steps=args.grad_accum_steps,
+                  ema_decay=args.ema_decay)
 
-    # (a) the real step, jitted as train() jits it.
-    fns = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=aug, **common)
-    train_step = fns.train
-    pipe_step = jax.jit(train_step, donate_argnums=(0, 1))
+    # (a) the real step, built and jitted as assembly.assemble does, fed by the feed's train_args(step).
+    pipe_step = jax.jit(steps_lib.make_train_step(graphdef, tx, feed.train_batch, **common), donate_argnums=(0, 1))
     noaug_step = None
     if args.no_augment_column:  # the same step with augmentation off: gather + normalise + step
-        noaug_step = steps_lib.make_steps(graphdef, tx, batch_size=B, aug=pipeline.Augment(), **common).train
-        noaug_step = jax.jit(noaug_step, donate_argnums=(0, 1))
+        noaug_feed = copy.copy(feed)  # (shares the device-resident data)
+        noaug_feed.aug = pipeline.Augment()
+        noaug_step = jax.jit(steps_lib.make_train_step(graphdef, tx, noaug_feed.train_batch, **common),
+                             donate_argnums=(0, 1))
     # (b) the same forward/backward/update with the batch handed in.
-    alone_step = jax.jit(fns.update, donate_argnums=(0, 1))  # the same update, minus the input pipeline
+    alone_step = jax.jit(steps_lib.make_update(graphdef, tx, **common), donate_argnums=(0, 1))
 
     @jax.jit
-    def prepare(state_rng, step, index):
-        """What the pipeline step computes before the model, from the same permutation slice and keys."""
-        idx = jax.lax.dynamic_slice_in_dim(perm, index * B, B)
-        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
-        k_aug, _ = jax.random.split(key)
-        x = pipeline.augment(jnp.take(train_x, idx, axis=0), k_aug, aug)
-        x = pipeline.normalize(x, scale, mean, std, dtype)
-        y = jnp.take(train_y, idx, axis=0)
+    def prepare(state, feed_args):
+        """What the pipeline step computes before the model: the feed's batch under the step's key."""
+        k_aug, _ = jax.random.split(steps_lib.step_key(state))
+        x, y = feed.train_batch(feed_args, k_aug)
         return jax.lax.with_sharding_constraint(x, batch_sharding), jax.lax.with_sharding_constraint(y, batch_sharding)
 
     def fresh_state():
@@ -295,24 +309,25 @@ def bench_model(name: str, ctx: dict) -> dict:
     def fresh_acc():
         return jax.device_put(steps_lib.new_accumulator(), replicated)
 
-    def reset_step(st):  # every repeat sees the same batches, augmentations and dropout masks
-        return st.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated))
+    def at_step(st, step):  # every repeat sees the same batches, augmentations and dropout masks
+        return st.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), replicated))
 
     # ---- compile outside any timing (jit's call reuses these executables); FLOPs from the step alone
-    x0, y0 = prepare(state0.rng, 0, 0)
+    traces_before = steps_lib.TRACES["train_step"]
+    x0, y0 = prepare(fresh_state(), feed.train_args(0))
     t0 = time.perf_counter()
     compiled_alone = alone_step.lower(fresh_state(), fresh_acc(), x0, y0).compile()
     timings["compile_step_alone_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
+    compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), *feed.train_args(0)).compile()
     timings["compile_pipeline_s"] = time.perf_counter() - t0
     flops_step, flops_pipe = flops_of(compiled_alone), flops_of(compiled_pipe)  # per device
     if noaug_step is not None:
-        noaug_step.lower(fresh_state(), fresh_acc(), train_x, train_y, perm, 0).compile()
+        noaug_step.lower(fresh_state(), fresh_acc(), *feed.train_args(0)).compile()
 
     # ---- equivalence (and first warm-up call of each): one step from the same state agrees
     t0 = time.perf_counter()
-    sa, aa = jax.block_until_ready(pipe_step(fresh_state(), fresh_acc(), train_x, train_y, perm, 0))
+    sa, aa = jax.block_until_ready(pipe_step(fresh_state(), fresh_acc(), *feed.train_args(0)))
     t1 = time.perf_counter()
     sb, ab = jax.block_until_ready(alone_step(fresh_state(), fresh_acc(), x0, y0))
     est = time.perf_counter() - t1  # rough step time, to size the timed loops
@@ -341,35 +356,34 @@ def bench_model(name: str, ctx: dict) -> dict:
         raise ValueError(f"steps x batch = {steps * B} exceeds the {ctx['n_examples']} examples (--num-examples)")
 
     # ---- warm up every side (beyond the check's first call)
-    traces_before = steps_lib.TRACES["train_step"]
     runs = {"pipeline": [fresh_state(), fresh_acc()], "alone": [fresh_state(), fresh_acc()]}
     if noaug_step is not None:
         runs["noaug"] = [fresh_state(), fresh_acc()]
     for i in range(max(warmup, 1 if noaug_step is not None else 0)):
         if i >= warmup:  # only the no-augment side still needs its first call
-            runs["noaug"] = list(noaug_step(*runs["noaug"], train_x, train_y, perm, i))
+            runs["noaug"] = list(noaug_step(*runs["noaug"], *feed.train_args(i)))
             continue
         for side, fn in (("pipeline", pipe_step), ("noaug", noaug_step)):
             if side in runs:
-                runs[side] = list(fn(*runs[side], train_x, train_y, perm, i))
+                runs[side] = list(fn(*runs[side], *feed.train_args(i)))
         runs["alone"] = list(alone_step(*runs["alone"], x0, y0))
     jax.block_until_ready(runs)
 
     # ---- (b)'s batches: exactly what (a) gathers, augments and normalises at steps 0..steps-1
-    batches = [prepare(state0.rng, i, i) for i in range(steps)]
+    batches = [prepare(at_step(state0, i), feed.train_args(i)) for i in range(steps)]
     jax.block_until_ready(batches)
 
     def timed(side):
         st, acc = runs[side]
-        st = jax.block_until_ready(reset_step(st))
+        st = jax.block_until_ready(at_step(st, 0))
         t0 = time.perf_counter()
         if side == "alone":
             for x, y in batches:
                 st, acc = alone_step(st, acc, x, y)
         else:
             fn = pipe_step if side == "pipeline" else noaug_step
-            for i in range(steps):
-                st, acc = fn(st, acc, train_x, train_y, perm, i)
+            for i in range(steps):  # the feed's host side each step, as the run's loop calls it
+                st, acc = fn(st, acc, *feed.train_args(i))
         jax.block_until_ready((st, acc))
         dt = time.perf_counter() - t0
         runs[side] = [st, acc]
@@ -382,9 +396,9 @@ def bench_model(name: str, ctx: dict) -> dict:
             order.insert(1, "noaug")
         for side in order:
             times[side].append(timed(side))
-    retraced = steps_lib.TRACES["train_step"] - traces_before
-    if retraced:
-        print(f"  WARNING {name}: the train step was traced {retraced} more time(s) while timing", flush=True)
+    traced = steps_lib.TRACES["train_step"] - traces_before
+    if traced != len(runs) - 1:  # the pipeline step once (and the no-augment step once), timing included
+        print(f"  WARNING {name}: the train step was traced {traced} times, not {len(runs) - 1}", flush=True)
     nan = any(int(jax.device_get(runs[s][1]["nan_step"])) >= 0 for s in runs)
     del runs, batches
 
@@ -402,7 +416,7 @@ def bench_model(name: str, ctx: dict) -> dict:
         "step_ms": step_s * 1e3, "pipeline_step_ms": med["pipeline"] / steps * 1e3,
         "flops_per_step_per_device": flops_step, "flops_pipeline_step_per_device": flops_pipe,
         "achieved_tflops_per_device": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
-        "times_s": times, "check": check, "nan": nan, **timings,
+        "times_s": times, "check": check, "nan": nan, "train_step_traces": traced, **timings,
     }
     if noaug_step is not None:
         res["images_per_s_pipeline_no_augment"] = ips["noaug"]
