@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from vision_train import models
+from vision_train.errors import ConfigError
 from vision_train.models import CNNConfig, MixerConfig, MLPConfig, ViTConfig
 
 from .helpers import CONF, compose
@@ -126,3 +127,16 @@ def test_every_registered_architecture_has_a_model_taking_exactly_its_config_key
         params = inspect.signature(importlib.import_module(f"vision_train.models.{arch}").Model.__init__).parameters
         keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"dtype", "rngs"}
         assert keyword == set(schema().kwargs()), arch
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (ViTConfig(patch_size=5), "model.patch_size=5: does not divide the 8x8 digits images; use one of [1, 2, 4, 8]"),
+    (MixerConfig(patch_size=3), "model.patch_size=3: does not divide the 8x8 digits images"),
+    (CNNConfig(num_classes=5), "model.num_classes=5: digits has 10 classes; set model.num_classes=10"),
+    (CNNConfig(features=[4, 4, 4, 4]), "model=cnn='digits': the cnn halves the image 4 times, so it needs images of "
+                                       "at least 16x16, got 8x8"),
+])
+def test_a_config_that_cannot_fit_the_data_is_one_config_error_naming_the_key(cfg, message):
+    with pytest.raises(ConfigError) as e:
+        nnx.eval_shape(lambda: models.build(cfg, (8, 8, 1), 10, rngs=nnx.Rngs(0), dtype=jnp.float32, data="digits"))
+    assert message in str(e.value)
