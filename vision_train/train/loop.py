@@ -115,6 +115,7 @@ class Hooks:
         epoch, index = divmod(step, run.steps_per_epoch)
         if index == 0:  # a fresh epoch (resumed mid-epoch: the sums so far come from the checkpoint)
             run.loop.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        run.feed.train_args(step)  # the epoch's order (the permutation: compiled once) before its clock starts
         self.t_epoch = self.t_log = time.time()
         self.timed_images, self.epoch_eval_s = 0, 0.0
         if self.bar is not None:
