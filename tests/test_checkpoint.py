@@ -50,6 +50,7 @@ def rows(run_dir):
     return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in out]
 
 
+@pytest.mark.slow  # (116 s on 2 cores; the default tier kills -9 and re-runs in test_records' records test)
 def test_kill_9_then_rerun_resumes_exactly(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     p = start(full)
