@@ -436,11 +436,6 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def model_kwargs(m: ModelConfig) -> dict:
-    """(``m.kwargs()``; ``vision_train.models.create(m, ...)`` takes the config itself.)"""
-    return m.kwargs()
-
-
 def from_dict(d: dict) -> Config:
     """Inverse of ``to_dict`` (e.g. the config stored in a checkpoint): validated and frozen."""
     def build(cls, values):

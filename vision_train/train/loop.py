@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from .. import config as config_lib
+from .. import parallel
 from ..errors import TrainingError, UserError
 from . import evaluation
 from .assembly import Run, assemble, check_run_dir
@@ -75,8 +76,6 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
 
 
 def parallel_setup(cfg) -> None:
-    from .. import parallel
-
     if cfg.hardware.distributed:
         parallel.initialize_distributed()
     parallel.enable_compilation_cache(cfg.hardware.compilation_cache)
