@@ -17,7 +17,7 @@ import hashlib
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import ConfigError, UserError
 from .errors import check_choice as _choice
@@ -86,6 +86,23 @@ class DataConfig(_Freezable):
     mean: Optional[List[float]] = None  # per channel, in [0, 1] units; None: the data set's statistics
     std: Optional[List[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # image_folder and hf: your own images (vision_train.data.files)
+    image_size: int = 224              # images are brought to image_size x image_size (resize + center crop)
+    channels: int = 3                  # 3: RGB (grayscale, RGBA, CMYK, palette converted); 1: grayscale
+    test_size: int = 0                 # a set without a test split: examples held out for test; 0: test_fraction
+    image_key: str = "image"           # hf: the column holding the image
+    label_key: str = "label"           # hf: the column holding the class (ClassLabel or int)
+    train_split: str = "train"         # hf: split names; a missing val/test split is held out of train
+    val_split: str = "validation"
+    test_split: str = "test"
+    max_bad_fraction: float = 0.01     # unreadable images are skipped and listed; past this fraction the run stops
+    # How batches reach the step: device-resident (decoded once into a uint8 cache) or streamed with Grain.
+    cache: str = "auto"                # auto: cache when the decoded set is under cache_max_gb | true | false
+    cache_max_gb: float = 4.0          # the decoded size (uint8) under which data.cache=auto caches
+    cache_dir: Optional[str] = None    # where the decoded cache goes; null: beside the data (<root>/.vision_train_cache)
+    stream: str = "auto"               # auto: stream when not cached | true | false (refuse to stream)
+    workers: int = 2                   # streamed: decode/resize worker processes (0: in the training process)
+    prefetch: int = 4                  # streamed: batches decoded ahead of the step, per host
     # synthetic and toy only
     num_examples: int = 1000
     image_shape: List[int] = field(default_factory=lambda: [32, 32, 3])   # synthetic: H, W, C
@@ -108,6 +125,10 @@ class OptimizerConfig(_Freezable):
     nesterov: bool = False             # sgd
     grad_clip_norm: float = 0.0        # clip by global norm; 0 = off
     label_smoothing: float = 0.0
+    # Per-parameter learning-rate multipliers: {regex over parameter paths ("blocks.3.attn.qkv.kernel"): multiplier};
+    # the first matching pattern wins, 0 freezes (no optimizer state). E.g. {"head\\..*": 1.0, ".*": 0.1}
+    lr_mults: Dict[str, float] = field(default_factory=dict)
+    layer_decay: float = 1.0           # layer-wise lr decay: layer l of L gets layer_decay ** (L - l); 1 = off
 
 
 # ------------------------------------------------------------------------------------ hardware
@@ -231,7 +252,7 @@ def objective_name(cfg: Config) -> str:
     return resolve_objective(cfg.trainer.objective, cfg.data.val_size)
 
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic", "image_folder", "hf")
 
 
 def validate(cfg: Config) -> Config:
