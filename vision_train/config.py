@@ -77,8 +77,11 @@ class AugmentConfig(_Freezable):
 
 @dataclass
 class DataConfig(_Freezable):
-    name: str = "digits"               # cifar10 cifar100 mnist fashion_mnist svhn digits toy synthetic
-    root: str = "data"                 # where torchvision data sets live (downloaded there if absent)
+    # builtin: name picks one of DATASETS | image_folder: your images under root (<root>/train/<class>/*) |
+    # hf: a Hugging Face dataset, name = its id (from the cache when offline) or a local path
+    kind: str = "builtin"
+    name: str = "digits"               # builtin: cifar10 cifar100 mnist fashion_mnist svhn digits toy synthetic
+    root: str = "data"                 # where torchvision data sets live (downloaded there if absent); image_folder: the folder
     download: bool = True
     val_size: int = 0                  # examples held out of the training split for validation; 0 = none
     test_fraction: float = 0.2         # for data sets without a test split of their own (digits, toy)
@@ -252,7 +255,8 @@ def objective_name(cfg: Config) -> str:
     return resolve_objective(cfg.trainer.objective, cfg.data.val_size)
 
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic", "image_folder", "hf")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
+DATA_KINDS = ("builtin", "image_folder", "hf")
 
 
 def validate(cfg: Config) -> Config:
@@ -263,7 +267,9 @@ def validate(cfg: Config) -> Config:
     _choice("model.arch", m.arch, tuple(ARCHITECTURES))
     m.check()  # the architecture's own checks (vision_train.models)
 
-    _choice("data.name", d.name, DATASETS)
+    _choice("data.kind", d.kind, DATA_KINDS)
+    if d.kind == "builtin":
+        _choice("data.name", d.name, DATASETS)
     _positive("data.val_size", d.val_size, allow_zero=True)
     if not 0.0 < d.test_fraction < 1.0:
         raise ConfigError("data.test_fraction", d.test_fraction, "must be in (0, 1)")
