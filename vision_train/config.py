@@ -128,10 +128,16 @@ class OptimizerConfig(_Freezable):
     nesterov: bool = False             # sgd
     grad_clip_norm: float = 0.0        # clip by global norm; 0 = off
     label_smoothing: float = 0.0
-    # Per-parameter learning-rate multipliers: {regex over parameter paths ("blocks.3.attn.qkv.kernel"): multiplier};
-    # the first matching pattern wins, 0 freezes (no optimizer state). E.g. {"head\\..*": 1.0, ".*": 0.1}
+    # Per-parameter learning-rate multipliers: {regex over parameter paths: multiplier}. Paths are dotted, as
+    # blocks.3.attn.qkv.kernel, head.kernel, embed.proj.kernel, pos_embed (the module attribute names; a pattern
+    # matching none is refused with some of the model's paths, and the run logs how many arrays each multiplier
+    # got). The first pattern matching the whole path wins; unmatched: 1; 0 freezes (no optimizer state). Weight
+    # decay follows the multiplier. On the command line (+: the schema's dict is empty; \ escapes [ ] ( ) { }):
+    #   '+optimizer.lr_mults={head\..*:1,.*:0}'   (train only the head)
     lr_mults: Dict[str, float] = field(default_factory=dict)
-    layer_decay: float = 1.0           # layer-wise lr decay: layer l of L gets layer_decay ** (L - l); 1 = off
+    # Layer-wise lr decay (BEiT, timm): the embedding is layer 0, blocks.<i> layer i + 1, the final norm and
+    # head layer L + 1; layer l gets layer_decay ** (L + 1 - l), times its lr_mults. 1 = off
+    layer_decay: float = 1.0
 
 
 # ------------------------------------------------------------------------------------ hardware
@@ -306,6 +312,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("optimizer.label_smoothing", o.label_smoothing, "must be in [0, 1)")
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError("optimizer.momentum", o.momentum, "must be in [0, 1)")
+    for pattern, mult in o.lr_mults.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError("optimizer.lr_mults", pattern, f"is not a regular expression ({e}); on the command "
+                              "line escape [ ] ( ) { } with \\, e.g. '+optimizer.lr_mults={blocks\\.\\[01\\]\\..*:0}'"
+                              ) from None
+        if not (isinstance(mult, (int, float)) and mult >= 0):
+            raise ConfigError(f"optimizer.lr_mults[{pattern!r}]", mult, "must be >= 0 (0 freezes, 1 is the base rate)")
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise ConfigError("optimizer.layer_decay", o.layer_decay, "must be in (0, 1]: 1 is off; 0.65-0.75 are usual")
 
     _choice("hardware.platform", h.platform, ("auto", "cpu", "gpu", "tpu"))
     _choice("hardware.precision", h.precision, ("float32", "bfloat16"))

@@ -164,13 +164,15 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     def init(seed, hparams):  # model + optimizer state built inside one jit (eager NNX init runs op by op)
         rngs = nnx.Rngs(params=stream(seed, "params"), dropout=stream(seed, "dropout"))
         model = models.build(cfg.model, ds.shape, ds.num_classes, rngs=rngs, dtype=dtype, data=cfg.data.name)
-        tx = state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams)
+        tx = state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams, params=nnx.state(model, nnx.Param))
         return state_lib.create(model, tx, seed, ema=t.ema_decay > 0)
 
     graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
     state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
     n_params = state_lib.param_count(state.params)
-    tx = state_lib.make_optimizer(o, lr_shape=shape)
+    tx = state_lib.make_optimizer(o, lr_shape=shape, params=state.params)
+    if multipliers := state_lib.describe_multipliers(o, state.params):  # optimizer.lr_mults, layer_decay
+        log.info(multipliers)
 
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,

@@ -1,0 +1,186 @@
+"""Fine-tuning: per-parameter learning rates (optimizer.lr_mults, optimizer.layer_decay), runs that start from a
+pretrained file (model.init_from) and resume exactly, and predict weights= on a pretrained classifier."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from vision_train import checkpoint as ckpt_lib
+from vision_train import models
+from vision_train.config import ConfigError, OptimizerConfig
+from vision_train.records import read_rows
+from vision_train.train import assembly
+from vision_train.train import state as state_lib
+from vision_train.train.loop import Hooks, train
+
+from .helpers import FAST, TINY, compose
+
+# A tiny ViT (two blocks) on scikit-learn's digits (8x8x1): 19 steps an epoch at batch 64.
+VIT2 = [*TINY["vit"], "model.num_layers=2", "model.dropout=0.0", "model.stochastic_depth=0.0"]
+DIGITS_VIT = [*FAST, *VIT2, "data=digits", "trainer.batch_size=64"]
+HEAD_ONLY = r"+optimizer.lr_mults={head\..*:1,.*:0}"
+
+
+def tiny_vit(num_layers=2):
+    return models.create("vit", (8, 8, 1), 10, rngs=nnx.Rngs(0), patch_size=2, hidden_size=16, num_layers=num_layers,
+                         num_heads=2, mlp_dim=32)
+
+
+def initial_state(cfg, run_dir):
+    """The train state a run of ``cfg`` starts from (assembled, not trained)."""
+    run = assembly.assemble(cfg, run_dir, time.time())
+    state = jax.device_get(run.state)
+    Hooks(run).close(0)
+    return state
+
+
+def records(run_dir):
+    return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in read_rows(run_dir / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------------------------------------ lr_mults
+def test_frozen_parameters_stay_bit_identical_have_no_optimizer_state_and_the_head_learns(tmp_path, caplog):
+    cfg = compose([*DIGITS_VIT, "optimizer=adamw", "optimizer.lr=0.02", "optimizer.weight_decay=0.1",
+                   "optimizer.grad_clip_norm=1.0", "trainer.epochs=2", HEAD_ONLY])
+    start = initial_state(cfg, tmp_path / "start")
+    with caplog.at_level("INFO", logger="vision_train"):
+        summary = train(cfg, tmp_path / "run")
+    assert "optimizer.lr_mults: 30 arrays frozen (" in caplog.text and "2 arrays at x1 (170 params)" in caplog.text
+    before = state_lib.param_paths(start.params)
+    after = state_lib.param_paths(ckpt_lib.load_for_inference(tmp_path / "run")["params"])
+    assert set(before) == set(after)
+    for path, value in after.items():
+        if path.startswith("head."):
+            assert not np.array_equal(np.asarray(value), np.asarray(before[path])), path
+        else:  # trained for 38 steps with weight decay and clipping: not one bit moved
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path]), err_msg=path)
+    assert summary["test/acc"] > 0.3  # a linear probe on random features still learns something (chance: 0.1)
+
+    # The optimizer state: Adam's two moments of the head, and scalars (step counts, hyper-parameters).
+    arrays = {p: a for p, a in state_lib.param_paths(start.opt_state).items() if np.ndim(a)}
+    assert arrays and all(p.endswith(("head.kernel", "head.bias")) for p in arrays), sorted(arrays)
+    assert sum(np.size(a) for a in arrays.values()) == 2 * (16 * 10 + 10)
+
+
+def test_frozen_gradients_are_left_out_of_the_clipping_norm():
+    params = nnx.state(tiny_vit(), nnx.Param)
+    o = OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, grad_clip_norm=1.0, lr_mults={r"head\..*": 1.0, ".*": 0.0})
+    tx = state_lib.make_optimizer(o, lr_shape=optax.constant_schedule(1.0), params=params)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda kp, p: jnp.full(p.shape, 0.01 if "head" in state_lib._path(kp) else 100.0), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for path, u in state_lib.param_paths(updates).items():  # the head's norm is < 1: not clipped
+        np.testing.assert_allclose(np.asarray(u), -0.1 * (0.01 if path.startswith("head.") else 0.0), rtol=1e-6)
+
+
+def test_without_lr_mults_the_optimizer_state_is_the_one_earlier_checkpoints_hold():
+    params = nnx.state(tiny_vit(), nnx.Param)
+    shape = optax.constant_schedule(1.0)
+    plain = state_lib.make_optimizer(OptimizerConfig(name="adamw", grad_clip_norm=1.0), lr_shape=shape)
+    ones = state_lib.make_optimizer(OptimizerConfig(name="adamw", grad_clip_norm=1.0, lr_mults={".*": 1.0}),
+                                    lr_shape=shape, params=params)
+    expected = optax.inject_hyperparams(lambda learning_rate, weight_decay, grad_clip_norm: optax.chain(
+        optax.clip_by_global_norm(grad_clip_norm), optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
+        optax.scale_by_schedule(lambda c: -learning_rate * shape(c))))(learning_rate=1e-3, weight_decay=0.0,
+                                                                         grad_clip_norm=1.0)
+    structure = jax.tree.structure(expected.init(params))
+    assert jax.tree.structure(plain.init(params)) == structure
+    assert jax.tree.structure(ones.init(params)) == structure  # multipliers all 1: no partition either
+
+
+# --------------------------------------------------------------------------------------- layer_decay
+@pytest.mark.parametrize("arch", ["vit", "mixer"])
+def test_layer_decay_scales_each_layers_update_by_decay_to_its_depth(arch):
+    if arch == "vit":
+        model, embedding = tiny_vit(num_layers=3), ("embed.", "cls", "pos_embed")
+    else:
+        model = models.create("mixer", (8, 8, 1), 10, rngs=nnx.Rngs(0), patch_size=2, num_blocks=3, hidden_dim=8,
+                              tokens_mlp_dim=8, channels_mlp_dim=16)
+        embedding = ("stem.",)
+    params = nnx.state(model, nnx.Param)
+    lr, decay = 0.1, 0.5
+    o = OptimizerConfig(name="sgd", lr=lr, momentum=0.0, layer_decay=decay)
+    tx = state_lib.make_optimizer(o, lr_shape=optax.constant_schedule(1.0), params=params)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    g = state_lib.param_paths(grads)
+    seen = set()
+    for path, u in state_lib.param_paths(updates).items():
+        if path.startswith(embedding):
+            k = 4                                   # layer 0 of L = 3 blocks: decay ** (L + 1)
+        elif path.startswith("blocks."):
+            k = 3 - int(path.split(".")[1])         # block i is layer i + 1: decay ** (L - i)
+        else:
+            assert path.startswith(("head.", "norm.")), path
+            k = 0                                   # the final norm and the head: the base rate
+        seen.add(k)
+        np.testing.assert_allclose(np.asarray(u), -lr * decay ** k * np.asarray(g[path]), rtol=1e-6, err_msg=path)
+    assert seen == {0, 1, 2, 3, 4}
+
+
+def test_layer_decay_and_lr_mults_multiply():
+    params = nnx.state(tiny_vit(), nnx.Param)
+    o = OptimizerConfig(layer_decay=0.5, lr_mults={r"blocks\.1\..*": 0.1, r"pos_embed": 0.0})
+    mults = state_lib.lr_multipliers(o, params)
+    assert mults["head.kernel"] == 1.0 and mults["norm.scale"] == 1.0
+    assert mults["blocks.1.mlp.fc1.kernel"] == pytest.approx(0.1 * 0.5)
+    assert mults["blocks.0.attn.qkv.kernel"] == 0.25 and mults["embed.proj.kernel"] == 0.125
+    assert mults["pos_embed"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("override, key, fix", [
+    (r"+optimizer.lr_mults={head\.\[:1}", "optimizer.lr_mults", "not a regular expression"),
+    (r"+optimizer.lr_mults={head\..*:-1}", "optimizer.lr_mults['head\\\\..*']", "must be >= 0"),
+    ("optimizer.layer_decay=0", "optimizer.layer_decay", "(0, 1]"),
+    ("optimizer.layer_decay=1.5", "optimizer.layer_decay", "(0, 1]"),
+])
+def test_impossible_multipliers_are_refused_by_the_config(override, key, fix):
+    with pytest.raises(ConfigError) as e:
+        compose([*DIGITS_VIT, override])
+    assert e.value.key == key and fix in e.value.fix
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    ([*VIT2, r"+optimizer.lr_mults={heads\..*:0}"], "optimizer.lr_mults", "blocks.0.attn.out.bias"),
+    ([*TINY["cnn"], "optimizer.layer_decay=0.7"], "optimizer.layer_decay", "set optimizer.layer_decay=1"),
+])
+def test_multipliers_that_fit_no_parameter_are_one_line_before_compiling(tmp_path, overrides, key, says):
+    with pytest.raises(ConfigError) as e:
+        train(compose([*FAST, "data=digits", *overrides]), tmp_path / "run")
+    assert e.value.key == key and says in str(e.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_a_run_with_multipliers_resumed_after_a_crash_ends_with_the_uninterrupted_records(tmp_path, monkeypatch,
+                                                                                          caplog):
+    job = [*DIGITS_VIT, "optimizer=sgd", "optimizer.lr=0.05", "optimizer.grad_clip_norm=1.0", "trainer.epochs=2",
+           "optimizer.layer_decay=0.7", r"+optimizer.lr_mults={pos_embed:0,head\..*:2}",
+           "trainer.checkpoint_every_steps=10", "trainer.log_every_steps=5", "trainer.keep_checkpoints=10"]
+    full = train(compose(job), tmp_path / "full")
+
+    after_step = Hooks.after_step
+
+    def crash_at_13(self, step):
+        after_step(self, step)
+        if step == 13:  # past the step-10 checkpoint
+            raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(Hooks, "after_step", crash_at_13)
+    with pytest.raises(RuntimeError, match="went away"):
+        train(compose(job), tmp_path / "run")
+    monkeypatch.setattr(Hooks, "after_step", after_step)
+    with caplog.at_level("INFO", logger="vision_train"):
+        resumed = train(compose(job), tmp_path / "run")
+    assert "at step 10" in caplog.text
+    assert records(tmp_path / "run") == records(tmp_path / "full")
+    assert resumed["test/acc"] == full["test/acc"]
+    a, b = (ckpt_lib.load_for_inference(tmp_path / d)["params"] for d in ("full", "run"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
