@@ -184,3 +184,20 @@ def test_a_run_with_multipliers_resumed_after_a_crash_ends_with_the_uninterrupte
     a, b = (ckpt_lib.load_for_inference(tmp_path / d)["params"] for d in ("full", "run"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------ presets
+@pytest.mark.parametrize("name, arch, size, lr", [("finetune_vit_b16_cifar10", "vit", 384, 0.01),
+                                                  ("finetune_mixer_b16_cifar10", "mixer", 224, 0.03)])
+def test_finetune_presets_follow_the_vision_transformer_recipe(name, arch, size, lr):
+    cfg = compose([f"experiment={name}"])
+    o, t, d = cfg.optimizer, cfg.trainer, cfg.data
+    assert (cfg.model.arch, cfg.model.patch_size, d.image_size, cfg.model.init_from.startswith("hf-hub:timm/")) == \
+        (arch, 16, size, True)
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.grad_clip_norm, o.schedule, o.min_lr) == \
+        ("sgd", lr, 0.9, False, 0.0, 1.0, "cosine", 0.0)
+    steps_per_epoch = (50_000 - d.val_size) // t.batch_size  # train[:98%]: 49,000 of CIFAR-10's 50,000
+    assert t.batch_size == 512 and steps_per_epoch == 95
+    assert round(o.warmup_epochs * steps_per_epoch) == 500                 # 500 warmup steps
+    assert abs(t.epochs * steps_per_epoch - 10_000) < steps_per_epoch      # 10,000 steps
+    assert list(d.mean) == list(d.std) == [0.5] * 3                        # (x - 127.5) / 127.5
