@@ -288,12 +288,39 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.mean" if d.mean is None else "data.std", None, "set both data.mean and data.std, or neither")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError("data.std", list(d.std), "every std must be > 0")
-    if d.name == "synthetic":
+    if d.kind == "builtin" and d.name == "synthetic":
         if len(d.image_shape) != 3 or any(s <= 0 for s in d.image_shape):
             raise ConfigError("data.image_shape", list(d.image_shape), "give [height, width, channels], all > 0")
         _positive("data.num_classes", d.num_classes)
-    if d.name in ("synthetic", "toy") and d.num_examples < 10:
+    if d.kind == "builtin" and d.name in ("synthetic", "toy") and d.num_examples < 10:
         raise ConfigError("data.num_examples", d.num_examples, "must be >= 10 (train and test splits need examples)")
+    if d.kind == "image_folder" and not str(d.root).strip():
+        raise ConfigError("data.root", d.root, "give the folder of your images, e.g. data.root=~/pets holding "
+                          "train/<class>/<image> (optional val/ and test/), or <class>/<image> to be split")
+    if d.kind == "hf" and not str(d.name).strip():
+        raise ConfigError("data.name", d.name, "give a Hugging Face dataset id (e.g. data.name=beans) or the path of "
+                          "a dataset saved with save_to_disk")
+    _positive("data.image_size", d.image_size)
+    _choice("data.channels", d.channels, (1, 3))
+    _positive("data.test_size", d.test_size, allow_zero=True)
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError("data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1] (0: any unreadable image "
+                          "stops the run; 0.01: up to 1% are left out)")
+    for key in ("cache", "stream"):
+        value = getattr(d, key)
+        if str(value).strip().lower() not in ("auto", "true", "false"):
+            raise ConfigError(f"data.{key}", value, "choose one of auto, true, false")
+    cache, stream = str(d.cache).strip().lower(), str(d.stream).strip().lower()
+    if cache == stream != "auto":
+        raise ConfigError("data.stream", d.stream, f"data.cache={d.cache} together with data.stream={d.stream} "
+                          f"{'asks for both' if cache == 'true' else 'refuses both'} ways of feeding the data: keep "
+                          f"one of them auto")
+    _positive("data.cache_max_gb", d.cache_max_gb, allow_zero=True)
+    _positive("data.workers", d.workers, allow_zero=True)
+    _positive("data.prefetch", d.prefetch)
+    for key in ("image_key", "label_key", "train_split"):
+        if d.kind == "hf" and not str(getattr(d, key)).strip():
+            raise ConfigError(f"data.{key}", getattr(d, key), "must name a column (a split for train_split)")
 
     _choice("optimizer.name", o.name, ("adam", "adamw", "sgd"))
     _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))

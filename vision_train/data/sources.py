@@ -200,7 +200,12 @@ def _channel_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...],
 
 
 def load(cfg) -> Dataset:
-    """``cfg`` is a ``DataConfig`` (or anything with its fields)."""
+    """``cfg`` is a ``DataConfig`` (or anything with its fields). Your own images (data.kind=image_folder or
+    hf) are decoded once into a cache and memory-mapped from it (``vision_train.data.files``)."""
+    if getattr(cfg, "kind", "builtin") != "builtin":
+        from . import files  # (here: files imports this module)
+
+        return files.load_cached(files.open_images(cfg), cfg)
     name, scale = cfg.name, 1.0 / 255
     if name in STATS:
         train, test, classes = load_torchvision(name, cfg.root, download=cfg.download)
