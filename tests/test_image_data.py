@@ -20,7 +20,7 @@ from vision_train.data import files, sources
 from vision_train.errors import ConfigError, DataError
 
 from .conftest import run_cli
-from .helpers import FAST, TINY
+from .helpers import FAST, TINY, compose
 from .imagefiles import COLORS, write_digits_folder, write_hf_dataset, write_image_folder
 
 MODES = ("L", "RGB", "RGBA", "CMYK", "P")
@@ -188,6 +188,24 @@ def test_bad_folders_are_one_line_naming_the_key(tmp_path, case, expected):
     assert msg.startswith("data.val_size=" if case == "val_too_big" else f"data.root='{root}'")
     if case == "missing":
         assert str(root) in msg and "train/<class>/<image>" in msg
+
+
+def test_the_folder_preset_composes_and_names_the_set_after_its_folder(tmp_path):
+    cfg = compose(["data=image_folder", f"data.root={tmp_path / 'pets'}/", "model=cnn", "data.cache=True",
+                   "data.stream=auto"])
+    assert cfg.data.kind == "image_folder" and cfg.data.name == "pets" and cfg.data.cache == "True"
+    assert compose(["data=image_folder", "data.root=x", "data.name=mine", "model=cnn"]).data.name == "mine"
+    for overrides, line in (([], "data.root='': give the folder of your images"),
+                            (["data.root=x", "data.cache=false", "data.stream=False"],
+                             "data.stream='False': data.cache=false together with data.stream=false refuses both"),
+                            (["data.root=x", "data.cache=maybe"], "data.cache='maybe': choose one of auto, true, false"),
+                            (["data.root=x", "data.channels=4"], "data.channels=4: choose one of 1, 3"),
+                            (["data.root=x", "data.max_bad_fraction=2"], "data.max_bad_fraction=2.0: must be in [0, 1]")):
+        with pytest.raises(ConfigError) as info:
+            compose(["data=image_folder", "model=cnn", *overrides])
+        assert str(info.value).startswith(line)
+    with pytest.raises(ConfigError, match="data.name='': give a Hugging Face dataset id"):
+        compose(["data=hf", "model=cnn"])
 
 
 # -------------------------------------------------------------------------------------------- cache

@@ -297,6 +297,9 @@ def validate(cfg: Config) -> Config:
     if d.kind == "image_folder" and not str(d.root).strip():
         raise ConfigError("data.root", d.root, "give the folder of your images, e.g. data.root=~/pets holding "
                           "train/<class>/<image> (optional val/ and test/), or <class>/<image> to be split")
+    if d.kind == "image_folder" and not str(d.name).strip():  # the display name: the root folder's own name
+        parts = [p for p in str(d.root).replace("\\", "/").split("/") if p not in ("", ".", "~")]
+        d.name = parts[-1] if parts else "images"
     if d.kind == "hf" and not str(d.name).strip():
         raise ConfigError("data.name", d.name, "give a Hugging Face dataset id (e.g. data.name=beans) or the path of "
                           "a dataset saved with save_to_disk")
@@ -312,7 +315,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.{key}", value, "choose one of auto, true, false")
     cache, stream = str(d.cache).strip().lower(), str(d.stream).strip().lower()
     if cache == stream != "auto":
-        raise ConfigError("data.stream", d.stream, f"data.cache={d.cache} together with data.stream={d.stream} "
+        raise ConfigError("data.stream", d.stream, f"data.cache={cache} together with data.stream={stream} "
                           f"{'asks for both' if cache == 'true' else 'refuses both'} ways of feeding the data: keep "
                           f"one of them auto")
     _positive("data.cache_max_gb", d.cache_max_gb, allow_zero=True)

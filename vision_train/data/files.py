@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -554,7 +555,8 @@ def open_hf(cfg) -> ImageSet:
         if len(v) == 0:
             raise DataError(f"data.name={name!r}: its {s} split is empty")
 
-    undecoded = {s: ds.cast_column(cfg.image_key, datasets.Image(decode=False)) for s, ds in parts.items()}
+    undecoded = {s: ds.select_columns([cfg.image_key]).cast_column(cfg.image_key, datasets.Image(decode=False))
+                 for s, ds in parts.items()}  # (a row read is its image's bytes only)
     splits = {s: HFRecords(undecoded[s], np.arange(len(labels[s])), cfg.image_key, labels[s], cfg.image_size,
                            cfg.channels, f"{display}[{s}]") for s in parts}
     splits = _split(splits, cfg, f"data.name={name!r}")
@@ -628,6 +630,11 @@ def _decode_all(imageset: ImageSet, final: Path) -> None:
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root, imageset.key)
+    free = shutil.disk_usage(root).free
+    if free < imageset.decoded_bytes() * 1.02 + 2**20:  # (a memory-mapped write past a full disk is a SIGBUS)
+        raise DataError(f"the decoded images of {imageset.name} need {imageset.decoded_bytes() / GB:.2f} GB in {root} "
+                        f"but {free / GB:.2f} GB are free; set data.cache_dir to a disk with room, or stream them "
+                        f"(data.cache=false)")
     tmp = root / f".tmp-{imageset.key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     S, _, C = imageset.shape
