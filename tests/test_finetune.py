@@ -1,6 +1,10 @@
 """Fine-tuning: per-parameter learning rates (optimizer.lr_mults, optimizer.layer_decay), runs that start from a
 pretrained file (model.init_from) and resume exactly, and predict weights= on a pretrained classifier."""
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -18,6 +22,7 @@ from vision_train.train import assembly
 from vision_train.train import state as state_lib
 from vision_train.train.loop import Hooks, train
 
+from .conftest import FAST_COMPILE, REPO
 from .helpers import FAST, TINY, compose
 
 # A tiny ViT (two blocks) on scikit-learn's digits (8x8x1): 19 steps an epoch at batch 64.
@@ -201,3 +206,88 @@ def test_finetune_presets_follow_the_vision_transformer_recipe(name, arch, size,
     assert round(o.warmup_epochs * steps_per_epoch) == 500                 # 500 warmup steps
     assert abs(t.epochs * steps_per_epoch - 10_000) < steps_per_epoch      # 10,000 steps
     assert list(d.mean) == list(d.std) == [0.5] * 3                        # (x - 127.5) / 127.5
+
+
+# ------------------------------------------------------------------------------------------ predict weights=
+def timm_vit_file(path, *, img=16, patch=4, dim=16, depth=2, heads=2, classes=7, seed=0):
+    """A tiny timm ViT, every parameter perturbed (no output trivially uniform), saved in timm's own format."""
+    from safetensors.torch import save_file
+
+    from vision_train.data.sources import import_torchvision
+
+    import_torchvision()  # (before timm: PyPI torchvision beside CPU torch)
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    module = VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                               num_classes=classes)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in module.parameters():
+            t.add_(torch.randn(t.shape, generator=g) * 0.3)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return module.eval()
+
+
+# Our config of timm's ViT above: exact GELU, qkv bias, LayerNorm eps 1e-6, class token.
+TIMM_VIT = ["model=vit", "model.patch_size=4", "model.hidden_size=16", "model.num_layers=2", "model.num_heads=2",
+            "model.mlp_dim=64", "model.dropout=0.0", "model.gelu=exact", "model.qkv_bias=true",
+            "model.layer_norm_eps=1e-6", "model.classifier=token"]
+
+
+def test_predict_with_pretrained_weights_gives_timms_classes(tmp_path):
+    from PIL import Image
+
+    from vision_train.predict import read_image
+
+    module = timm_vit_file(tmp_path / "vit.safetensors", seed=2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # noisy colours: the model's size, and larger ones (resized to image_size)
+        size = 16 if i < 4 else 40
+        img = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img, "RGB").save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(folder / "gray.png")
+    names = ["cat", "dog", "owl", "eel", "ant", "bee", "yak"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+
+    out = tmp_path / "p.json"
+    env = {**os.environ, "PYTHONPATH": REPO, "HYDRA_FULL_ERROR": "0", "XLA_FLAGS": FAST_COMPILE}
+    r = subprocess.run([sys.executable, "-m", "vision_train.predict", f"weights={tmp_path / 'vit.safetensors'}",
+                        *TIMM_VIT, "image_size=16", f"class_names={tmp_path / 'classes.txt'}", f"inputs={folder}",
+                        "top_k=2", f"json={out}", "hardware=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stderr.count("note: resizing images to 16x16") == 1
+
+    # timm's own forward on the same preprocessed images: resized as predict reads them, (x / 255 - 0.5) / 0.5.
+    import torch
+
+    files = sorted(folder.iterdir())
+    x = np.stack([read_image(f, 16, 16, 3)[0] for f in files]).astype(np.float32) / 255.0
+    with torch.no_grad():
+        logits = module(torch.from_numpy(((x - 0.5) / 0.5).transpose(0, 3, 1, 2).copy())).numpy()
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    assert len(set(want.argmax(-1))) > 1  # (not one class for every image)
+
+    result = json.loads(out.read_text())
+    assert result["format"] == "timm ViT (safetensors)" and result["class_names"] == names
+    got = {os.path.basename(p["file"]): p for p in result["predictions"]}
+    for f, w in zip(files, want):
+        top = got[f.name]["top_k"]
+        assert [t["class"] for t in top] == [names[j] for j in np.argsort(-w)[:2]], f.name
+        assert top[0]["prob"] == pytest.approx(float(w.max()), abs=1e-4)
+        line = next(x for x in r.stdout.splitlines() if x.startswith(str(f)))
+        assert f"{top[0]['class']} {top[0]['prob']:.3f}" in line  # the printed table says the same
+
+
+def test_predict_takes_a_checkpoint_or_weights_not_both(tmp_path):
+    from vision_train.predict import PredictConfig, predict
+
+    with pytest.raises(ConfigError, match="not both"):
+        predict(PredictConfig(checkpoint=str(tmp_path), weights="vit.safetensors", inputs="a.png"), tmp_path)
+    with pytest.raises(ConfigError, match="or weights=<file> model=<preset>") as e:
+        predict(PredictConfig(inputs="a.png"), tmp_path)
+    assert e.value.key == "checkpoint"

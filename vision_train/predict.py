@@ -1,12 +1,18 @@
 """``python -m vision_train.predict checkpoint=<run dir | checkpoints dir | step dir> inputs=<files or a folder>``
+``python -m vision_train.predict weights=<file> model=<preset> inputs=<files or a folder>``
 
-Classifies image files (anything PIL reads: PNG, JPEG, ...) with a trained model. Each image is converted
-to the model's channel count (RGB -> grayscale for 1-channel models, grayscale -> RGB for 3-channel
-ones), resized to the training image size (said once on stderr), and normalised exactly as in training
-(the checkpoint's scale, mean and std). Prints a table (file, top-k classes with probabilities) on
-stdout and writes the same as JSON (``json=<path>``, default ``<run dir>/predictions.json``). Files that
-cannot be read as images are reported (stderr and the JSON's ``errors``) and make the exit status 1;
-the others are still classified.
+Classifies image files (anything PIL reads: PNG, JPEG, ...) with a trained model: a checkpoint of a run
+(``checkpoint=``), or a pretrained classifier as it is, with its own head (``weights=``: timm's .safetensors/.bin,
+a big_vision / vision_transformer .npz, ``hf-hub:<repo id>`` or a URL, read as ``model.init_from`` reads it;
+``model=`` the preset it fits, e.g. ``model=vit_b``), so a checkpoint can be checked before tuning it. The two
+are exclusive. Each image is converted to the model's channel count (RGB -> grayscale for 1-channel models,
+grayscale -> RGB for 3-channel ones), resized to the model's image size (said once on stderr), and normalised:
+a checkpoint's as in training (its scale, mean and std); pretrained weights' with ``mean``/``std`` (default 0.5,
+0.5: timm's and big_vision's convention for these ViT and Mixer checkpoints, pixels in [-1, 1]) at
+``image_size`` (default 224). Class names: a checkpoint's own; for weights, ``class_names=<file>`` (one per
+line), else the class indices. Prints a table (file, top-k classes with probabilities) on stdout and writes the
+same as JSON (``json=<path>``, default ``<run dir>/predictions.json``). Files that cannot be read as images are
+reported (stderr and the JSON's ``errors``) and make the exit status 1; the others are still classified.
 
 ``inputs``: one file, a folder (its files, not recursive), ``inputs=[a.png,b.jpg]``, or a comma-separated
 list in quotes (``"inputs='a.png,b.jpg'"``: Hydra reads an unquoted ``a,b`` as a sweep).
@@ -21,27 +27,41 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
-from .config import MISSING, HardwareConfig
+from .config import MISSING, HardwareConfig, ModelConfig
 from .config import register_configs as register_training_configs
-from .errors import ConfigError, UserError, exit_on_user_error, write_text, writing
-from .evaluate import CHECKPOINT_FIX, load_checkpoint, quiet_libraries, require_checkpoint
+from .errors import ConfigError, UserError, check_positive, exit_on_user_error, write_text, writing
+from .evaluate import CHECKPOINT_FIX, load_checkpoint, quiet_libraries
 from .host_devices import configure_host_devices
 
 log = logging.getLogger("vision_train")
 
 
+WEIGHTS_FIX = ("or weights=<file> model=<preset> for a pretrained classifier (timm .safetensors/.bin, big_vision "
+               ".npz), e.g. weights=vit_b16.safetensors model=vit_b")
+
+
 @dataclass
 class PredictConfig:
-    checkpoint: str = MISSING          # a run dir, its checkpoints/ dir, or one step's dir (default: latest step)
+    checkpoint: Optional[str] = None   # a run dir, its checkpoints/ dir, or one step's dir (default: latest step)
     inputs: Any = MISSING              # a file, a folder, [a.png,b.png], or 'a.png,b.png'
     top_k: int = 5
     json: Optional[str] = None         # where to write the predictions; None: <run dir>/predictions.json
     batch_size: int = 256
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    # Instead of checkpoint=: a pretrained classifier as it is (its own head), and the model preset it fits.
+    weights: Optional[str] = None      # a file (timm .safetensors/.bin, big_vision .npz), hf-hub:<repo id>, or a URL
+    model: Any = None                  # with weights=: model=<preset> (conf/model/), e.g. model=vit_b
+    image_size: int = 224              # with weights=: images are resized to image_size x image_size
+    # with weights=: per channel, in [0, 1] units; 0.5/0.5 (pixels in [-1, 1]) is timm's and big_vision's for
+    # these ViT and Mixer checkpoints (ImageNet-1k fine-tunes of some other families use 0.485,0.456,0.406 /
+    # 0.229,0.224,0.225: see the checkpoint's card)
+    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    class_names: Optional[str] = None  # with weights=: a text file, one class name per line; None: the indices
 
 
 def register_configs() -> None:
@@ -114,6 +134,126 @@ def format_table(rows: list[dict], k: int) -> str:
     return "\n".join([fmt(header)] + [fmt(row) for row in cells])
 
 
+def check_source(checkpoint, weights) -> None:
+    """Exactly one of ``checkpoint=`` and ``weights=`` (one line otherwise)."""
+    given = lambda v: v is not None and v != MISSING and bool(str(v).strip())
+    if given(checkpoint) and given(weights):
+        raise ConfigError("weights", weights, f"give checkpoint= (a run trained here, {checkpoint}) or weights= (a "
+                          f"pretrained classifier), not both")
+    if not given(checkpoint) and not given(weights):
+        raise ConfigError("checkpoint", None, f"{CHECKPOINT_FIX}; {WEIGHTS_FIX}")
+
+
+@dataclass
+class Classifier:
+    """What predict classifies with, from a checkpoint or from pretrained weights."""
+    graphdef: Any
+    params: Any
+    other: Any
+    normalize: Any          # feeds.Normalize
+    shape: tuple            # (H, W, C) the model takes
+    classes: list
+    about: dict             # the JSON's description of the model
+    size_note: str          # what the resize brings images to
+
+
+def _from_checkpoint(pc: PredictConfig, device) -> Classifier:
+    import jax  # (after the command line set XLA_FLAGS)
+    from flax import nnx
+
+    from .train.assembly import compute_dtype
+    from .train.feeds import Normalize
+
+    model, cfg, facts, step, _, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
+    h, w, c = facts["shape"]
+    if c not in (1, 3) or facts["scale"] == 1.0:
+        raise ConfigError("checkpoint", pc.checkpoint,
+                          f"its model was trained on {cfg.data.name} ({h}x{w}x{c} inputs, not 8-bit images); "
+                          f"predict works with image models (trained on 1- or 3-channel image data)")
+    if pc.class_names:
+        raise ConfigError("class_names", pc.class_names, "is for weights=; a checkpoint has its own class names")
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    return Classifier(graphdef, params, other,
+                      Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]), compute_dtype(cfg)),
+                      (h, w, c), list(facts["class_names"]),
+                      {"checkpoint": str(ckpt_dir / str(step)), "step": step, "model": cfg.model.arch,
+                       "trained_on": cfg.data.name}, "the size the model was trained on")
+
+
+def _file_head(source: str) -> tuple[int | None, int]:
+    """The pretrained file's class count (None: it has no head) and input channels, from its arrays."""
+    from .models import pretrained
+
+    raw, container = pretrained.read(pretrained.resolve(source))
+    arrays, _, _ = pretrained._to_ours(raw, container, source)
+    kernel = arrays.get("embed.proj.kernel", arrays.get("stem.proj.kernel"))  # HWIO
+    classes = int(arrays["head.bias"].shape[0]) if "head.bias" in arrays else None
+    return classes, int(kernel.shape[2]) if kernel is not None else 3
+
+
+def _from_weights(pc: PredictConfig, device) -> Classifier:
+    import jax  # (after the command line set XLA_FLAGS)
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from . import models
+    from .models import pretrained
+    from .train.feeds import Normalize
+
+    m = pc.model
+    if not isinstance(m, ModelConfig):
+        raise ConfigError("model", m, "weights= needs the model preset the file fits, e.g. model=vit_b or "
+                          "model=mixer_b (conf/model/; a file that does not fit says which would)")
+    m.check()
+    check_positive("image_size", pc.image_size)
+    try:
+        file_classes, c = _file_head(pc.weights)
+        if file_classes is None:
+            raise ConfigError("weights", pc.weights, "the file has no classifier head (a backbone for fine-tuning): "
+                              "train one with model.init_from=<file>, then predict with checkpoint=<that run>")
+        k = m.num_classes or file_classes
+        names = [str(i) for i in range(k)]
+        if pc.class_names:
+            names = _read_class_names(pc.class_names, k)
+        shape = (pc.image_size, pc.image_size, c)
+        for key in ("mean", "std"):
+            v = list(getattr(pc, key))
+            if len(v) != c or (key == "std" and any(x <= 0 for x in v)):
+                raise ConfigError(key, v, f"give {c} numbers (one per channel of the model's {c}-channel input, in "
+                                  f"[0, 1] units)" + (", each > 0" if key == "std" else ""))
+        pre = pretrained.load(pc.weights, m, input_shape=shape, num_classes=k, reset_head="false")
+    except ConfigError as e:  # the loader names model.init_from, the training key; here it is weights=
+        if e.key == pretrained.KEY:
+            raise ConfigError("weights", e.value, e.fix.replace("data.image_size", "image_size")) from None
+        raise
+    dtype = jnp.bfloat16 if pc.hardware.precision == "bfloat16" else jnp.float32
+    with jax.default_device(device):
+        model = models.build(m, shape, k, rngs=nnx.Rngs(0), dtype=dtype, data=f"the {pc.image_size}x{pc.image_size} "
+                             f"images (image_size)")
+        graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        params = pretrained.merge(params, pre)
+    log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
+             pre.info["head"], pre.info["posemb"])
+    return Classifier(graphdef, params, other, Normalize(1 / 255, tuple(pc.mean), tuple(pc.std), dtype), shape,
+                      names, {"weights": pre.info["path"], "sha256": pre.info["sha256"], "format": pre.info["format"],
+                              "model": m.arch, "mean": list(pc.mean), "std": list(pc.std)},
+                      "the model's input size (image_size)")
+
+
+def _read_class_names(path: str, k: int) -> list[str]:
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError("class_names", path, f"cannot be read ({e.strerror or e}); give a text file with one "
+                          f"class name per line, in the head's order") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) != k:
+        raise ConfigError("class_names", path, f"has {len(lines)} lines, the model's head {k} classes; give one "
+                          f"name per line, in the head's order")
+    return [line.strip() for line in lines]
+
+
 def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     """Classify ``pc.inputs``; print the table; write the JSON. Returns the JSON's content."""
     run_dir = Path(run_dir)
@@ -121,8 +261,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
         raise ConfigError("top_k", pc.top_k, "must be >= 1")
     if pc.batch_size <= 0:
         raise ConfigError("batch_size", pc.batch_size, "must be > 0")
-    if not pc.checkpoint or pc.checkpoint == MISSING:
-        raise ConfigError("checkpoint", pc.checkpoint, CHECKPOINT_FIX)
+    check_source(pc.checkpoint, pc.weights)
     files = expand_inputs(pc.inputs)
     if not files:
         raise ConfigError("inputs", pc.inputs if pc.inputs != MISSING else None,
@@ -131,21 +270,14 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
 
     # JAX starts here, not when this module is imported: the command line sets XLA_FLAGS (hardware.*) first.
     import jax
-    from flax import nnx
 
     from . import parallel
-    from .train.assembly import compute_dtype
-    from .train.feeds import Normalize
     from .train.steps import make_predict
 
     device = parallel.select_devices(pc.hardware.platform, 0)[0]  # one device is plenty
-    model, cfg, facts, step, _, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
-    h, w, c = facts["shape"]
-    classes = list(facts["class_names"])
-    if c not in (1, 3) or facts["scale"] == 1.0:
-        raise ConfigError("checkpoint", pc.checkpoint,
-                          f"its model was trained on {cfg.data.name} ({h}x{w}x{c} inputs, not 8-bit images); "
-                          f"predict works with image models (trained on 1- or 3-channel image data)")
+    source = _from_weights(pc, device) if pc.weights else _from_checkpoint(pc, device)
+    h, w, c = source.shape
+    classes = source.classes
 
     # ---------------------------------------------------------------- read the images
     images, ok, errors, said = [], [], [], set()
@@ -162,17 +294,16 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
                         "grayscale" if c == 1 else "RGB", c, f)
         if info["resized"] and "resize" not in said:
             said.add("resize")
-            log.warning("note: resizing images to %dx%d, the size the model was trained on (first: %s, %dx%d); "
-                        "the aspect ratio is not kept", w, h, f, *info["size"])
+            log.warning("note: resizing images to %dx%d, %s (first: %s, %dx%d); the aspect ratio is not kept",
+                        w, h, source.size_note, f, *info["size"])
         images.append(x)
         ok.append((f, info))
 
     # ---------------------------------------------------------------- classify
     rows = []
     if images:
-        graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        normalize = Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]), compute_dtype(cfg))
-        forward = jax.jit(make_predict(graphdef, normalize))
+        params, other = source.params, source.other
+        forward = jax.jit(make_predict(source.graphdef, source.normalize))
         x = np.stack(images)
         B = min(pc.batch_size, len(x))  # one shape: the last chunk is padded
         probs = []
@@ -191,8 +322,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
         print(format_table(rows, k), flush=True)
 
     # ---------------------------------------------------------------- write
-    out = {"checkpoint": str(ckpt_dir / str(step)), "step": step, "model": cfg.model.arch,
-           "trained_on": cfg.data.name, "input_shape": [h, w, c], "class_names": classes,
+    out = {**source.about, "input_shape": [h, w, c], "class_names": classes,
            "top_k": min(pc.top_k, len(classes)), "predictions": rows, "errors": errors}
     path = Path(pc.json).expanduser() if pc.json else run_dir / "predictions.json"
     with writing(path, "the predictions"):
@@ -232,7 +362,7 @@ def _main():
 
         quiet_libraries()
         with exit_on_user_error(log):
-            require_checkpoint(cfg)
+            check_source(cfg.checkpoint, cfg.weights)
             if OmegaConf.is_missing(cfg, "inputs"):
                 raise UserError("inputs= is missing: give image files or a folder, e.g. inputs=photo.png, "
                                 "inputs=[a.png,b.jpg] or inputs=images/")
