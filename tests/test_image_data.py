@@ -337,6 +337,23 @@ def test_an_image_that_fails_at_read_time_gives_the_next_one_and_one_warning(tmp
         rec[len(rec)]
 
 
+def test_an_image_that_fails_in_the_first_decode_is_left_out_of_the_cache(tmp_path, caplog):
+    write_image_folder(tmp_path, per_class={"train": 4, "test": 2}, classes=("a", "b"))
+    cfg = folder_cfg(tmp_path, max_bad_fraction=0.2)
+    s = files.open_images(cfg)
+    damaged = s.splits["train"].paths[5]
+    Path(damaged).write_bytes(Path(damaged).read_bytes()[:40])  # after the scan
+    caplog.set_level(logging.WARNING, logger="vision_train")
+    ds = files.load_cached(s, cfg)
+    keep = [i for i in range(8) if i != 5]
+    assert ds.train.labels.tolist() == s.splits["train"].labels[keep].tolist()
+    for row, i in enumerate(keep):
+        np.testing.assert_array_equal(ds.train.images[row], s.splits["train"].read(i))
+    assert any("1 of 12 image files" in r.getMessage() and damaged in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"data.max_bad_fraction=0.05: 1 of 12 image files of .*cannot be read"):
+        files.load_cached(s, folder_cfg(tmp_path, max_bad_fraction=0.05))  # (the same cache, a stricter run)
+
+
 def test_plan_follows_cache_and_stream(tmp_path):
     write_image_folder(tmp_path, per_class=3, splits=False)
     s = files.open_images(folder_cfg(tmp_path))
@@ -376,6 +393,18 @@ def test_hf_dataset_from_save_to_disk(tmp_path, monkeypatch):
     plain = files.open_images(hf_cfg(tmp_path / "plain"))
     assert plain.class_names == ("alpha", "zulu")
     assert plain.splits["test"].labels.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_hf_folder_of_data_files(tmp_path, monkeypatch):
+    """data=hf on a folder that is not a save_to_disk one: datasets' own builders read it (here: imagefolder)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    write_image_folder(tmp_path / "pics", per_class={"train": 4, "validation": 2, "test": 2}, classes=("a", "b"))
+    s = files.open_images(hf_cfg(tmp_path / "pics"))
+    assert s.name == "pics" and s.class_names == ("a", "b")
+    assert {k: len(v) for k, v in s.splits.items()} == {"train": 8, "val": 4, "test": 4}
+    assert s.splits["val"][3][0].shape == (8, 8, 3) and s.splits["val"].labels.tolist() == [0, 0, 1, 1]
 
 
 def test_hf_bad_keys_and_splits_are_one_line(tmp_path):

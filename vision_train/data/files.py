@@ -190,7 +190,6 @@ class ImageSet:
     bad: tuple[str, ...] = ()          # "path (why)" of the files the scan left out
     num_files: int = 0                 # image files found (bad ones included)
     workers: int = 0
-    max_bad_fraction: float = 1.0
     scale: float = 1.0 / 255
     _stats: tuple | None = field(default=None, repr=False)
 
@@ -443,8 +442,8 @@ def open_folder(cfg) -> ImageSet:
     every = [f for by_class in listing.values() for found in by_class.values() for f in found]
     cache_root = _cache_root(cfg, root)
     bad = _scan(every, root, cache_root, cfg.workers)
-    check_bad([f"{os.path.relpath(p, root)} ({why})" for p, why in bad.items()], len(every), cfg.max_bad_fraction,
-              where)
+    bad_lines = [f"{os.path.relpath(p, root)} ({why})" for p, why in bad.items()]
+    check_bad(bad_lines, len(every), cfg.max_bad_fraction, where)
 
     splits: dict[str, Records] = {}
     for split, by_class in listing.items():
@@ -462,7 +461,7 @@ def open_folder(cfg) -> ImageSet:
                cfg.split_seed, {s: [(os.path.relpath(p, root), size, t) for c in by_class.values() for p, size, t in c]
                                 for s, by_class in listing.items()})
     return ImageSet(cfg.name or root.name, splits, class_names, (cfg.image_size, cfg.image_size, cfg.channels), key,
-                    cache_root, tuple(bad), len(every), cfg.workers, cfg.max_bad_fraction)
+                    cache_root, tuple(bad_lines), len(every), cfg.workers)
 
 
 # -------------------------------------------------------------------------------- Hugging Face
@@ -564,8 +563,7 @@ def open_hf(cfg) -> ImageSet:
                cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size, cfg.channels, cfg.val_size,
                cfg.test_size, cfg.test_fraction, cfg.split_seed)
     return ImageSet(display, splits, class_names, (cfg.image_size, cfg.image_size, cfg.channels), key,
-                    _cache_root(cfg, None), (), sum(len(r) for r in splits.values()), cfg.workers,
-                    cfg.max_bad_fraction)
+                    _cache_root(cfg, None), (), sum(len(r) for r in splits.values()), cfg.workers)
 
 
 # ----------------------------------------------------------------------------------------- the API
@@ -712,7 +710,7 @@ def load_cached(imageset: ImageSet, cfg) -> sources.Dataset:
     index = json.loads((final / "index.json").read_text())
     failed = index["failed"]
     if failed:  # files the scan passed but PIL could not decode: the bad files together
-        check_bad([*imageset.bad, *failed], max(imageset.num_files, 1), imageset.max_bad_fraction, imageset.name)
+        check_bad([*imageset.bad, *failed], max(imageset.num_files, 1), cfg.max_bad_fraction, imageset.name)
     if cfg.mean is None:  # every training image's statistics (a streamed set's come from a sample)
         imageset._stats = (tuple(index["mean"]), tuple(index["std"]))
     parts = {s: sources.Split(np.load(final / f"{s}.npy", mmap_mode="r"), np.load(final / f"{s}_labels.npy"))
