@@ -389,9 +389,13 @@ def _scan(files: list[tuple[str, int, int]], root: Path, cache_root: Path | None
         if cache_root else None
     if path is not None and path.is_file():
         return {str(root / p): why for p, why in json.loads(path.read_text())["bad"].items()}
-    t0 = time.time()
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(lambda f: check_file(f[0], f[1]), files))
+    t0, reasons = time.time(), []
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            tqdm(total=len(files), unit="file", desc=f"checking {root.name}", leave=False) as bar:
+        for start in range(0, len(files), 4096):  # (blocks: a bounded number of pending futures)
+            block = files[start:start + 4096]
+            reasons += pool.map(lambda f: check_file(f[0], f[1]), block)
+            bar.update(len(block))
     bad = {p: why for (p, _, _), why in zip(files, reasons) if why}
     log.info("checked %d files under %s (%.1f s)", len(files), root, time.time() - t0)
     if path is not None:
