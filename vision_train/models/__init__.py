@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from ..errors import ConfigError, check_choice, check_positive
 
@@ -35,6 +35,10 @@ class Freezable:
         object.__setattr__(self, name, value)
 
 
+RESET_HEAD = ("auto", "true", "false")
+GELU = ("tanh", "exact")  # jax.nn.gelu's tanh approximation (Flax, big_vision) | erf (timm, PyTorch)
+
+
 def valid_patch_sizes(h: int, w: int) -> list[int]:
     return [p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]
 
@@ -45,18 +49,31 @@ class ModelConfig(Freezable):
     """The keys every model has. An architecture's schema adds its own, and its checks."""
     arch: str = MISSING                # which architecture (ARCHITECTURES), i.e. which module here
     num_classes: Optional[int] = None  # None: as many as the data set has
+    # Pretrained weights (models/pretrained.py): a local file (timm .safetensors/.bin, big_vision .npz),
+    # hf-hub:<repo id>[/<file>] or an https URL; read into a new run before step 1 (a resume restores its own).
+    init_from: Optional[str] = None
+    reset_head: str = "auto"           # auto: a new head when the class count differs | true | false
+    # Only these architectures have weight mappings (models/pretrained.py).
+    loads_pretrained: ClassVar[bool] = False
 
     def check(self) -> None:
         """Impossible values, each a ``ConfigError`` naming the key, the value and the fix."""
         if self.num_classes is not None:
             check_positive("model.num_classes", self.num_classes)
+        check_choice("model.reset_head", str(self.reset_head).lower(), RESET_HEAD)
+        if self.init_from is not None and not self.loads_pretrained:
+            loadable = [a for a, s in ARCHITECTURES.items() if s.loads_pretrained]
+            raise ConfigError("model.init_from", self.init_from,
+                              f"model={self.arch} cannot load pretrained weights; use one of the "
+                              f"{'/'.join(loadable)} presets (e.g. model=vit_b) or leave model.init_from unset")
 
     def check_input(self, shape: tuple[int, int, int], data: str) -> None:
         """Values impossible for images of ``shape`` (H, W, C) of the data set named ``data``."""
 
     def kwargs(self) -> dict:
         """The architecture's keys as ``Model``'s keyword arguments (lists as tuples)."""
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("arch", "num_classes")}
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ("arch", "num_classes", "init_from", "reset_head")}
         return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
 
 
@@ -109,10 +126,15 @@ class MixerConfig(_Patches, ModelConfig):
     hidden_dim: int = 192
     tokens_mlp_dim: int = 96
     channels_mlp_dim: int = 768
+    gelu: str = "tanh"               # tanh | exact (timm's checkpoints)
+    layer_norm_eps: float = 1e-6
+    loads_pretrained: ClassVar[bool] = True
 
     def check(self) -> None:
         super().check()
-        _all_positive(self, "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim")
+        _all_positive(self, "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim",
+                      "layer_norm_eps")
+        check_choice("model.gelu", self.gelu, GELU)
 
 
 @dataclass
@@ -128,11 +150,21 @@ class ViTConfig(_Patches, ModelConfig):
     attention_dropout: float = 0.0
     stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
     pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
+    # What pretrained checkpoints need (the defaults compute what seed 004 did):
+    gelu: str = "tanh"               # tanh | exact (timm's checkpoints; big_vision's use tanh)
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    fc_norm: bool = False            # the final LayerNorm after pooling, not before (timm's global_pool='avg')
+    representation_size: Optional[int] = None  # a Dense+tanh before the head (big_vision's pre_logits)
+    loads_pretrained: ClassVar[bool] = True
 
     def check(self) -> None:
         super().check()
-        _all_positive(self, "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+        _all_positive(self, "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "layer_norm_eps")
         check_choice("model.classifier", self.classifier, ("token", "gap"))
+        check_choice("model.gelu", self.gelu, GELU)
+        if self.representation_size is not None:
+            check_positive("model.representation_size", self.representation_size)
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.num_heads", self.num_heads, f"must divide model.hidden_size={self.hidden_size}")
         for name in ("dropout", "attention_dropout", "stochastic_depth"):

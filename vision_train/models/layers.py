@@ -33,14 +33,18 @@ class PatchEmbed(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """Dense -> GELU -> (dropout) -> Dense -> (dropout)."""
+    """Dense -> GELU -> (dropout) -> Dense -> (dropout). ``gelu``: "tanh" (jax.nn.gelu's default approximation,
+    as Flax and big_vision) or "exact" (erf, as PyTorch and timm)."""
 
-    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, dtype, rngs: nnx.Rngs,
+    def __init__(self, dim: int, hidden: int, *, dropout: float = 0.0, gelu: str = "tanh", dtype, rngs: nnx.Rngs,
                  kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()):
         self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         self.drop = nnx.Dropout(dropout, rngs=rngs)
+        if gelu not in ("tanh", "exact"):
+            raise ValueError(f"gelu must be 'tanh' or 'exact', got {gelu!r}")
+        self.approximate = gelu == "tanh"
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = self.drop(jax.nn.gelu(self.fc1(x)), deterministic=not train)
+        x = self.drop(jax.nn.gelu(self.fc1(x), approximate=self.approximate), deterministic=not train)
         return self.drop(self.fc2(x), deterministic=not train)

@@ -17,11 +17,11 @@ from .layers import Mlp, PatchEmbed, check_patch_size
 
 class MixerBlock(nnx.Module):
     def __init__(self, num_tokens: int, dim: int, tokens_mlp_dim: int, channels_mlp_dim: int, *,
-                 dtype, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.token_mixing = Mlp(num_tokens, tokens_mlp_dim, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.channel_mixing = Mlp(dim, channels_mlp_dim, dtype=dtype, rngs=rngs)
+                 gelu: str, eps: float, dtype, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.token_mixing = Mlp(num_tokens, tokens_mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.channel_mixing = Mlp(dim, channels_mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:  # x: (B, tokens, dim)
         y = jnp.swapaxes(self.norm1(x), 1, 2)          # (B, dim, tokens): the MLP runs across tokens
@@ -32,16 +32,17 @@ class MixerBlock(nnx.Module):
 class Model(nnx.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int,
                  num_blocks: int, hidden_dim: int, tokens_mlp_dim: int,
-                 channels_mlp_dim: int, dtype=jnp.float32, rngs: nnx.Rngs):
+                 channels_mlp_dim: int, gelu: str, layer_norm_eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
         h, w, c = input_shape
         check_patch_size((h, w), patch_size)
         num_tokens = (h // patch_size) * (w // patch_size)
         self.stem = PatchEmbed(c, hidden_dim, patch_size, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([
-            MixerBlock(num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, dtype=dtype, rngs=rngs)
+            MixerBlock(num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu=gelu, eps=layer_norm_eps,
+                       dtype=dtype, rngs=rngs)
             for _ in range(num_blocks)
         ])
-        self.norm = nnx.LayerNorm(hidden_dim, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden_dim, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
         # Zero-initialised head, as in the paper's code (and seed 000).
         self.head = nnx.Linear(hidden_dim, num_classes, dtype=dtype,
                                kernel_init=nnx.initializers.zeros_init(), rngs=rngs)

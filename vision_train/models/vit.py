@@ -1,7 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021), as in seed 004 (after Scenic's ViT).
 
 Pre-LN encoder blocks, learned 1-D position embedding, class token or global average pooling,
-dropout, optional stochastic depth (per example, growing linearly with depth). Attention goes through
+dropout, optional stochastic depth (per example, growing linearly with depth). The options pretrained
+checkpoints need (``gelu``, ``qkv_bias``, ``layer_norm_eps``, ``fc_norm``, ``representation_size``) make it
+compute what timm's ``VisionTransformer`` and big_vision's ViT compute (models/pretrained.py). Attention goes through
 ``jax.nn.dot_product_attention`` (XLA on CPU, cuDNN where it applies). Seed 004 never passed
 ``train=True`` to its model, so its dropout never ran; here it does.
 """
@@ -20,11 +22,12 @@ _xavier = nnx.initializers.xavier_uniform()
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, *, dropout: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, dropout: float, qkv_bias: bool = True, dtype, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+        # Output features [q | k | v], each head-major: timm's qkv and big_vision's query/key/value alike.
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, kernel_init=_xavier, rngs=rngs)
         self.out = nnx.Linear(dim, dim, dtype=dtype, kernel_init=_xavier, rngs=rngs)
         self.drop = nnx.Dropout(dropout, rngs=rngs)
         self.dropout = dropout
@@ -45,11 +48,12 @@ class Attention(nnx.Module):
 
 class EncoderBlock(nnx.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, dropout: float, attention_dropout: float,
-                 drop_path: float, dtype, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.attn = Attention(dim, num_heads, dropout=attention_dropout, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(dim, mlp_dim, dropout=dropout, dtype=dtype, kernel_init=_xavier,
+                 drop_path: float, gelu: str = "tanh", qkv_bias: bool = True, eps: float = 1e-6, dtype,
+                 rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, dropout=attention_dropout, qkv_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(dim, mlp_dim, dropout=dropout, gelu=gelu, dtype=dtype, kernel_init=_xavier,
                        bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
         self.drop = nnx.Dropout(dropout, rngs=rngs)
         # Stochastic depth: dropout whose mask is shared over tokens and features = drop whole examples.
@@ -66,8 +70,9 @@ class Model(nnx.Module):
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int,
                  hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int,
                  classifier: str, dropout: float, attention_dropout: float,
-                 stochastic_depth: float, pad_tokens_to_multiple: int, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 stochastic_depth: float, pad_tokens_to_multiple: int, gelu: str = "tanh", qkv_bias: bool = True,
+                 layer_norm_eps: float = 1e-6, fc_norm: bool = False, representation_size: int | None = None,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         h, w, c = input_shape
         check_patch_size((h, w), patch_size)
         if classifier not in ("token", "gap"):
@@ -83,11 +88,18 @@ class Model(nnx.Module):
         self.drop = nnx.Dropout(dropout, rngs=rngs)
         self.blocks = nnx.List([
             EncoderBlock(hidden_size, num_heads, mlp_dim, dropout=dropout, attention_dropout=attention_dropout,
-                         drop_path=stochastic_depth * i / max(num_layers - 1, 1), dtype=dtype, rngs=rngs)
+                         drop_path=stochastic_depth * i / max(num_layers - 1, 1), gelu=gelu, qkv_bias=qkv_bias,
+                         eps=layer_norm_eps, dtype=dtype, rngs=rngs)
             for i in range(num_layers)
         ])
-        self.norm = nnx.LayerNorm(hidden_size, dtype=dtype, rngs=rngs)
-        self.head = nnx.Linear(hidden_size, num_classes, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.fc_norm = fc_norm  # (the norm after pooling: for the class token the same numbers, per token)
+        features = hidden_size
+        if representation_size:
+            self.pre_logits = nnx.Linear(hidden_size, representation_size, dtype=dtype, rngs=rngs)
+            features = representation_size
+        self.representation_size = representation_size
+        self.head = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -102,6 +114,11 @@ class Model(nnx.Module):
             mask = (jnp.arange(self.seq_len) < self.num_tokens)[None, None, None, :]  # keys only
         for block in self.blocks:
             x = block(x, mask, train=train)
-        x = self.norm(x)
+        if not self.fc_norm:
+            x = self.norm(x)
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x[:, : self.num_tokens], axis=1)
+        if self.fc_norm:
+            x = self.norm(x)
+        if self.representation_size:
+            x = jnp.tanh(self.pre_logits(x))
         return self.head(x)
