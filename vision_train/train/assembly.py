@@ -27,6 +27,7 @@ from .. import config as config_lib
 from .. import models, parallel, records
 from ..data import pipeline, sources
 from ..errors import ConfigError, writing
+from ..models import pretrained
 from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
 from . import state as state_lib
@@ -169,6 +170,23 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
 
     graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
     state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
+
+    # ---------------------------------------------------------------- pretrained weights
+    # Into a new run only: a resume restores the tuned weights (and must not need the file again).
+    pretrained_info = None
+    resuming = t.resume not in ("auto", "never") or (
+        t.resume == "auto" and t.checkpoint and (run_dir / "checkpoints").is_dir()
+        and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()))
+    if cfg.model.init_from and not resuming:
+        t_load = time.time()
+        pre = pretrained.load(cfg.model.init_from, cfg.model, input_shape=ds.shape,
+                              num_classes=cfg.model.num_classes or ds.num_classes, reset_head=cfg.model.reset_head)
+        state = state.replace(params=pretrained.merge(state.params, pre),
+                              ema=None if state.ema is None else pretrained.merge(state.ema, pre))
+        pretrained_info = pre.info
+        log.info("model.init_from: %s (%s, sha256 %s) | head %s | position embeddings %s | %.1f s",
+                 pre.info["path"], pre.info["format"], pre.info["sha256"][:12], pre.info["head"],
+                 pre.info["posemb"], time.time() - t_load)
     n_params = state_lib.param_count(state.params)
     tx = state_lib.make_optimizer(o, lr_shape=shape, params=state.params)
     if multipliers := state_lib.describe_multipliers(o, state.params):  # optimizer.lr_mults, layer_decay
@@ -235,10 +253,12 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     # ---------------------------------------------------------------- tracking
     resolved = config_lib.to_dict(cfg)
     if is_main:
-        _write_yaml(run_dir / "config.yaml", resolved)
+        _write_yaml(run_dir / "config.yaml", resolved, _pretrained_note(pretrained_info))
     run_meta = run_metadata(run_dir, devices, n_params) if is_main else {}
     if parent:
         run_meta["parent"] = parent
+    if pretrained_info:
+        run_meta["init_from"] = pretrained_info
     resume = ({"step": start_step, "rows": meta.get("loop", {}).get("rows") if own else None,
                "sinks": Tracker.resume_from_meta(meta) if own else None} if source is not None else None)
     tracker = Tracker(run_dir, {**resolved, "meta": run_meta}, cfg.logger, is_main=is_main,
@@ -300,8 +320,16 @@ def _set_aside_after(run_dir: Path, ckpt_dir: Path, step: int) -> None:
              step, ", ".join(p.name for p in later), dest)
 
 
-def _write_yaml(path: Path, data: dict) -> None:
+def _pretrained_note(info: dict | None) -> str:
+    """config.yaml's record of the weights a run started from, as comments (the config itself is compared
+    with a re-run's, which has no such keys)."""
+    if not info:
+        return ""
+    return "".join(f"# model.init_from {k}: {v}\n" for k, v in info.items())
+
+
+def _write_yaml(path: Path, data: dict, header: str = "") -> None:
     import yaml  # (PyYAML: a dependency of Hydra's OmegaConf, installed with it)
 
     with writing(path, "the run's config"):  # (a full disk: one line)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.write_text(header + yaml.safe_dump(data, sort_keys=False))
