@@ -208,6 +208,32 @@ def test_the_folder_preset_composes_and_names_the_set_after_its_folder(tmp_path)
         compose(["data=hf", "model=cnn"])
 
 
+def test_links_and_unreadable_folders(tmp_path, monkeypatch):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=3, classes=("cat", "dog"), splits=False)
+    (root / "cat" / "again").symlink_to(root)  # a link back up: not followed (it would never end)
+    (root / "dog" / "more").symlink_to(tmp_path / "more")  # a link elsewhere: followed
+    write_image_folder(tmp_path / "more", per_class=2, classes=("x",), splits=False)
+    (root / "dog" / "gone.png").symlink_to(root / "nowhere.png")  # a dangling link: an unreadable image
+    s = files.open_images(folder_cfg(root, max_bad_fraction=0.5))
+    assert sum(len(r) for r in s.splits.values()) == 3 + 3 + 2
+    assert s.bad == ("dog/gone.png (a link to nothing)",)
+
+    (root / "dog" / "locked").mkdir()
+    real = os.scandir
+
+    def denied(path="."):  # (as a folder without read permission; the tests run as root, who reads it anyway)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(DataError) as info:
+        files.open_images(folder_cfg(root, max_bad_fraction=0.5))
+    assert str(info.value) == (f"data.root='{root}': cannot read {root / 'dog' / 'locked'} (Permission denied); "
+                               f"make it readable or move it out of the folder")
+
+
 # -------------------------------------------------------------------------------------------- cache
 def cache_dirs(root: Path) -> list[str]:
     d = root / ".vision_train_cache"

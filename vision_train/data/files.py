@@ -345,20 +345,27 @@ def _subdirs(folder: Path) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and _visible(e.name))
 
 
-def _walk(folder: Path, ignored: list[str]) -> list[tuple[str, int, int]]:
+def _walk(folder: Path, ignored: list[str], seen: frozenset = frozenset()) -> list[tuple[str, int, int]]:
     """Image files under ``folder`` (recursively, sorted, hidden ones skipped) as (path, size, mtime_ns);
-    other files are appended to ``ignored``."""
+    other files (and links back to a folder above) are appended to ``ignored``."""
     found = []
+    seen = seen | {os.path.realpath(folder)}
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         if not _visible(e.name):
             ignored.append(e.path)
         elif e.is_dir():
-            found += _walk(Path(e.path), ignored)
+            if os.path.realpath(e.path) in seen:
+                ignored.append(e.path)
+            else:
+                found += _walk(Path(e.path), ignored, seen)
         elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-            st = e.stat()
-            found.append((e.path, st.st_size, st.st_mtime_ns))
+            try:
+                st = e.stat()
+                found.append((e.path, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:  # a dangling link
+                found.append((e.path, -1, 0))
         else:
             ignored.append(e.path)
     return found
@@ -367,6 +374,8 @@ def _walk(folder: Path, ignored: list[str]) -> list[tuple[str, int, int]]:
 def check_file(path: str, size: int) -> str | None:
     """Why ``path`` is not a readable image (empty, not an image, truncated), or None. Reads the header and,
     for JPEG and PNG, the file's end (a truncated one lacks its end marker): no decoding."""
+    if size < 0:
+        return "a link to nothing"
     if size == 0:
         return "empty file"
     try:
@@ -404,6 +413,16 @@ def _scan(files: list[tuple[str, int, int]], root: Path, cache_root: Path | None
 
 
 def open_folder(cfg) -> ImageSet:
+    try:
+        return _open_folder(cfg)
+    except OSError as e:  # a folder or file that cannot be listed or read (permissions, a broken disk)
+        if e.filename is None:
+            raise
+        raise DataError(f"data.root={cfg.root!r}: cannot read {e.filename} ({e.strerror}); make it readable or "
+                        f"move it out of the folder") from None
+
+
+def _open_folder(cfg) -> ImageSet:
     given = cfg.root
     root = Path(os.path.expanduser(given)).absolute()
     if not root.is_dir():
@@ -426,7 +445,7 @@ def open_folder(cfg) -> ImageSet:
             raise DataError(f"{where}: {folder} {what}; {EXAMPLE_TREE}")
         with os.scandir(folder) as it:
             ignored += [e.path for e in it if not e.is_dir()]
-        listing[split] = {c: _walk(folder / c, ignored) for c in classes}
+        listing[split] = {c: _walk(folder / c, ignored, frozenset({os.path.realpath(folder)})) for c in classes}
     class_names = tuple(listing["train"])
     for split, by_class in listing.items():
         unknown = [c for c in by_class if c not in class_names]
