@@ -247,11 +247,13 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_
     (key,) = cache_dirs(tmp_path)
     index = json.loads((tmp_path / ".vision_train_cache" / key / "index.json").read_text())
     assert index["class_names"] == ["cat", "dog", "fox"] and index["splits"] == {"train": 7, "val": 2, "test": 3}
+    assert index["bad"] == [] and index["failed"] == [] and len(index["mean"]) == 3
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image although the cache holds them")
 
     monkeypatch.setattr(files, "decode", no_decoding)
+    monkeypatch.setattr(files, "check_file", no_decoding)  # the scan's result is kept too
     caplog.set_level(logging.INFO, logger="vision_train")
     second = sources.load(cfg)
     assert any("reading the decoded images" in r.getMessage() and key in r.getMessage() for r in caplog.records)

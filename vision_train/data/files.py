@@ -385,10 +385,14 @@ def check_file(path: str, size: int) -> str | None:
         return "not an image" if isinstance(e, Image.UnidentifiedImageError) else _reason(e)
     marker = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
     if marker is not None:
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 4096))
-            if marker not in f.read():
-                return "truncated"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, size - 4096))
+                tail = f.read()
+        except OSError as e:
+            return _reason(e)
+        if marker not in tail:
+            return "truncated"
     return None
 
 
@@ -705,7 +709,7 @@ def _decode_all(imageset: ImageSet, final: Path) -> None:
             acc.add(np.asarray(train[start:start + 4096]))
         mean, std = acc.result()
         index.update(name=imageset.name, class_names=list(imageset.class_names), shape=[S, S, C], mean=mean, std=std,
-                     failed=failed, key=imageset.key, format=CACHE_FORMAT)
+                     bad=list(imageset.bad), failed=failed, key=imageset.key, format=CACHE_FORMAT)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         try:
             os.rename(tmp, final)
