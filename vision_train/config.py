@@ -294,15 +294,11 @@ def validate(cfg: Config) -> Config:
         _positive("data.num_classes", d.num_classes)
     if d.kind == "builtin" and d.name in ("synthetic", "toy") and d.num_examples < 10:
         raise ConfigError("data.num_examples", d.num_examples, "must be >= 10 (train and test splits need examples)")
-    if d.kind == "image_folder" and not str(d.root).strip():
-        raise ConfigError("data.root", d.root, "give the folder of your images, e.g. data.root=~/pets holding "
-                          "train/<class>/<image> (optional val/ and test/), or <class>/<image> to be split")
-    if d.kind == "image_folder" and not str(d.name).strip():  # the display name: the root folder's own name
+    # (data.root / an hf data.name left empty by the presets is said when the data are opened: the presets
+    # compose without them)
+    if d.kind == "image_folder" and not str(d.name).strip() and str(d.root).strip():  # the root folder's own name
         parts = [p for p in str(d.root).replace("\\", "/").split("/") if p not in ("", ".", "~")]
         d.name = parts[-1] if parts else "images"
-    if d.kind == "hf" and not str(d.name).strip():
-        raise ConfigError("data.name", d.name, "give a Hugging Face dataset id (e.g. data.name=beans) or the path of "
-                          "a dataset saved with save_to_disk")
     _positive("data.image_size", d.image_size)
     _choice("data.channels", d.channels, (1, 3))
     _positive("data.test_size", d.test_size, allow_zero=True)

@@ -428,6 +428,9 @@ def open_folder(cfg) -> ImageSet:
 
 def _open_folder(cfg) -> ImageSet:
     given = cfg.root
+    if not str(given).strip():
+        raise ConfigError("data.root", given, "give the folder of your images, e.g. data.root=~/pets holding "
+                          "train/<class>/<image> (optional val/ and test/), or <class>/<image> to be split")
     root = Path(os.path.expanduser(given)).absolute()
     if not root.is_dir():
         raise DataError(f"data.root={given!r}: no such folder ({root}); {EXAMPLE_TREE}")
@@ -508,6 +511,9 @@ def _hf_load(cfg):
     import datasets  # (about a second to import; only data.kind=hf needs it)
 
     name = cfg.name
+    if not str(name).strip():
+        raise ConfigError("data.name", name, "give a Hugging Face dataset id (e.g. data.name=beans) or the path of a "
+                          "dataset saved with save_to_disk")
     path = Path(os.path.expanduser(name))
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
