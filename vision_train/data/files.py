@@ -20,6 +20,7 @@ way leaves nothing a later run trusts.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -97,7 +98,7 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class Records:
+class Records(abc.ABC):
     """One split: ``records[i] -> (uint8 image (S, S, C), int32 label)``; ``labels`` without decoding.
 
     An image that fails to decode here (a truncated file that passed the scan) does not stop a run: the next
@@ -111,12 +112,13 @@ class Records:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def name(self, i: int) -> str:
-        raise NotImplementedError
+        """Example ``i``'s file (or row), for messages."""
 
+    @abc.abstractmethod
     def read(self, i: int) -> np.ndarray:
         """Example ``i``'s image; raises when it cannot be decoded."""
-        raise NotImplementedError
 
     def __getitem__(self, i):
         n = len(self)
@@ -135,8 +137,9 @@ class Records:
                                 name, _reason(e))
         raise DataError(f"none of the {n} images of this split can be decoded")
 
+    @abc.abstractmethod
     def subset(self, rows: np.ndarray) -> Records:
-        raise NotImplementedError
+        """The examples at ``rows``, in that order."""
 
 
 class FileRecords(Records):
