@@ -162,13 +162,27 @@ def test_multipliers_that_fit_no_parameter_are_one_line_before_compiling(tmp_pat
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-# ------------------------------------------------------------------------------------------ resume
-def test_a_run_with_multipliers_resumed_after_a_crash_ends_with_the_uninterrupted_records(tmp_path, monkeypatch,
-                                                                                          caplog):
-    job = [*DIGITS_VIT, "optimizer=sgd", "optimizer.lr=0.05", "optimizer.grad_clip_norm=1.0", "trainer.epochs=2",
-           "optimizer.layer_decay=0.7", r"+optimizer.lr_mults={pos_embed:0,head\..*:2}",
-           "trainer.checkpoint_every_steps=10", "trainer.log_every_steps=5", "trainer.keep_checkpoints=10"]
-    full = train(compose(job), tmp_path / "full")
+# ------------------------------------------------------------------------------------------ fine-tune
+def test_fine_tune_from_a_timm_file_learns_and_resumes_exactly_after_a_crash(tmp_path, monkeypatch, caplog):
+    """digits (8x8x1) from a tiny timm ViT written in timm's format (5 classes: the head is re-initialised for 10),
+    its patch embedding frozen, layer-wise decay on the rest; then the same run crashed after its step-10
+    checkpoint and started again: it resumes (not from the file) and ends with the uninterrupted run's records."""
+    module = timm_vit_file(tmp_path / "vit.safetensors", img=8, patch=4, in_chans=1, classes=5, scale=0.05)
+    job = [*FAST, *TIMM_VIT, f"model.init_from={tmp_path / 'vit.safetensors'}", "data=digits", "trainer.batch_size=64",
+           "optimizer=adam", "optimizer.lr=1e-2", "optimizer.grad_clip_norm=1.0", "optimizer.layer_decay=0.75",
+           r"+optimizer.lr_mults={embed\..*:0}", "trainer.epochs=3", "trainer.checkpoint_every_steps=10",
+           "trainer.log_every_steps=5", "trainer.keep_checkpoints=10"]
+    with caplog.at_level("INFO", logger="vision_train"):
+        full = train(compose(job), tmp_path / "full")
+    assert "head reset (5 -> 10 classes)" in caplog.text
+    assert full["test/acc"] > 0.6, full  # chance: 0.1 (0.775 when written)
+
+    # The frozen patch embedding is the file's, bit for bit (timm's OIHW kernel as our HWIO).
+    tuned = state_lib.param_paths(ckpt_lib.load_for_inference(tmp_path / "full")["params"])
+    sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    np.testing.assert_array_equal(np.asarray(tuned["embed.proj.kernel"]), sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(tuned["embed.proj.bias"]), sd["patch_embed.proj.bias"])
+    assert not np.allclose(np.asarray(tuned["blocks.0.attn.qkv.kernel"]), sd["blocks.0.attn.qkv.weight"].T)
 
     after_step = Hooks.after_step
 
@@ -181,9 +195,11 @@ def test_a_run_with_multipliers_resumed_after_a_crash_ends_with_the_uninterrupte
     with pytest.raises(RuntimeError, match="went away"):
         train(compose(job), tmp_path / "run")
     monkeypatch.setattr(Hooks, "after_step", after_step)
+    (tmp_path / "vit.safetensors").unlink()  # a resume reads its own checkpoint, not the file
+    caplog.clear()
     with caplog.at_level("INFO", logger="vision_train"):
         resumed = train(compose(job), tmp_path / "run")
-    assert "at step 10" in caplog.text
+    assert "at step 10" in caplog.text and "model.init_from:" not in caplog.text
     assert records(tmp_path / "run") == records(tmp_path / "full")
     assert resumed["test/acc"] == full["test/acc"]
     a, b = (ckpt_lib.load_for_inference(tmp_path / d)["params"] for d in ("full", "run"))
@@ -209,7 +225,7 @@ def test_finetune_presets_follow_the_vision_transformer_recipe(name, arch, size,
 
 
 # ------------------------------------------------------------------------------------------ predict weights=
-def timm_vit_file(path, *, img=16, patch=4, dim=16, depth=2, heads=2, classes=7, seed=0):
+def timm_vit_file(path, *, img=16, patch=4, in_chans=3, dim=16, depth=2, heads=2, classes=7, seed=0, scale=0.3):
     """A tiny timm ViT, every parameter perturbed (no output trivially uniform), saved in timm's own format."""
     from safetensors.torch import save_file
 
@@ -219,12 +235,12 @@ def timm_vit_file(path, *, img=16, patch=4, dim=16, depth=2, heads=2, classes=7,
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    module = VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                               num_classes=classes)
+    module = VisionTransformer(img_size=img, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
+                               num_heads=heads, num_classes=classes)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for t in module.parameters():
-            t.add_(torch.randn(t.shape, generator=g) * 0.3)
+            t.add_(torch.randn(t.shape, generator=g) * scale)
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
     return module.eval()
 
