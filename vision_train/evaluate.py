@@ -124,12 +124,11 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     from flax import nnx
 
     from . import parallel
-    from .data import sources
     from .tracking import Tracker, media, run_metadata
     from .train import evaluation
     from .train import steps as steps_lib
     from .train.assembly import compute_dtype
-    from .train.feeds import DeviceFeed, Normalize
+    from .train.feeds import Normalize, load_data, make_feed
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +171,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
                     node, src = node[p], src[p]
                 node[parts[-1]] = src[parts[-1]]
     data_cfg = config_lib.from_dict({**train_dict, "data": data_dict}).data  # validated
-    ds = sources.load(data_cfg)
+    ds, streamed = load_data(data_cfg)
     trained_on = train_cfg.data.name
     shape, classes = tuple(facts["shape"]), tuple(facts["class_names"])
     if ds.shape != shape or tuple(ds.class_names) != classes:
@@ -195,9 +194,9 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     if B != ec.batch_size:
         log.info("batch_size=%d rounded up to %d: a multiple of the %d devices", ec.batch_size, B, nd)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    feed = DeviceFeed(ds, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
-                      normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
-                                          compute_dtype(train_cfg)))
+    feed = make_feed(ds, streamed, data_cfg, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
+                     normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
+                                         compute_dtype(train_cfg)))
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=train_cfg.optimizer.label_smoothing),
                         out_shardings=replicated)

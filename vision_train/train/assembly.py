@@ -32,7 +32,7 @@ from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
 from . import state as state_lib
 from . import steps as steps_lib
-from .feeds import DeviceFeed, Normalize
+from .feeds import DeviceFeed, Normalize, StreamFeed, load_data, make_feed
 
 log = logging.getLogger("vision_train")
 
@@ -66,7 +66,7 @@ class Run:
     mesh: Any
     is_main: bool
     ds: sources.Dataset
-    feed: DeviceFeed
+    feed: DeviceFeed | StreamFeed
     graphdef: Any
     state: Any                 # TrainState (replicated)
     acc: dict                  # the train step's running sums (on the device)
@@ -102,7 +102,8 @@ class Run:
     def checkpoint_meta(self, step: int) -> dict:
         return {"config": self.resolved, **self.tracker.resume_state(), "param_shapes": self.shapes, "step": step,
                 "data": self.data_facts(), "versions": self.tracker.versions,
-                "best_metric": self.cfg.trainer.best_metric, "loop": self.loop.to_meta()}
+                "best_metric": self.cfg.trainer.best_metric, "loop": self.loop.to_meta(),
+                **({"feed": self.feed.state()} if isinstance(self.feed, StreamFeed) else {})}
 
 
 def check_run_dir(cfg, run_dir: Path) -> None:
@@ -136,7 +137,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     is_main = jax.process_index() == 0
 
     # ---------------------------------------------------------------- data
-    ds = sources.load(cfg.data)
+    ds, streamed = load_data(cfg.data)
     B = t.batch_size
     if len(ds.train.labels) < B:
         raise ConfigError("trainer.batch_size", B,
@@ -147,8 +148,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     if aug.enabled and ds.train.images.dtype != np.uint8:
         raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
     dtype = compute_dtype(cfg)
-    feed = DeviceFeed(ds, batch_size=B, seed=t.seed, aug=aug, normalize=Normalize(ds.scale, ds.mean, ds.std, dtype),
-                      mesh=mesh)
+    feed = make_feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
+                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype))
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
 
@@ -240,6 +241,10 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
                       **Tracker.parent_ids(meta)}
             meta = {"loop": meta.get("loop", {})}
     start_step = int(jax.device_get(state.step))
+    saved_feed = meta.get("feed") or {}
+    if saved_feed.get("next_step") not in (None, start_step):  # (a streamed run's pipeline position)
+        raise ckpt_lib.CheckpointError(f"checkpoint at step {start_step} records its input pipeline at step "
+                                       f"{saved_feed['next_step']}; it is inconsistent, resume from another step")
     loop = LoopState.from_meta(meta.get("loop"))
     if own and start_step == total_steps and (run_dir / "summary.json").exists():
         done = json.loads((run_dir / "summary.json").read_text())

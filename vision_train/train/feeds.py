@@ -9,21 +9,35 @@ function of (seed, epoch), so resuming at step s needs no other state.
 
 ``DeviceFeed``: the data sets live on every device as uint8; a step gathers its batch by index from the
 epoch's permutation, augments and normalises it, all inside jit; an evaluation is one scan over a whole
-split (padding masked). A streamed feed (data larger than memory) implements the same methods.
+split (padding masked).
+
+``StreamFeed``: data larger than memory. Grain reads each host's rows of every step's batch from a
+random-access source (files decoded on demand, or a memory-mapped array) in worker processes, ahead of
+the step; the global batch is assembled from the hosts' rows (``jax.make_array_from_process_local_data``),
+and augmentation and normalisation run inside jit exactly as for ``DeviceFeed``. Each element is a pure
+function of its step (``data.stream``), so the pipeline's position is its state.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .. import parallel
 from ..data import pipeline
+from ..data import stream as host
 from ..data.sources import Dataset, Split
+
+log = logging.getLogger("vision_train")
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,8 @@ class Feed(Protocol):
     def eval_args(self, split: str) -> Iterator[tuple]: ...
     def eval_batches(self, args: tuple) -> tuple: ...
     def eval_batch(self, fixed, item) -> tuple: ...
+    def valid(self, split: str) -> np.ndarray: ...
+    def close(self) -> None: ...
 
 
 class DeviceFeed:
@@ -61,7 +77,7 @@ class DeviceFeed:
         self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in the seeds
         self.sharding = self._replicated = parallel.replicated(mesh)
         self._batch = parallel.batch_sharded(mesh)
-        put = lambda x: parallel.put_replicated(x, self._replicated)  # noqa: E731
+        put = lambda x: parallel.put_replicated(x, self._replicated)
         self._train = (put(ds.train.images), put(ds.train.labels)) if train else None
         every = {"train": ds.train, "val": ds.val, "test": ds.test}
         self.splits = {name: every[name] for name in eval_splits if every[name] is not None and len(every[name].labels)}
@@ -103,3 +119,163 @@ class DeviceFeed:
     def valid(self, split: str) -> np.ndarray:
         """Which of the eval step's predictions (flattened, padding included) are real examples."""
         return np.asarray(self._eval[split][3]).reshape(-1)
+
+    def close(self) -> None:
+        pass
+
+
+class StreamFeed:
+    """Batches read on the host, ahead of the step, by Grain (``data.workers`` processes), each host its own
+    rows; evaluation batches in chunks of ``eval_chunk`` batches per scan. The same jitted step as
+    ``DeviceFeed`` after the gather: ``train_batch`` augments and normalises the uint8 batch it is given.
+
+    ``ds``'s splits may hold their images as any array-like indexable by index arrays (``data.stream``):
+    they are pickled to the worker processes, so give large ones as files (``NpyImages``, ``LazyImages``)."""
+
+    def __init__(self, ds: Dataset, *, batch_size: int, normalize: Normalize, mesh, seed: int = 0,
+                 aug: pipeline.Augment = pipeline.Augment(), eval_batch_size: int | None = None, train: bool = True,
+                 eval_splits: tuple[str, ...] = ("val", "test"), workers: int = 2, prefetch: int = 4,
+                 eval_chunk: int = 8):
+        self.ds, self.batch_size, self.seed, self.aug, self.normalize = ds, batch_size, seed, aug, normalize
+        self.workers, self.prefetch = workers, max(1, prefetch)
+        self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in-memory
+        self.sharding = parallel.replicated(mesh)
+        self._batch = parallel.batch_sharded(mesh)
+        self._chunk_sharding = NamedSharding(mesh, P(None, "data"))
+        pc, pi = jax.process_count(), jax.process_index()
+        self._train = (host.TrainBatches(ds.train.images, ds.train.labels, seed=seed, batch_size=batch_size,
+                                         steps_per_epoch=self.steps_per_epoch, rows=host.host_rows(batch_size, pi, pc))
+                       if train else None)
+        every = {"train": ds.train, "val": ds.val, "test": ds.test}
+        self.splits = {name: every[name] for name in eval_splits if every[name] is not None and len(every[name].labels)}
+        eb = eval_batch_size or batch_size
+        self._eval = {name: host.EvalBatches(split.images, split.labels, batch_size=eb, rows=host.host_rows(eb, pi, pc))
+                      for name, split in self.splits.items()}
+        self._chunk = {name: min(eval_chunk, e.num_batches) for name, e in self._eval.items()}
+        self._it, self._next, self._last = None, None, None
+
+    # ------------------------------------------------------------------ training
+    def _open(self, step: int) -> None:
+        """The pipeline from step ``step`` on: a pure function of the step, so this is also how a resumed run
+        continues exactly where the checkpoint was taken."""
+        grain = _grain()
+        self.close()
+        ds = grain.MapDataset.range(step, 2**62).map(self._train)  # (lazy: elements are made when read)
+        if self.workers > 0:  # each worker reads whole batches, ahead; results come back in step order
+            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.workers,
+                                             per_worker_buffer_size=max(1, math.ceil(self.prefetch / self.workers))),
+                worker_init_fn=host.WorkerInit())
+        else:  # in this process, one thread reading ahead
+            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch))
+        self._it, self._next = iter(it), step
+
+    def train_args(self, step: int) -> tuple:
+        """Step ``step``'s batch on the devices: (images uint8, labels), each host's rows read by its pipeline."""
+        if self._last is not None and self._last[0] == step:  # (asked twice: the epoch's start, then its step)
+            return self._last[1]
+        if self._it is None or self._next != step:
+            self._open(step)
+        item = next(self._it)
+        if int(item["step"]) != step:  # cannot happen unless the pipeline is wrong: never train on another batch
+            raise RuntimeError(f"the input pipeline gave step {int(item['step'])}'s batch for step {step}")
+        self._next = step + 1
+        # Copied out of the worker's shared memory (freed when its array is dropped: a device array on the CPU
+        # may alias host memory it is given, and must not alias memory that is about to be unmapped).
+        images, labels = np.array(item["images"]), np.array(item["labels"])
+        del item
+        args = (self._global(images, self._batch), self._global(labels, self._batch))
+        self._last = (step, args)
+        return args
+
+    def _global(self, local: np.ndarray, sharding) -> jax.Array:
+        """This host's rows -> the global array (every host contributes its rows; no host holds the whole)."""
+        return jax.make_array_from_process_local_data(sharding, local)
+
+    def train_batch(self, args: tuple, key):
+        images, labels = args
+        return self.normalize(pipeline.augment(images, key, self.aug)), labels
+
+    def state(self) -> dict:
+        """The pipeline's position (for a checkpoint's metadata): the next step it reads."""
+        return {"next_step": self._next}
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_args(self, split: str) -> Iterator[tuple]:
+        """Chunks of ``eval_chunk`` batches (the last padded with empty batches, so one program serves every
+        chunk), read by threads of this process ahead of the scan."""
+        grain = _grain()
+        ev, k = self._eval[split], self._chunk[split]
+        ds = grain.MapDataset.range(ev.num_batches).map(ev)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, self.workers), prefetch_buffer_size=2 * k))
+        batches = []
+        for b in it:
+            batches.append(b)
+            if len(batches) == k:
+                yield self._eval_chunk(batches)
+                batches = []
+        if batches:
+            empty = {**batches[0], "mask": np.zeros_like(batches[0]["mask"])}
+            yield self._eval_chunk(batches + [empty] * (k - len(batches)))
+
+    def _eval_chunk(self, batches: list[dict]) -> tuple:
+        return tuple(self._global(np.stack([b[key] for b in batches]), self._chunk_sharding)
+                     for key in ("images", "labels", "mask"))
+
+    def eval_batches(self, args: tuple):
+        return (), args
+
+    def eval_batch(self, fixed, item):
+        images, labels, mask = item
+        images = jax.lax.with_sharding_constraint(images, self._batch)
+        return self.normalize(images), labels, mask
+
+    def valid(self, split: str) -> np.ndarray:
+        ev, k = self._eval[split], self._chunk[split]
+        n_batches = math.ceil(ev.num_batches / k) * k
+        return np.arange(n_batches * ev.batch_size) < len(ev.labels)
+
+    def close(self) -> None:
+        """Stops the worker processes (also at garbage collection; this makes it prompt)."""
+        it, self._it, self._last = self._it, None, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+def _grain():
+    """Grain (imported on the streamed path only). Its worker processes read its absl flags, which a program
+    that does not start through ``absl.app`` never parses: take their defaults."""
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+def load_data(d) -> tuple[Dataset, bool]:
+    """The data set of ``d`` (a DataConfig) and whether it streams (``data.stream``, ``data.cache``): built-in
+    sets are in memory (streamed from there with data.stream=true); your own images are decoded once into a
+    cache when they fit, else streamed from their files (``vision_train.data.files``)."""
+    from ..data import sources
+
+    stream = str(d.stream).lower()
+    if d.kind == "builtin":
+        return sources.load(d), stream == "true"
+    from ..data import files  # (your own images: PIL, Hugging Face datasets)
+
+    images = files.open_images(d)
+    if files.plan(d, images) == "cache":
+        return files.load_cached(images, d), False
+    split = lambda records: None if records is None else Split(  # noqa: E731
+        host.LazyImages(records, tuple(images.shape)), np.asarray(records.labels, np.int32))
+    return Dataset(images.name, split(images.splits["train"]), split(images.splits.get("val")),
+                   split(images.splits["test"]), tuple(images.class_names), tuple(images.mean), tuple(images.std),
+                   images.scale), True
+
+
+def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
+    """The feed for ``ds``: ``StreamFeed`` (with ``d``'s workers and prefetch) or ``DeviceFeed``."""
+    if streamed:
+        return StreamFeed(ds, workers=d.workers, prefetch=d.prefetch, **kwargs)
+    return DeviceFeed(ds, **kwargs)

@@ -258,6 +258,7 @@ class Hooks:
         self.stop.restore()
         if self.bar is not None:
             self.bar.close()
+        self.run.feed.close()  # (a streamed feed's worker processes)
         try:
             if self.run.checkpointer is not None:
                 self.run.checkpointer.close()  # waits for a save in flight (its failure, e.g. a full disk, is raised here)

@@ -1,0 +1,161 @@
+"""The host side of the streamed feed (DESIGN.md, decision 3): what Grain's worker processes run.
+
+No JAX here: Grain starts its workers with ``spawn`` and unpickles these objects in them, so this module
+must stay cheap to import (numpy only; the images' own reader, e.g. PIL, comes with the split it reads).
+
+Every element is a pure function of its step. ``TrainBatches(step)`` is this host's rows of step ``step``'s
+global batch: the epoch's order (``epoch_order(seed, epoch, n)``, the same in every process and every
+worker) sliced at the step's position. ``EvalBatches(b)`` is this host's rows of evaluation batch ``b``,
+padded past the end with a mask. So the pipeline's position is its whole state: a run resumed at step s
+builds its pipeline from s and reads exactly what the uninterrupted run read, whatever the number of
+workers or hosts.
+
+A split's ``images`` is anything indexable by an array of indices: an in-memory or memory-mapped uint8
+array, ``NpyImages`` (a ``.npy`` file opened in each process), or ``LazyImages`` over random-access records
+(decoded from files on demand).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The training order of ``epoch``: a permutation of 0..n-1 that is a pure function of (seed, epoch).
+
+    Philox's raw output is stable across numpy versions (``Generator`` methods are not promised to be),
+    so the order is too: random 64-bit keys, sorted (stably)."""
+    keys = np.random.Philox(key=[seed & 0xFFFFFFFFFFFFFFFF, epoch]).random_raw(n)
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def host_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The rows of a global batch this host reads (its devices' rows: contiguous, in process order)."""
+    per = batch_size // process_count
+    return process_index * per, (process_index + 1) * per
+
+
+def take(images, idx: np.ndarray) -> np.ndarray:
+    """``images[idx]`` read in ascending index order (sequential reads of a memory-mapped file), returned
+    in ``idx``'s order."""
+    order = np.argsort(idx, kind="stable")
+    out = np.empty((len(idx), *images.shape[1:]), images.dtype)
+    out[order] = images[idx[order]]
+    return out
+
+
+class TrainBatches:
+    """``step -> {"step", "images", "labels"}``: this host's rows of the step's global batch (uint8 as stored;
+    augmentation and normalisation run inside the jitted step, as for the device-resident feed)."""
+
+    def __init__(self, images, labels: np.ndarray, *, seed: int, batch_size: int, steps_per_epoch: int,
+                 rows: tuple[int, int]):
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.seed, self.batch_size, self.steps_per_epoch, self.rows = seed, batch_size, steps_per_epoch, rows
+        self._epoch, self._order = None, None
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, index = divmod(int(step), self.steps_per_epoch)
+        if epoch != self._epoch:  # once per epoch in each process
+            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, len(self.labels))
+        lo, hi = self.rows
+        return self._order[index * self.batch_size + lo: index * self.batch_size + hi]
+
+    def __call__(self, step: int) -> dict:
+        idx = self.indices(step)
+        return {"step": np.int64(step), "images": take(self.images, idx), "labels": self.labels[idx]}
+
+
+class EvalBatches:
+    """``b -> {"images", "labels", "mask"}``: this host's rows of evaluation batch ``b`` of a split of ``n``
+    examples, in order; rows past the end repeat example 0 with mask False (they count nowhere)."""
+
+    def __init__(self, images, labels: np.ndarray, *, batch_size: int, rows: tuple[int, int]):
+        self.images, self.labels, self.batch_size, self.rows = images, np.asarray(labels, np.int32), batch_size, rows
+
+    @property
+    def num_batches(self) -> int:
+        return max(1, math.ceil(len(self.labels) / self.batch_size))
+
+    def positions(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.rows
+        pos = np.arange(b * self.batch_size + lo, b * self.batch_size + hi)
+        mask = pos < len(self.labels)
+        return np.where(mask, pos, 0), mask
+
+    def __call__(self, b: int) -> dict:
+        idx, mask = self.positions(b)
+        return {"images": take(self.images, idx), "labels": self.labels[idx], "mask": mask}
+
+
+class NpyImages:
+    """A ``.npy`` file of uint8 images, memory-mapped in each process that reads it (pickles as its path,
+    not its contents, so worker processes do not receive a copy of the data)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self._array = None
+        self.shape, self.dtype = self._open().shape, self._open().dtype
+
+    def _open(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self._open()[idx])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+class LazyImages:
+    """Images decoded on demand from random-access ``records`` (``len``, ``records[i] -> (image, label)``,
+    images of one shape): indexable like an array (an int, a slice or an array of indices)."""
+
+    def __init__(self, records: Any, shape: tuple[int, ...], dtype=np.uint8):
+        self.records = records
+        self.shape, self.dtype = (len(records), *shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return np.asarray(self.records[int(idx)][0], self.dtype)
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx).reshape(-1)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        for j, i in enumerate(idx):
+            out[j] = self.records[int(i)][0]
+        return out
+
+
+class WorkerInit:
+    """Run first in every worker process. Ctrl-C reaches the whole process group: the training process
+    stops the run and then its workers, so the workers ignore it (no traceback from them). And a worker
+    must not outlive a training process killed with -9 (Grain's own shutdown covers the other exits): a
+    thread of the worker checks every second that its parent is alive. (The kernel's PR_SET_PDEATHSIG
+    would be prompter, but it fires when the parent's *thread* that started the worker ends.)"""
+
+    def __init__(self):
+        self.parent = os.getpid()
+
+    def __call__(self, *args) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a group-wide SIGTERM: the parent stops them)
+        threading.Thread(target=self._watch, name="parent-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while os.getppid() == self.parent:
+            time.sleep(1.0)
+        os._exit(0)
