@@ -138,6 +138,22 @@ def test_layer_decay_and_lr_mults_multiply():
     assert mults["pos_embed"] == 0.0
 
 
+def test_weight_decay_follows_the_multiplier():
+    """AdamW's decoupled decay is part of the update the multiplier scales: at x0.5 the whole step is half."""
+    params = nnx.state(tiny_vit(), nnx.Param)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def step(lr_mults):
+        o = OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5, lr_mults=lr_mults)
+        tx = state_lib.make_optimizer(o, lr_shape=optax.constant_schedule(1.0), params=params)
+        return state_lib.param_paths(jax.jit(tx.update)(grads, tx.init(params), params)[0])
+
+    base, half = step({}), step({r"blocks\.0\..*": 0.5})
+    for path, u in half.items():
+        np.testing.assert_allclose(np.asarray(u), np.asarray(base[path]) * (0.5 if path.startswith("blocks.0.") else 1),
+                                   rtol=1e-6, err_msg=path)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("override, key, fix", [
     (r"+optimizer.lr_mults={head\.\[:1}", "optimizer.lr_mults", "not a regular expression"),
