@@ -96,7 +96,7 @@ def lr_multipliers(o, params) -> dict[str, float]:
 
 def describe_multipliers(o, params) -> str | None:
     """One line for the run's log: what ``optimizer.lr_mults`` / ``layer_decay`` do to this model (None: nothing).
-    E.g. "lr_mults: 12 arrays frozen (1,204,224 params), 4 at x0.1 (38,400 params), 2 at x1 (7,690 params)"."""
+    E.g. "optimizer.lr_mults: 30 arrays frozen (4,848 params), 2 arrays at x1 (170 params)"."""
     if not o.lr_mults and o.layer_decay == 1.0:
         return None
     mults, arrays = lr_multipliers(o, params), param_paths(params)
