@@ -277,5 +277,8 @@ def load_data(d) -> tuple[Dataset, bool]:
 def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
     """The feed for ``ds``: ``StreamFeed`` (with ``d``'s workers and prefetch) or ``DeviceFeed``."""
     if streamed:
+        log.info("streaming %s from %s: %s read batches ahead (data.workers=%d, data.prefetch=%d)", ds.name,
+                 "memory" if d.kind == "builtin" else "its files",
+                 f"{d.workers} worker processes" if d.workers else "a thread of this process", d.workers, d.prefetch)
         return StreamFeed(ds, workers=d.workers, prefetch=d.prefetch, **kwargs)
     return DeviceFeed(ds, **kwargs)
