@@ -151,6 +151,9 @@ class HardwareConfig(_Freezable):
     # programs were compiled before (same model, shapes, devices, flags, versions) skips XLA compilation.
     # auto: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/vision_train/jax; null: off; or a directory.
     compilation_cache: Optional[str] = "auto"
+    # Peak dense TFLOP/s of one device in the compute dtype, for perf/mfu; null: the device kind's from a table
+    # (vision_train.perf.PEAK_TFLOPS), or no MFU where the kind is unknown (e.g. CPUs).
+    peak_tflops: Optional[float] = None
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -175,6 +178,9 @@ class TrainerConfig(_Freezable):
     checkpoint: bool = True            # false: no checkpoints at all
     resume: str = "auto"               # auto (latest in this run dir) | never | <run dir or checkpoint dir>
     objective: str = "auto"            # what a run returns to a sweep (Optuna optimises it): auto or OBJECTIVES
+    # [first, last] (1-based steps, inclusive): a JAX profiler trace of those steps in <run dir>/profile
+    # (Perfetto / TensorBoard), uploaded to W&B as an artifact; null: off
+    profile_steps: Optional[List[int]] = None
 
 
 # -------------------------------------------------------------------------------------- logger
