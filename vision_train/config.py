@@ -359,6 +359,8 @@ def validate(cfg: Config) -> Config:
     _choice("hardware.platform", h.platform, ("auto", "cpu", "gpu", "tpu"))
     _choice("hardware.precision", h.precision, ("float32", "bfloat16"))
     _positive("hardware.num_devices", h.num_devices, allow_zero=True)
+    if h.peak_tflops is not None:
+        _positive("hardware.peak_tflops", h.peak_tflops)
 
     if not -2**31 <= t.seed < 2**31:
         raise ConfigError("trainer.seed", t.seed, "must fit in 32 bits: use a value in [-2147483648, 2147483647]")
@@ -383,6 +385,12 @@ def validate(cfg: Config) -> Config:
                           f"metrics of the epoch line) or null (no best checkpoint)")
     _choice("trainer.best_mode", t.best_mode, ("auto", "max", "min"))
     _choice("trainer.objective", t.objective, ("auto", *OBJECTIVES))
+    if t.profile_steps is not None:
+        steps = list(t.profile_steps)
+        if len(steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps) \
+                or not 1 <= steps[0] <= steps[1]:
+            raise ConfigError("trainer.profile_steps", steps, "give [first, last]: two steps (1-based, inclusive) with "
+                              "1 <= first <= last, e.g. [10,20]; null turns profiling off")
     if o.warmup_epochs > t.epochs:
         raise ConfigError("optimizer.warmup_epochs", o.warmup_epochs, f"must be <= trainer.epochs={t.epochs}")
 
