@@ -1,5 +1,6 @@
 """Every model: logits of the right shape for every data shape, in both modes and precisions."""
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -25,6 +26,13 @@ TINY = {
     "vit": ViTConfig(patch_size=2, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, stochastic_depth=0.1),
     "vit_gap_padded": ViTConfig(patch_size=2, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32,
                                 classifier="gap", pad_tokens_to_multiple=8, attention_dropout=0.1),
+    # The options pretrained checkpoints need (models/pretrained.py): exact GELU, no qkv bias, the norm after
+    # pooling, a pre-logits layer, another epsilon.
+    "vit_checkpoint_options": ViTConfig(patch_size=2, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                                        classifier="gap", gelu="exact", qkv_bias=False, fc_norm=True,
+                                        representation_size=8, layer_norm_eps=1e-5),
+    "mixer_exact_gelu": MixerConfig(patch_size=2, num_blocks=1, hidden_dim=16, tokens_mlp_dim=8, channels_mlp_dim=32,
+                                    gelu="exact"),
 }
 SHAPES = {"cifar": (32, 32, 3), "mnist": (28, 28, 1), "digits": (8, 8, 1), "wide": (16, 24, 3)}
 
@@ -103,7 +111,8 @@ def test_mixer_mixes_tokens():
 
 
 @pytest.mark.parametrize("preset,params", [("vit", 811_146), ("mixer", 2_484_426), ("cnn", 1_070_794),
-                                           ("mixer_small", None), ("vit_s", None), ("vit_b", None), ("mixer_b", None)])
+                                           ("mixer_small", None), ("vit_ti", None), ("vit_s", None), ("vit_b", None),
+                                           ("mixer_b", None)])
 def test_presets_build_on_cifar(preset, params):
     """The seed sizes give the seeds' parameter counts on CIFAR-10; the standard sizes build with patch 4."""
     cfg = compose([f"model={preset}", "model.patch_size=4"] if preset not in ("cnn",) else [f"model={preset}"]).model
@@ -133,10 +142,37 @@ def test_every_registered_architecture_has_a_model_taking_exactly_its_config_key
     (ViTConfig(patch_size=5), "model.patch_size=5: does not divide the 8x8 digits images; use one of [1, 2, 4, 8]"),
     (MixerConfig(patch_size=3), "model.patch_size=3: does not divide the 8x8 digits images"),
     (CNNConfig(num_classes=5), "model.num_classes=5: digits has 10 classes; set model.num_classes=10"),
-    (CNNConfig(features=[4, 4, 4, 4]), "model=cnn='digits': the cnn halves the image 4 times, so it needs images of "
-                                       "at least 16x16, got 8x8"),
+    (CNNConfig(features=[4, 4, 4, 4]), ("model=cnn='digits': the cnn halves the image 4 times, so it needs images of "
+                                       "at least 16x16, got 8x8")),
 ])
 def test_a_config_that_cannot_fit_the_data_is_one_config_error_naming_the_key(cfg, message):
     with pytest.raises(ConfigError) as e:
         nnx.eval_shape(lambda: models.build(cfg, (8, 8, 1), 10, rngs=nnx.Rngs(0), dtype=jnp.float32, data="digits"))
     assert message in str(e.value)
+
+
+def test_the_checkpoint_options_change_what_the_model_computes_as_their_names_say():
+    """gelu=exact is erf GELU; qkv_bias=false drops the bias; fc_norm moves the final norm after pooling (for
+    the class token the same numbers: LayerNorm is per token); representation_size adds a tanh layer."""
+    base = ViTConfig(patch_size=2, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, dropout=0.0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 1)), jnp.float32)
+
+    def run(cfg, params=None):
+        model = build(cfg, (8, 8, 1))
+        graphdef, state = nnx.split(model)
+        if params is not None:
+            state = nnx.State.merge(state, params)
+        return np.asarray(nnx.merge(graphdef, state)(x, train=False)), nnx.state(model, nnx.Param)
+
+    y, params = run(base)
+    exact, _ = run(dataclasses.replace(base, gelu="exact"), params)
+    assert 0 < np.abs(exact - y).max() < 1e-2  # a small, real difference
+    token_fc, _ = run(dataclasses.replace(base, fc_norm=True), params)
+    np.testing.assert_allclose(token_fc, y, atol=1e-6)
+    gap, gap_params = run(dataclasses.replace(base, classifier="gap"))
+    gap_fc, _ = run(dataclasses.replace(base, classifier="gap", fc_norm=True), gap_params)
+    assert np.abs(gap_fc - gap).max() > 1e-3
+    _, no_bias = run(dataclasses.replace(base, qkv_bias=False))
+    assert "bias" not in no_bias["blocks"][0]["attn"]["qkv"]
+    _, rep = run(dataclasses.replace(base, representation_size=8))
+    assert rep["pre_logits"]["kernel"].value.shape == (16, 8) and rep["head"]["kernel"].value.shape == (8, 10)

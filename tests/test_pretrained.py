@@ -110,6 +110,16 @@ def test_timm_vit_without_qkv_bias_from_a_torch_bin(tmp_path):
     assert pre.info["format"] == "timm ViT (torch)"
 
 
+def test_a_bfloat16_file_loads_as_float32(tmp_path):
+    module = timm_vit()
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()},
+              str(tmp_path / "bf16.safetensors"))
+    pre = pretrained.load(str(tmp_path / "bf16.safetensors"), VIT, input_shape=(IMG, IMG, 3), num_classes=10)
+    want = module.blocks[1].mlp.fc2.weight.detach().to(torch.bfloat16).float().numpy().T
+    got = pre.params["blocks"][1]["mlp"]["fc2"]["kernel"]
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
 def test_timm_mixer_computes_timms_logits(tmp_path):
     module = timm_mixer()
     pre = logits_match(MIXER, module, save(module, tmp_path / "mixer.safetensors"))

@@ -181,7 +181,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     if cfg.model.init_from and not resuming:
         t_load = time.time()
         pre = pretrained.load(cfg.model.init_from, cfg.model, input_shape=ds.shape,
-                              num_classes=cfg.model.num_classes or ds.num_classes, reset_head=cfg.model.reset_head)
+                              num_classes=cfg.model.num_classes or ds.num_classes, reset_head=cfg.model.reset_head,
+                              like=state.params)
         state = state.replace(params=pretrained.merge(state.params, pre),
                               ema=None if state.ema is None else pretrained.merge(state.ema, pre))
         pretrained_info = pre.info
