@@ -355,6 +355,39 @@ def test_an_unreachable_hub_id_or_url_is_one_line_saying_how_to_fetch_it(tmp_pat
     assert not list((tmp_path / "cache" / "vision_train" / "weights").iterdir())  # nothing half-written kept
 
 
+def test_an_https_url_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+    """The real download code against a local server (http: the same code path as https): the file lands in
+    ~/.cache/vision_train/weights whole, and the next load reads it from there without the server."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "served").mkdir()
+    path = save(timm_vit(), tmp_path / "served" / "vit.safetensors")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    url = f"http://127.0.0.1:{server.server_address[1]}/vit.safetensors"
+    try:
+        pre = pretrained.load(url, VIT, input_shape=(IMG, IMG, 3), num_classes=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = list((tmp_path / "cache" / "vision_train" / "weights").iterdir())
+    assert [p.name.endswith("-vit.safetensors") for p in cached] == [True]
+    assert pre.info["sha256"] == pretrained.sha256(path) == pretrained.sha256(cached[0])
+    again = pretrained.load(url, VIT, input_shape=(IMG, IMG, 3), num_classes=10)  # (the server is gone)
+    assert again.info["path"] == str(cached[0].resolve()) and again.info["source"] == url
+
+
+def test_describe_says_what_a_file_holds(tmp_path):
+    info = pretrained.describe(save(timm_vit(qkv_bias=False), tmp_path / "vit.safetensors"))
+    assert info["arch"] == "vit" and info["num_classes"] == 10 and info["in_channels"] == 3
+    assert info["keys"] == {"patch_size": PATCH, "hidden_size": DIM, "num_layers": DEPTH, "mlp_dim": 4 * DIM,
+                            "classifier": "token", "qkv_bias": False}
+
+
 # ------------------------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("preset,timm_name", [("vit_ti", "vit_tiny_patch16_224"), ("vit_s", "vit_small_patch16_224"),
                                               ("vit_b", "vit_base_patch16_224"), ("mixer_b", "mixer_b16_224")])

@@ -449,6 +449,18 @@ def _posemb(ours: dict, model_cfg, input_shape, source: str) -> str:
     return done
 
 
+def describe(source: str) -> dict:
+    """What a weights file holds, from its arrays alone: {path, format, arch, num_classes (None: no head),
+    in_channels, keys: the ``model.*`` keys it determines}. E.g. to build a model that keeps its head."""
+    path = resolve(source)
+    raw, container = read(path)
+    ours, arch, fmt = _to_ours(raw, container, source)
+    kernel = ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"]  # HWIO
+    return {"path": str(path), "format": fmt, "arch": arch,
+            "num_classes": int(ours["head.bias"].shape[0]) if "head.bias" in ours else None,
+            "in_channels": int(kernel.shape[2]), "keys": file_keys(ours, arch)}
+
+
 def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="auto", like=None) -> Pretrained:
     """Read the weights ``source`` names for the model ``model_cfg`` builds on images of ``input_shape``
     (H, W, C) with ``num_classes`` outputs. ``reset_head``: "auto" (leave the head out, to be initialised
