@@ -293,6 +293,16 @@ def test_another_patch_size_says_resampling_patches_is_not_supported(tmp_path):
              "not supported")(e)
 
 
+def test_the_norm_after_pooling_must_match_model_fc_norm(tmp_path):
+    """Pooling before or after the final norm uses the same names: the file's fc_norm decides, in one line."""
+    path = save(timm_vit(global_pool="avg", class_token=False), tmp_path / "gap.safetensors")
+    one_line("model.init_from", "comes after pooling, model.fc_norm=false", "model.fc_norm=true")(
+        load_error(path, cfg=dataclasses.replace(VIT, classifier="gap")))
+    path = save(timm_vit(global_pool="avg"), tmp_path / "gap_cls.safetensors")
+    one_line("model.init_from", "class token", "not supported")(
+        load_error(path, cfg=dataclasses.replace(VIT, classifier="gap", fc_norm=True)))
+
+
 def test_a_head_with_fewer_classes_than_the_data_needs_reset_head(tmp_path):
     path = save(timm_vit(), tmp_path / "vit.safetensors")
     one_line("model.reset_head", "10 classes, fewer than the 20", "model.reset_head=auto")(
@@ -385,7 +395,7 @@ def test_describe_says_what_a_file_holds(tmp_path):
     info = pretrained.describe(save(timm_vit(qkv_bias=False), tmp_path / "vit.safetensors"))
     assert info["arch"] == "vit" and info["num_classes"] == 10 and info["in_channels"] == 3
     assert info["keys"] == {"patch_size": PATCH, "hidden_size": DIM, "num_layers": DEPTH, "mlp_dim": 4 * DIM,
-                            "classifier": "token", "qkv_bias": False}
+                            "classifier": "token", "qkv_bias": False, "fc_norm": False}
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -227,7 +227,8 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------- layouts -> ours
 def _timm(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """timm's names/layouts -> this package's dotted parameter paths (ViT and Mixer alike)."""
-    renames = [("patch_embed.", "embed."), (".attn.proj.", ".attn.out."), ("fc_norm.", "norm."), ("cls_token", "cls"),
+    # (fc_norm, the norm after pooling, keeps its name: the model's is ``norm`` with model.fc_norm=true)
+    renames = [("patch_embed.", "embed."), (".attn.proj.", ".attn.out."), ("cls_token", "cls"),
                ("pre_logits.fc.", "pre_logits."), (".mlp_tokens.", ".token_mixing."),
                (".mlp_channels.", ".channel_mixing.")]
     out = {}
@@ -354,6 +355,7 @@ def file_keys(ours: dict[str, np.ndarray], arch: str) -> dict:
             keys["mlp_dim"] = int(ours["blocks.0.mlp.fc1.kernel"].shape[-1])
         keys["classifier"] = "token" if "cls" in ours else "gap"
         keys["qkv_bias"] = "blocks.0.attn.qkv.bias" in ours
+        keys["fc_norm"] = "fc_norm.scale" in ours
         if "pre_logits.kernel" in ours:
             keys["representation_size"] = int(ours["pre_logits.kernel"].shape[-1])
         return keys
@@ -371,7 +373,8 @@ def _what_fits(keys: dict, arch: str, cfg, flax_gelu: bool) -> str:
     sizes = ((keys.get("hidden_size"), keys.get("num_layers"), keys.get("mlp_dim")) if arch == "vit" else
              (keys.get("hidden_dim"), keys.get("num_blocks"), keys.get("channels_mlp_dim")))
     preset = PRESETS.get((arch, *sizes))
-    plain = arch == "mixer" or (keys["classifier"] == "token" and keys["qkv_bias"] and "representation_size" not in keys)
+    plain = arch == "mixer" or (keys["classifier"] == "token" and keys["qkv_bias"] and not keys["fc_norm"]
+                                and "representation_size" not in keys)
     gelu = " model.gelu=tanh" if flax_gelu else ""
     if preset and plain and (cfg.arch != arch or any(getattr(cfg, k, None) != v for k, v in keys.items())):
         return f"model={preset}" + ("" if keys["patch_size"] == 16 else f" model.patch_size={keys['patch_size']}") + gelu
@@ -486,6 +489,16 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
         raise ConfigError(KEY, source, f"the file's patches are {keys['patch_size']}x{keys['patch_size']} but "
                           f"model.patch_size={model_cfg.patch_size}; set model.patch_size={keys['patch_size']} "
                           f"(resampling patch kernels is not supported) and size the images to fit (data.image_size)")
+    if arch == "vit" and keys["fc_norm"]:
+        if keys["classifier"] == "token":
+            raise ConfigError(KEY, source, "the file normalises after pooling and has a class token (timm's "
+                              "global_pool='avg' with class_token=True, e.g. MAE/BEiT fine-tunes): average pooling "
+                              "beside a class token is not supported here")
+        ours = {("norm." + k.split(".", 1)[1] if k.startswith("fc_norm.") else k): v for k, v in ours.items()}
+    if arch == "vit" and keys["fc_norm"] != model_cfg.fc_norm:  # (the same names either way: said here)
+        raise ConfigError(KEY, source, f"the file's final norm comes {'after' if keys['fc_norm'] else 'before'} "
+                          f"pooling, model.fc_norm={_yaml(model_cfg.fc_norm)}; it fits "
+                          f"{_what_fits(keys, arch, model_cfg, flax_gelu and model_cfg.gelu != 'tanh')}")
     want = (expected_params(model_cfg, input_shape, num_classes) if like is None else
             _flatten(like.to_pure_dict() if hasattr(like, "to_pure_dict") else like))
 
