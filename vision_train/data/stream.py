@@ -42,13 +42,17 @@ def host_rows(batch_size: int, process_index: int, process_count: int) -> tuple[
     return process_index * per, (process_index + 1) * per
 
 
-def take(images, idx: np.ndarray) -> np.ndarray:
-    """``images[idx]`` read in ascending index order (sequential reads of a memory-mapped file), returned
-    in ``idx``'s order."""
+def take(images, labels: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(images[idx], labels[idx])`` read in ascending index order (sequential reads of a memory-mapped
+    file), returned in ``idx``'s order. Records that put the next readable example in the place of one they
+    cannot decode (``LazyImages``) give that example's label with its image, never the damaged one's."""
     order = np.argsort(idx, kind="stable")
-    out = np.empty((len(idx), *images.shape[1:]), images.dtype)
-    out[order] = images[idx[order]]
-    return out
+    out, out_labels = np.empty((len(idx), *images.shape[1:]), images.dtype), np.empty(len(idx), labels.dtype)
+    if isinstance(images, LazyImages):
+        out[order], out_labels[order] = images.pairs(idx[order])
+    else:
+        out[order], out_labels[order] = images[idx[order]], labels[idx[order]]
+    return out, out_labels
 
 
 class TrainBatches:
@@ -69,8 +73,8 @@ class TrainBatches:
         return self._order[index * self.batch_size + lo: index * self.batch_size + hi]
 
     def __call__(self, step: int) -> dict:
-        idx = self.indices(step)
-        return {"step": np.int64(step), "images": take(self.images, idx), "labels": self.labels[idx]}
+        images, labels = take(self.images, self.labels, self.indices(step))
+        return {"step": np.int64(step), "images": images, "labels": labels}
 
 
 class EvalBatches:
@@ -92,7 +96,8 @@ class EvalBatches:
 
     def __call__(self, b: int) -> dict:
         idx, mask = self.positions(b)
-        return {"images": take(self.images, idx), "labels": self.labels[idx], "mask": mask}
+        images, labels = take(self.images, self.labels, idx)
+        return {"images": images, "labels": labels, "mask": mask}
 
 
 class NpyImages:
@@ -134,10 +139,14 @@ class LazyImages:
         if isinstance(idx, (int, np.integer)):
             return np.asarray(self.records[int(idx)][0], self.dtype)
         idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx).reshape(-1)
-        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        return self.pairs(idx)[0]
+
+    def pairs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images at ``idx`` and the labels the records give with them."""
+        out, labels = np.empty((len(idx), *self.shape[1:]), self.dtype), np.empty(len(idx), np.int32)
         for j, i in enumerate(idx):
-            out[j] = self.records[int(i)][0]
-        return out
+            out[j], labels[j] = self.records[int(i)]
+        return out, labels
 
 
 class WorkerInit:
