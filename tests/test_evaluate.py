@@ -186,3 +186,31 @@ def test_predict_on_image_files(trained, tmp_path):
     # The printed table says the same as the JSON.
     line = next(x for x in r.stdout.splitlines() if x.startswith(str(folder / "00_label")))
     assert f"{got[0]['top_k'][0]['class']} {got[0]['top_k'][0]['prob']:.3f}" in line
+
+
+@pytest.mark.slow  # (about 40 s: a training run and two commands)
+def test_a_built_in_set_at_another_size_trains_evaluates_and_predicts_at_that_size(tmp_path):
+    """data.image_size on a built-in set (CIFAR-10 at 224 for a pretrained ViT): the 8x8 digits stay 8x8 in memory
+    and are resampled to 16x16 inside the steps; the model, the checkpoint's data facts, evaluation (which
+    reproduces the run's test accuracy) and prediction of image files all work at 16x16."""
+    from PIL import Image
+
+    from vision_train.train.loop import train
+
+    run_dir = tmp_path / "run"
+    summary = train(compose([*TRAIN, "trainer.epochs=2", "data.image_size=16", "model.features=[8,16,16]",
+                             "logger.mode=disabled"]), run_dir)
+    assert summary["test/acc"] > 0.3  # (10 classes: it learns)
+    from vision_train.checkpoint import load_for_inference
+
+    assert load_for_inference(run_dir)["meta"]["data"]["shape"] == [16, 16, 1]
+    ev = tmp_path / "eval"
+    r = run_module("vision_train.evaluate", [f"checkpoint={run_dir}", "hardware=cpu", "logger.mode=disabled",
+                                             f"hydra.run.dir={ev}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((ev / "eval.json").read_text())["test/acc"] == summary["test/acc"]
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "one.png")
+    r = run_module("vision_train.predict", [f"checkpoint={run_dir}", f"inputs={tmp_path / 'one.png'}", "hardware=cpu",
+                                            f"json={tmp_path / 'p.json'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["top_k"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vision_train.data.pipeline import Augment, augment, epoch_permutation, eval_batches, normalize
+from vision_train.data.pipeline import Augment, augment, epoch_permutation, eval_batches, normalize, resize
 
 
 # The trainer runs augment inside its jitted step; jitting here too tests that path and keeps the file fast
@@ -179,3 +179,21 @@ def test_normalize_uses_per_channel_stats_and_dtype():
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32)[..., 0], 1.0)
     np.testing.assert_allclose(np.asarray(out, np.float32)[..., 1], 0.5)
+
+
+def test_resampling_to_another_size_keeps_the_picture():
+    """data.image_size on a built-in set: batches are resampled inside the step (e.g. 32x32 CIFAR at 224 for a
+    pretrained model). Up-sampling a two-colour image keeps the colours on their halves; a crop of the whole
+    image at twice the size equals plain resizing; the same size leaves the batch unchanged."""
+    img = np.zeros((1, 8, 8, 1), np.uint8)
+    img[:, :, 4:] = 200
+    up = np.asarray(resize(jnp.asarray(img), (16, 16)))
+    assert up.shape == (1, 16, 16, 1)
+    assert np.allclose(up[0, :, :6], 0) and np.allclose(up[0, :, 10:], 200)
+    assert np.array_equal(np.asarray(resize(jnp.asarray(img), (8, 8))), img.astype(np.float32))
+    whole = Augment(random_resized_crop=True, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    crop = np.asarray(augment(jnp.asarray(img), jax.random.key(0), whole, size=(16, 16)))
+    assert crop.shape == (1, 16, 16, 1)
+    assert np.allclose(crop, up, atol=1e-3)
+    flipped = np.asarray(augment(jnp.asarray(img), jax.random.key(3), Augment(flip=True), size=(12, 12)))
+    assert flipped.shape == (1, 12, 12, 1)

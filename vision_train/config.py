@@ -90,7 +90,10 @@ class DataConfig(_Freezable):
     std: Optional[List[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # image_folder and hf: your own images (vision_train.data.files)
-    image_size: int = 224              # images are brought to image_size x image_size (resize + center crop)
+    # Images are brought to image_size x image_size: your own (image_folder, hf; their presets: 224) by resize +
+    # center crop when decoded; built-in sets, when set, by bilinear resampling inside the jitted step (e.g. CIFAR-10
+    # at 224 for a pretrained ViT-B/16; the data stay 32x32 in memory). null: the built-in set's own size.
+    image_size: Optional[int] = None
     channels: int = 3                  # 3: RGB (grayscale, RGBA, CMYK, palette converted); 1: grayscale
     test_size: int = 0                 # a set without a test split: examples held out for test; 0: test_fraction
     image_key: str = "image"           # hf: the column holding the image
@@ -305,7 +308,13 @@ def validate(cfg: Config) -> Config:
     if d.kind == "image_folder" and not str(d.name).strip() and str(d.root).strip():  # the root folder's own name
         parts = [p for p in str(d.root).replace("\\", "/").split("/") if p not in ("", ".", "~")]
         d.name = parts[-1] if parts else "images"
-    _positive("data.image_size", d.image_size)
+    if d.image_size is not None:
+        _positive("data.image_size", d.image_size)
+    elif d.kind != "builtin":
+        raise ConfigError("data.image_size", None, f"data={d.kind} needs the size its images are brought to, e.g. "
+                          f"data.image_size=224")
+    if d.kind == "builtin" and d.name == "toy" and d.image_size is not None:
+        raise ConfigError("data.image_size", d.image_size, "the toy set is 2-D points, not images; leave it unset (null)")
     _choice("data.channels", d.channels, (1, 3))
     _positive("data.test_size", d.test_size, allow_zero=True)
     if not 0.0 <= d.max_bad_fraction <= 1.0:

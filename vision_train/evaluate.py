@@ -128,7 +128,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     from .train import evaluation
     from .train import steps as steps_lib
     from .train.assembly import compute_dtype
-    from .train.feeds import Normalize, load_data, make_feed
+    from .train.feeds import Normalize, input_shape, load_data, make_feed
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,8 +174,9 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     ds, streamed = load_data(data_cfg)
     trained_on = train_cfg.data.name
     shape, classes = tuple(facts["shape"]), tuple(facts["class_names"])
-    if ds.shape != shape or tuple(ds.class_names) != classes:
-        what = "x".join(map(str, ds.shape))
+    in_shape = input_shape(ds, data_cfg)  # (a built-in set resampled to data.image_size inside jit)
+    if in_shape != shape or tuple(ds.class_names) != classes:
+        what = "x".join(map(str, in_shape))
         raise ConfigError(
             "data", data_cfg.name,
             f"its images are {what} with {ds.num_classes} classes ({_names(ds.class_names)}), but the "
@@ -196,13 +197,14 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     feed = make_feed(ds, streamed, data_cfg, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
                      normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
-                                         compute_dtype(train_cfg)))
+                                         compute_dtype(train_cfg)),
+                     size=None if in_shape == tuple(ds.shape) else in_shape[:2])
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=train_cfg.optimizer.label_smoothing),
                         out_shardings=replicated)
     result = evaluation.evaluate(eval_step, params, other, feed, ec.split, classes)
     preds, confidence = result.preds.astype(np.int64), result.confidence.astype(np.float64)
-    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize))
+    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
     sample_idx = np.arange(min(max(ec.num_samples, ec.logger.num_samples if ec.logger.media else 0), n))
     probs = (np.asarray(predict(params, other, split.images[sample_idx])) if len(sample_idx)
              else np.zeros((0, len(classes))))

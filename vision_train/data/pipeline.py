@@ -67,13 +67,25 @@ def _resample(x: jax.Array, src: jax.Array, axis: int) -> jax.Array:
     return out
 
 
-def augment(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
-    """Random augmentation of a (B, H, W, C) batch; returns float32 in the input's units."""
+def resize(images: jax.Array, size: tuple[int, int] | None) -> jax.Array:
+    """A (B, H, W, C) batch brought to ``size`` (H', W') by bilinear resampling (antialiased when shrinking);
+    float32 in the input's units. ``None`` or the same size: unchanged (as float32)."""
     x = images.astype(jnp.float32)
-    if not aug.enabled:
+    if size is None or tuple(size) == x.shape[1:3]:
         return x
+    return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear", antialias=True)
+
+
+def augment(images: jax.Array, key: jax.Array, aug: Augment, size: tuple[int, int] | None = None) -> jax.Array:
+    """Random augmentation of a (B, H, W, C) batch, sampled at ``size`` (H', W'; default the input's: the
+    crop is resampled to it, e.g. CIFAR-10's 32x32 at 224x224 for a pretrained model); float32 in the input's
+    units."""
+    x = images.astype(jnp.float32)
     b, h, w, _ = x.shape
-    if aug.flip and not (aug.random_resized_crop or aug.pad_crop):
+    out_h, out_w = size or (h, w)
+    if not aug.enabled:
+        return resize(x, size)
+    if aug.flip and not (aug.random_resized_crop or aug.pad_crop) and (out_h, out_w) == (h, w):
         flip = jax.random.bernoulli(key, 0.5, (b, 1, 1, 1))
         return jnp.where(flip, x[:, :, ::-1], x)
     k_area, k_ratio, k_y, k_x, k_flip, k_shift = jax.random.split(key, 6)
@@ -88,13 +100,13 @@ def augment(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
     else:
         ch, cw = jnp.full((b,), float(h)), jnp.full((b,), float(w))
         y0 = x0 = jnp.zeros((b,))
-    oy = jnp.arange(h, dtype=jnp.float32)[None]
-    ox = jnp.arange(w, dtype=jnp.float32)[None]
+    oy = jnp.arange(out_h, dtype=jnp.float32)[None]
+    ox = jnp.arange(out_w, dtype=jnp.float32)[None]
     if aug.flip:
         flip = jax.random.bernoulli(k_flip, 0.5, (b, 1))
-        ox = jnp.where(flip, w - 1 - ox, ox)
-    sy = jnp.clip(y0[:, None] + (oy + 0.5) * ch[:, None] / h - 0.5, 0, h - 1)
-    sx = jnp.clip(x0[:, None] + (ox + 0.5) * cw[:, None] / w - 0.5, 0, w - 1)
+        ox = jnp.where(flip, out_w - 1 - ox, ox)
+    sy = jnp.clip(y0[:, None] + (oy + 0.5) * ch[:, None] / out_h - 0.5, 0, h - 1)
+    sx = jnp.clip(x0[:, None] + (ox + 0.5) * cw[:, None] / out_w - 0.5, 0, w - 1)
     if aug.pad_crop:
         # Zero-pad by p and crop back at a random offset == shift by an integer in [-p, p], zeros outside.
         shift = jax.random.randint(k_shift, (b, 2, 1), -aug.pad_crop, aug.pad_crop + 1).astype(jnp.float32)

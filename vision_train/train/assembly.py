@@ -32,7 +32,7 @@ from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
 from . import state as state_lib
 from . import steps as steps_lib
-from .feeds import DeviceFeed, Normalize, StreamFeed, load_data, make_feed
+from .feeds import DeviceFeed, Normalize, StreamFeed, input_shape, load_data, make_feed
 
 log = logging.getLogger("vision_train")
 
@@ -66,6 +66,7 @@ class Run:
     mesh: Any
     is_main: bool
     ds: sources.Dataset
+    input_shape: tuple         # the model's input (H, W, C): the data's, or data.image_size for a resampled built-in set
     feed: DeviceFeed | StreamFeed
     graphdef: Any
     state: Any                 # TrainState (replicated)
@@ -96,7 +97,7 @@ class Run:
 
     def data_facts(self) -> dict:
         ds = self.ds
-        return {"shape": list(ds.shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
+        return {"shape": list(self.input_shape), "class_names": list(ds.class_names), "mean": list(ds.mean),
                 "std": list(ds.std), "scale": ds.scale}
 
     def checkpoint_meta(self, step: int) -> dict:
@@ -148,8 +149,10 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     if aug.enabled and ds.train.images.dtype != np.uint8:
         raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
     dtype = compute_dtype(cfg)
+    in_shape = input_shape(ds, cfg.data)  # the model's input (built-in sets resampled to data.image_size in jit)
     feed = make_feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
-                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype))
+                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype),
+                     size=None if in_shape == tuple(ds.shape) else in_shape[:2])
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
 
@@ -165,7 +168,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
 
     def init(seed, hparams):  # model + optimizer state built inside one jit (eager NNX init runs op by op)
         rngs = nnx.Rngs(params=stream(seed, "params"), dropout=stream(seed, "dropout"))
-        model = models.build(cfg.model, ds.shape, ds.num_classes, rngs=rngs, dtype=dtype, data=cfg.data.name)
+        model = models.build(cfg.model, in_shape, ds.num_classes, rngs=rngs, dtype=dtype, data=cfg.data.name)
         tx = state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams, params=nnx.state(model, nnx.Param))
         return state_lib.create(model, tx, seed, ema=t.ema_decay > 0)
 
@@ -180,7 +183,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
         and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()))
     if cfg.model.init_from and not resuming:
         t_load = time.time()
-        pre = pretrained.load(cfg.model.init_from, cfg.model, input_shape=ds.shape,
+        pre = pretrained.load(cfg.model.init_from, cfg.model, input_shape=in_shape,
                               num_classes=cfg.model.num_classes or ds.num_classes, reset_head=cfg.model.reset_head,
                               like=state.params)
         state = state.replace(params=pretrained.merge(state.params, pre),
@@ -200,7 +203,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=o.label_smoothing),
                         out_shardings=replicated)  # (fetchable from any process)
-    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize))
+    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
     new_acc = lambda values=None: jax.device_put(steps_lib.new_accumulator(values), replicated)  # noqa: E731
     lr_shape_at = jax.jit(shape)
     # (float32, as the optimizer multiplies them: the learning rate in its state times the schedule's shape)
@@ -271,9 +274,9 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
                       name=default_run_name(cfg, run_dir), resume=resume)
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
-             0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, ds.shape)),
+             0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, in_shape)),
              len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
-    return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, feed=feed,
+    return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, input_shape=in_shape, feed=feed,
                graphdef=graphdef, state=state, acc=acc, loop=loop, train_step=train_step, eval_step=eval_step,
                predict=predict, new_acc=new_acc, lr_at=lr_at, checkpointer=checkpointer, tracker=tracker,
                resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,

@@ -70,10 +70,11 @@ class DeviceFeed:
 
     def __init__(self, ds: Dataset, *, batch_size: int, normalize: Normalize, mesh, seed: int = 0,
                  aug: pipeline.Augment = pipeline.Augment(), eval_batch_size: int | None = None, train: bool = True,
-                 eval_splits: tuple[str, ...] = ("val", "test")):
+                 eval_splits: tuple[str, ...] = ("val", "test"), size: tuple[int, int] | None = None):
         """``train=False``: evaluation only (``python -m vision_train.evaluate``): the training split is not
         put on the devices unless it is one of ``eval_splits``."""
         self.ds, self.batch_size, self.seed, self.aug, self.normalize = ds, batch_size, seed, aug, normalize
+        self.size = size  # the model's input (H, W) when the stored images differ (resampled inside jit)
         self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in the seeds
         self.sharding = self._replicated = parallel.replicated(mesh)
         self._batch = parallel.batch_sharded(mesh)
@@ -100,7 +101,7 @@ class DeviceFeed:
         images, labels, perm, index = args
         idx = jax.lax.dynamic_slice_in_dim(perm, index * self.batch_size, self.batch_size)
         idx = jax.lax.with_sharding_constraint(idx, self._batch)
-        x = pipeline.augment(jnp.take(images, idx, axis=0), key, self.aug)
+        x = pipeline.augment(jnp.take(images, idx, axis=0), key, self.aug, self.size)
         return self.normalize(x), jnp.take(labels, idx, axis=0)
 
     def eval_args(self, split: str) -> Iterator[tuple]:
@@ -114,7 +115,7 @@ class DeviceFeed:
         images, labels = fixed
         idx, mask = item
         idx = jax.lax.with_sharding_constraint(idx, self._batch)
-        return self.normalize(jnp.take(images, idx, axis=0)), jnp.take(labels, idx, axis=0), mask
+        return self.normalize(pipeline.resize(jnp.take(images, idx, axis=0), self.size)), jnp.take(labels, idx, axis=0), mask
 
     def valid(self, split: str) -> np.ndarray:
         """Which of the eval step's predictions (flattened, padding included) are real examples."""
@@ -135,8 +136,9 @@ class StreamFeed:
     def __init__(self, ds: Dataset, *, batch_size: int, normalize: Normalize, mesh, seed: int = 0,
                  aug: pipeline.Augment = pipeline.Augment(), eval_batch_size: int | None = None, train: bool = True,
                  eval_splits: tuple[str, ...] = ("val", "test"), workers: int = 2, prefetch: int = 4,
-                 eval_chunk: int = 8):
+                 eval_chunk: int = 8, size: tuple[int, int] | None = None):
         self.ds, self.batch_size, self.seed, self.aug, self.normalize = ds, batch_size, seed, aug, normalize
+        self.size = size  # the model's input (H, W) when the stored images differ (resampled inside jit)
         self.workers, self.prefetch = workers, max(1, prefetch)
         self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in-memory
         self.sharding = parallel.replicated(mesh)
@@ -194,7 +196,7 @@ class StreamFeed:
 
     def train_batch(self, args: tuple, key):
         images, labels = args
-        return self.normalize(pipeline.augment(images, key, self.aug)), labels
+        return self.normalize(pipeline.augment(images, key, self.aug, self.size)), labels
 
     def state(self) -> dict:
         """The pipeline's position (for a checkpoint's metadata): the next step it reads."""
@@ -228,7 +230,7 @@ class StreamFeed:
     def eval_batch(self, fixed, item):
         images, labels, mask = item
         images = jax.lax.with_sharding_constraint(images, self._batch)
-        return self.normalize(images), labels, mask
+        return self.normalize(pipeline.resize(images, self.size)), labels, mask
 
     def valid(self, split: str) -> np.ndarray:
         ev, k = self._eval[split], self._chunk[split]
@@ -282,3 +284,11 @@ def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
                  f"{d.workers} worker processes" if d.workers else "a thread of this process", d.workers, d.prefetch)
         return StreamFeed(ds, workers=d.workers, prefetch=d.prefetch, **kwargs)
     return DeviceFeed(ds, **kwargs)
+
+
+def input_shape(ds: Dataset, d) -> tuple[int, ...]:
+    """The model's input shape: the stored images', or (data.image_size, data.image_size, C) for a built-in set
+    resampled inside the jitted step."""
+    if d.kind == "builtin" and d.image_size is not None and (d.image_size, d.image_size) != tuple(ds.shape[:2]):
+        return (d.image_size, d.image_size, ds.shape[2])
+    return tuple(ds.shape)

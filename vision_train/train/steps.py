@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ..data import pipeline
 from .state import TrainState
 
 # Equal-width confidence bins of the expected calibration error (the eval step counts them).
@@ -171,11 +172,13 @@ def make_eval_step(graphdef, eval_batches: Callable, eval_batch: Callable, *, la
     return eval_step
 
 
-def make_predict(graphdef, normalize: Callable) -> Callable:
+def make_predict(graphdef, normalize: Callable, size: tuple[int, int] | None = None) -> Callable:
     """``predict(params, other, images) -> class probabilities`` for raw images (uint8 or float, as the data
-    set stores them): ``normalize`` is the training data's (``feeds.Normalize``)."""
+    set stores them): ``normalize`` is the training data's (``feeds.Normalize``); ``size``: the model's input
+    (H, W) when the images are stored at another size (resampled as the eval step does)."""
 
     def predict(params, other, images):
-        return jax.nn.softmax(forward(graphdef, params, other, normalize(images), train=False))
+        x = normalize(images if size is None else pipeline.resize(images, size))
+        return jax.nn.softmax(forward(graphdef, params, other, x, train=False))
 
     return predict
