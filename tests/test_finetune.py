@@ -45,7 +45,8 @@ def initial_state(cfg, run_dir):
 
 
 def records(run_dir):
-    return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in read_rows(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(("images_per_sec", "perf/"))}
+            for r in read_rows(run_dir / "metrics.jsonl")]
 
 
 # ------------------------------------------------------------------------------------------ lr_mults

@@ -21,11 +21,11 @@ from .helpers import FAST, compose
 TINY = [*FAST, "model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=synthetic", "data.num_examples=640",
         "data.image_shape=[8,8,3]", "data.val_size=100", "trainer.batch_size=32", "trainer.log_every_steps=5",
         "trainer.epochs=2", "optimizer.lr=3e-3"]
-TIMING = ("images_per_sec",)
+TIMING = ("images_per_sec", "perf/")  # (key prefixes)
 
 
 def rows(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_rows(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in read_rows(run_dir / "metrics.jsonl")]
 
 
 def params_of(run_dir, key="params"):

@@ -167,6 +167,13 @@ class Tracker:
         for sink in self.sinks.values():
             sink.log_checkpoints(Path(ckpt_dir), dict(aliases))
 
+    def log_profile(self, trace_dir: Path, steps: tuple[int, int]) -> None:
+        """A profiler trace of ``steps`` (first, last) in ``trace_dir``, to the sinks that keep it (W&B: an
+        artifact of type "profile"). Sinks written before profiles existed (no ``log_profile``) are skipped."""
+        for sink in self.sinks.values():
+            if hasattr(sink, "log_profile"):
+                sink.log_profile(Path(trace_dir), tuple(steps))
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._media:
             self._media.submit(lambda: None).result()  # pending media first: the summary is the last word

@@ -49,6 +49,9 @@ class Sink(Protocol):
     def log_checkpoints(self, ckpt_dir: Path, aliases: dict[str, int | None]) -> None:
         """The checkpoints worth keeping, by alias (``{"best": step, "latest": step}``; None: none)."""
 
+    def log_profile(self, trace_dir: Path, steps: tuple[int, int]) -> None:
+        """A JAX profiler trace of steps ``steps`` (first, last; 1-based, inclusive) in ``trace_dir``."""
+
     def summary(self, values: dict[str, Any]) -> None:
         """The run's final numbers (the last word: every earlier media job has been handed over)."""
 
@@ -101,6 +104,9 @@ class LocalSink:
 
     def log_checkpoints(self, ckpt_dir: Path, aliases: dict[str, int | None]) -> None:
         pass  # (they are in <run dir>/checkpoints already)
+
+    def log_profile(self, trace_dir: Path, steps: tuple[int, int]) -> None:
+        pass  # (it is in <run dir>/profile already)
 
     def summary(self, values: dict[str, Any]) -> None:
         path = self.run_dir / "summary.json"

@@ -134,6 +134,7 @@ class WandbSink:
         self._tables = True  # tables (and W&B's confusion-matrix panel) can be logged
         self._abandoned = False  # finish gave up waiting: the W&B thread says nothing more
         self._exit_code = 0
+        self.profiles: list[tuple[int, int]] = []  # the profiler traces handed to W&B as artifacts (first, last)
         self._thread = threading.Thread(target=self._work, name="wandb-sink", daemon=True)
         self._thread.start()
         self._put("define", self._define_metrics, 0, "metric definitions")
@@ -422,6 +423,20 @@ class WandbSink:
 
         self._put("artifact", job, 0, "the checkpoint artifacts")
 
+    def log_profile(self, trace_dir: Path, steps: tuple[int, int]) -> None:
+        """The profiler trace directory as an artifact of type "profile", aliased ``steps-<first>-<last>``.
+        Its files are copied to W&B's staging area on the W&B thread (the loop goes on meanwhile)."""
+        first, last = steps
+
+        def job():
+            art = self._wandb.Artifact(f"profile-{self.run.id}", type="profile",
+                                       metadata={"first_step": first, "last_step": last})
+            art.add_dir(str(trace_dir))
+            self.run.log_artifact(art, aliases=[f"steps-{first}-{last}"])
+            self.profiles.append((first, last))
+
+        self._put("profile", job, 0, "the profiler trace artifact")
+
     def summary(self, values: dict) -> None:
         values = dict(values)
         self._summary.update(values)
@@ -443,7 +458,7 @@ class WandbSink:
             items = ([self._current] if self._current else []) + list(self._queue)
         counts = collections.Counter(it.kind for it in items if it.kind not in ("define", "prepare", "finish"))
         words = {"row": "history rows", "media": "eval media", "summary": "the summary",
-                 "artifact": "checkpoint artifacts"}
+                 "artifact": "checkpoint artifacts", "profile": "the profiler trace"}
         return ", ".join(f"{n} {words[k]}" if k in ("row", "media") else words[k] for k, n in counts.items())
 
     def finish(self, exit_code: int = 0) -> None:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
-from .. import models, parallel, records
+from .. import models, parallel, perf, records
 from ..data import pipeline, sources
 from ..errors import ConfigError, writing
 from ..models import pretrained
@@ -90,6 +90,8 @@ class Run:
     own_resume: bool           # resumed from this run's own checkpoint
     timing: dict = field(default_factory=lambda: {"startup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "media_s": 0.0,
                                                   "checkpoint_s": 0.0})
+    flops_per_example: float = 0.0     # model FLOPs of one example in one training step (perf.train_flops)
+    peak_tflops: float | None = None   # dense peak TFLOP/s of one device in the compute dtype (None: unknown)
 
     def epoch_of(self, step: int) -> int:
         """The 0-based epoch that step ``step`` (1-based: the step just taken) belongs to."""
@@ -155,6 +157,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
                      size=None if in_shape == tuple(ds.shape) else in_shape[:2])
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
+    perf.check_profile_steps(t.profile_steps, total_steps)
 
     # ---------------------------------------------------------------- model, optimizer, state
     o = cfg.optimizer
@@ -268,6 +271,10 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
         run_meta["parent"] = parent
     if pretrained_info:
         run_meta["init_from"] = pretrained_info
+    flops = perf.train_flops(cfg.model, in_shape, cfg.model.num_classes or ds.num_classes)
+    peak = perf.peak_tflops(devices[0], cfg.hardware.precision, cfg.hardware.peak_tflops)
+    if is_main:
+        run_meta.update(flops_per_example=flops, peak_tflops=peak)
     resume = ({"step": start_step, "rows": meta.get("loop", {}).get("rows") if own else None,
                "sinks": Tracker.resume_from_meta(meta) if own else None} if source is not None else None)
     tracker = Tracker(run_dir, {**resolved, "meta": run_meta}, cfg.logger, is_main=is_main,
@@ -276,11 +283,13 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
              cfg.model.arch, f"{n_params:,}", cfg.data.name, len(ds.train.labels),
              0 if ds.val is None else len(ds.val.labels), len(ds.test.labels), "x".join(map(str, in_shape)),
              len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
+    log.info(perf.describe(flops, peak, devices[0], cfg.hardware.precision, cfg.hardware.peak_tflops is not None))
     return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, input_shape=in_shape, feed=feed,
                graphdef=graphdef, state=state, acc=acc, loop=loop, train_step=train_step, eval_step=eval_step,
                predict=predict, new_acc=new_acc, lr_at=lr_at, checkpointer=checkpointer, tracker=tracker,
                resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,
-               steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own)
+               steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own,
+               flops_per_example=flops, peak_tflops=peak)
 
 
 def _restore(reader, step: int, state, acc, sharding):

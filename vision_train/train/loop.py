@@ -1,8 +1,8 @@
 """``train(cfg, run_dir)``: assemble the run, step it, let the hooks do all periodic work, test, finish.
 
 One flat loop over steps; the epoch is derived from the step. Every periodic action (log, evaluate, the
-epoch line, checkpoint, signals) is a ``Hook`` whose cadence is converted to steps once and tested with
-one ``itstime``. What must survive a restart lives in ``run.loop`` (``assembly.LoopState``), saved, as a
+epoch line, checkpoint, signals; a profiler trace of ``trainer.profile_steps``) is a ``Hook`` whose cadence is
+converted to steps once and tested with one ``itstime``. What must survive a restart lives in ``run.loop`` (``assembly.LoopState``), saved, as a
 copy, in every checkpoint.
 
 Importable without Hydra: tests and benchmarks call it with a ``Config`` built in Python.
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from .. import config as config_lib
-from .. import parallel
+from .. import parallel, perf
 from ..errors import TrainingError, UserError
 from . import evaluation
 from .assembly import Run, assemble, check_run_dir
@@ -44,9 +44,10 @@ class Hook:
     run: Callable[[int], None]
     last: bool = True                           # also at the run's last step
     also: Callable[[], bool] = lambda: False    # e.g. a signal arrived
+    at: tuple[int, ...] = ()                    # these steps, once each (e.g. a profile's first and last)
 
     def due(self, step: int, total: int) -> bool:
-        return itstime(step, self.every, total, self.last) or self.also()
+        return step in self.at or itstime(step, self.every, total, self.last) or self.also()
 
 
 def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None = None) -> dict:
@@ -92,16 +93,24 @@ class Hooks:
         self.has_val = "val" in run.feed.splits
         self.evals: dict[str, dict] = {}  # this step's evaluations (the epoch line and the best checkpoint read them)
         stopping = lambda: bool(self.stop.signum)  # noqa: E731
+        self.profiler = Profiler(run, t.profile_steps) if t.profile_steps else None
         self.list = [
+            # (first: the trace ends with step b itself, not with the hooks after it)
+            Hook("profile_stop", (), lambda step: self.profiler.stop(), last=False,
+                 at=self.profiler.stop_at if self.profiler else ()),
             Hook("log", (t.log_every_steps, spe), self.log),
             Hook("eval", (t.eval_every_epochs * spe, t.eval_every_steps), self.validate),
             Hook("epoch", (spe,), self.epoch_line),
             Hook("checkpoint", (t.checkpoint_every_steps, t.checkpoint_every_epochs * spe), self.checkpoint,
                  also=stopping),
             Hook("signals", (), self.stop_now, last=False, also=stopping),
+            # (last: the trace starts with step a, not with the hooks before it)
+            Hook("profile_start", (), lambda step: self.profiler.start(), last=False,
+                 at=self.profiler.start_at if self.profiler else ()),
         ]
         self.list = [h for h in self.list if not (h.name == "eval" and not self.has_val)
-                     and not (h.name == "checkpoint" and run.checkpointer is None)]
+                     and not (h.name == "checkpoint" and run.checkpointer is None)
+                     and not (h.name.startswith("profile_") and not h.at)]
         self.bar = None
         self.t_epoch = self.t_log = time.time()
         self.timed_images = 0
@@ -121,6 +130,8 @@ class Hooks:
             self.bar.close()
         self.bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{run.cfg.trainer.epochs}",
                              enabled=run.cfg.trainer.progress_bar and run.is_main, initial=index)
+        if step == run.start_step and self.profiler is not None and self.profiler.begin == step:
+            self.profiler.start()  # (the profile starts with this process's first step)
 
     def after_step(self, step: int) -> None:
         run = self.run
@@ -156,6 +167,8 @@ class Hooks:
                    "epoch": step / run.steps_per_epoch}
         if self.timed_images:
             metrics["images_per_sec"] = self.timed_images / max(now - self.t_log, 1e-9)
+            metrics.update(perf.throughput(metrics["images_per_sec"], len(run.devices), run.flops_per_example,
+                                           run.peak_tflops))
         self.t_log, self.timed_images = now, 0
         run.tracker.log(metrics, step)
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
@@ -183,9 +196,11 @@ class Hooks:
         self.evals["epoch"] = line
         if self.bar is not None:
             self.bar.close()
-        log.info("epoch %d/%d  %s  %s img/s  %.1fs", run.epoch_of(step) + 1, run.cfg.trainer.epochs,
-                 "  ".join(f"{k} {v:.4f}" for k, v in line.items()), f"{sums['count'] / max(epoch_time, 1e-9):,.0f}",
-                 epoch_time)
+        images_per_sec = sums["count"] / max(epoch_time, 1e-9)
+        mfu = perf.throughput(images_per_sec, len(run.devices), run.flops_per_example, run.peak_tflops).get("perf/mfu")
+        log.info("epoch %d/%d  %s  %s img/s%s  %.1fs", run.epoch_of(step) + 1, run.cfg.trainer.epochs,
+                 "  ".join(f"{k} {v:.4f}" for k, v in line.items()), f"{images_per_sec:,.0f}",
+                 "" if mfu is None else f"  MFU {mfu:.1%}", epoch_time)
 
     def checkpoint(self, step: int) -> None:
         run = self.run
@@ -256,6 +271,8 @@ class Hooks:
 
     def close(self, exit_code: int) -> None:
         self.stop.restore()
+        if self.profiler is not None:
+            self.profiler.abandon()
         if self.bar is not None:
             self.bar.close()
         self.run.feed.close()  # (a streamed feed's worker processes)
@@ -264,6 +281,52 @@ class Hooks:
                 self.run.checkpointer.close()  # waits for a save in flight (its failure, e.g. a full disk, is raised here)
         finally:
             self.run.tracker.finish(exit_code)
+
+
+class Profiler:
+    """``trainer.profile_steps=[a, b]``: a JAX profiler trace of steps a to b (1-based, inclusive) in
+    ``<run dir>/profile`` (TensorBoard's layout: ``plugins/profile/<time>/<host>.xplane.pb``, and a Perfetto
+    ``.trace.json.gz`` beside it), uploaded by the tracker (W&B: an artifact of type "profile"). A run resumed
+    inside the range traces the rest of it; one resumed past it does not trace again."""
+
+    def __init__(self, run: Run, steps):
+        self.run = run
+        self.first, self.last = (int(s) for s in steps)
+        self.dir = run.run_dir / "profile"
+        # The 0-based step before whose dispatch the trace starts (None: resumed past the range).
+        self.begin = max(self.first - 1, run.start_step) if run.start_step < self.last else None
+        # Hook steps (after_step's, 1-based: the step just taken): start after step a - 1 (when this process took
+        # it; else before its first step, in epoch_start), stop after step b.
+        self.start_at = (self.begin,) if self.begin is not None and self.begin > run.start_step else ()
+        self.stop_at = (self.last,) if self.begin is not None else ()
+        self.active = False
+
+    def start(self) -> None:
+        jax.block_until_ready(self.run.acc)  # (the steps before it are not in the trace; a sync, once)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+        self.active = True
+        self.t0 = time.time()
+
+    def stop(self) -> None:
+        if not self.active:
+            return
+        jax.block_until_ready((self.run.state, self.run.acc))  # step b's work, not only its dispatch, in the trace
+        jax.profiler.stop_trace()
+        self.active = False
+        run = self.run
+        traces = sorted(self.dir.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        shown = traces[-1] if traces else self.dir
+        log.info("profile of steps %d-%d (%.1fs traced): %s; open it in https://ui.perfetto.dev (Open trace file), "
+                 "or with TensorBoard's profile plugin (the .xplane.pb beside it): tensorboard --logdir %s",
+                 self.first, self.last, time.time() - self.t0, shown, self.dir)
+        run.tracker.log_profile(self.dir, (self.first, self.last))
+
+    def abandon(self) -> None:
+        """The run ended inside the range (an error, a signal): the trace so far is written, not uploaded."""
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 class Preempted(UserError):
