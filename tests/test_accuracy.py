@@ -27,3 +27,22 @@ def test_cnn_on_digits_reaches_097(tmp_path):
 def test_other_models_on_digits(tmp_path, model, extra, minimum):
     cfg = compose([f"model={model}", *extra, "data=digits", "trainer.epochs=30", "trainer.batch_size=32", *FAST])
     assert train(cfg, tmp_path)["test/acc"] >= minimum
+
+
+@pytest.mark.parametrize("recipe,minimum", [
+    (["experiment=seed003_mlp_toy"], 0.99),
+    (["model=cnn", "data=digits", "trainer.epochs=30", "trainer.batch_size=32"], 0.97),
+])
+def test_bfloat16_compute_reaches_float32s_accuracy(tmp_path, recipe, minimum):
+    """Mixed precision (hardware.precision=bfloat16): bfloat16 activations and matmuls, float32 parameters,
+    optimizer state, logits and loss; the same recipes reach float32's accuracy (the float32 runs are the two
+    tests above: >= 0.99 on the toy set, >= 0.97 on digits)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vision_train.checkpoint import load_for_inference
+
+    summary = train(compose([*recipe, *FAST, "hardware.precision=bfloat16"]), tmp_path)
+    assert summary["test/acc"] >= minimum
+    saved = load_for_inference(tmp_path)
+    assert {x.dtype for x in jax.tree.leaves(saved["params"])} == {jnp.dtype(jnp.float32)}
