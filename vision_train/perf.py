@@ -11,7 +11,8 @@ architecture against it). A convolution counts the taps that land on the image, 
 
 A training step is 3 x the forward (``train_flops``): the backward is 2 x the forward (one matmul for the
 activations' gradient, one for the weights'), the usual convention for MFU (PaLM, big_vision). Rematerialised
-forwards are not counted: MFU is model FLOPs, not hardware FLOPs. ViT-B/4 on 32x32 images (768 wide, 12 layers,
+forwards are not counted: MFU is model FLOPs, not hardware FLOPs. (XLA's count of a real gradient is a little
+lower where the first layer is a large part of the model: nothing needs the gradient of the images.) ViT-B/4 on 32x32 images (768 wide, 12 layers,
 MLP 3072, 64 patches + class token) is 11.2 GFLOP forward, 33.6 per image per training step.
 
 Peaks (``PEAK_TFLOPS``) are dense (no 2:4 sparsity) TFLOP/s per JAX device in the compute dtype. For float32

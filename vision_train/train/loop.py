@@ -304,7 +304,11 @@ class Profiler:
     def start(self) -> None:
         jax.block_until_ready(self.run.acc)  # (the steps before it are not in the trace; a sync, once)
         self.dir.mkdir(parents=True, exist_ok=True)
-        jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+        try:
+            jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+        except RuntimeError as e:  # (e.g. a trace already running in this process): the run goes on untraced
+            log.warning("trainer.profile_steps: no trace of steps %d-%d (%s)", self.first, self.last, e)
+            return
         self.active = True
         self.t0 = time.time()
 
