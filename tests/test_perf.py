@@ -3,6 +3,7 @@ and a profiler trace of trainer.profile_steps."""
 
 import json
 import re
+import time
 from types import SimpleNamespace
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 from vision_train import models, perf
 from vision_train.errors import ConfigError
 from vision_train.records import read_rows
+from vision_train.train import loop as loop_lib
 from vision_train.train import steps
 from vision_train.train.loop import Profiler, train
 
@@ -89,20 +91,31 @@ def test_peaks_per_device_kind_and_the_override():
 
 
 def test_a_run_logs_per_device_throughput_tflops_and_mfu_against_hardware_peak_tflops_and_traces_its_profile_steps(
-        tmp_path, caplog):
+        tmp_path, caplog, monkeypatch):
     """One run, W&B offline: perf/* at each log step, consistent with images_per_sec, the model's FLOPs and the
-    peak given; the FLOPs and the peak in W&B's config; a profiler trace of steps 2-3 in <run dir>/profile,
-    said in one line and logged to W&B as an artifact of type "profile"."""
+    peak given, and measured on training alone (an evaluation every 5 steps, made to take 2 s, is left out);
+    the FLOPs and the peak in W&B's config; a profiler trace of steps 2-3 in <run dir>/profile, said in one line
+    and logged to W&B as an artifact of type "profile"."""
+    slow_eval = loop_lib.evaluation.evaluate
+
+    def evaluate(*args, **kwargs):
+        time.sleep(2.0)
+        return slow_eval(*args, **kwargs)
+
+    monkeypatch.setattr(loop_lib.evaluation, "evaluate", evaluate)
     peak = 0.05
     cfg = compose([*DIGITS, "logger.mode=offline", "logger.media=false", "trainer.progress_bar=false", "hardware=cpu",
-                   "hardware.num_devices=2", "trainer.epochs=1", "trainer.log_every_steps=5",
-                   "trainer.profile_steps=[2,3]", f"hardware.peak_tflops={peak}", "trainer.checkpoint=false"])
+                   "hardware.num_devices=2", "trainer.epochs=1", "trainer.log_every_steps=5", "data.val_size=128",
+                   "trainer.eval_every_steps=5", "trainer.profile_steps=[2,3]", f"hardware.peak_tflops={peak}",
+                   "trainer.checkpoint=false"])
     with caplog.at_level("INFO", logger="vision_train"):
         summary = train(cfg, tmp_path)
 
     flops = perf.train_flops(cfg.model, (8, 8, 1), 10)
     rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "images_per_sec" in r]
     assert len(rows) >= 3
+    # 5 steps of 64 images between logs: with a 2 s evaluation counted, under 160 images/s
+    assert min(r["images_per_sec"] for r in rows[1:]) > 3 * 5 * 64 / 2.0, [r["images_per_sec"] for r in rows]
     for r in rows:
         per_device = r["images_per_sec"] / 2
         assert r["perf/images_per_sec_per_device"] == pytest.approx(per_device)

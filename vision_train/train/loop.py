@@ -96,7 +96,7 @@ class Hooks:
         self.profiler = Profiler(run, t.profile_steps) if t.profile_steps else None
         self.list = [
             # (first: the trace ends with step b itself, not with the hooks after it)
-            Hook("profile_stop", (), lambda step: self.profiler.stop(), last=False,
+            Hook("profile_stop", (), lambda step: self.profile_stop(), last=False,
                  at=self.profiler.stop_at if self.profiler else ()),
             Hook("log", (t.log_every_steps, spe), self.log),
             Hook("eval", (t.eval_every_epochs * spe, t.eval_every_steps), self.validate),
@@ -105,7 +105,7 @@ class Hooks:
                  also=stopping),
             Hook("signals", (), self.stop_now, last=False, also=stopping),
             # (last: the trace starts with step a, not with the hooks before it)
-            Hook("profile_start", (), lambda step: self.profiler.start(), last=False,
+            Hook("profile_start", (), lambda step: self.profile_start(), last=False,
                  at=self.profiler.start_at if self.profiler else ()),
         ]
         self.list = [h for h in self.list if not (h.name == "eval" and not self.has_val)
@@ -115,6 +115,7 @@ class Hooks:
         self.t_epoch = self.t_log = time.time()
         self.timed_images = 0
         self.epoch_eval_s = 0.0
+        self.paused_s = 0.0  # evaluation, checkpoints, the profiler's writes since the last log: not training time
 
     # ------------------------------------------------------------------ per step
     def epoch_start(self, step: int) -> None:
@@ -125,13 +126,13 @@ class Hooks:
             run.loop.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         run.feed.train_args(step)  # the epoch's order (the permutation: compiled once) before its clock starts
         self.t_epoch = self.t_log = time.time()
-        self.timed_images, self.epoch_eval_s = 0, 0.0
+        self.timed_images, self.epoch_eval_s, self.paused_s = 0, 0.0, 0.0
         if self.bar is not None:
             self.bar.close()
         self.bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{run.cfg.trainer.epochs}",
                              enabled=run.cfg.trainer.progress_bar and run.is_main, initial=index)
         if step == run.start_step and self.profiler is not None and self.profiler.begin == step:
-            self.profiler.start()  # (the profile starts with this process's first step)
+            self.profiler.start()  # (the profile starts with this process's first step: nothing to wait for)
 
     def after_step(self, step: int) -> None:
         run = self.run
@@ -139,7 +140,7 @@ class Hooks:
         self.timed_images += run.cfg.trainer.batch_size
         if step == run.start_step + 1:  # leave compilation out of images/s (one extra sync, once per run)
             jax.block_until_ready(run.acc)
-            self.t_log, self.timed_images = time.time(), 0
+            self.t_log, self.timed_images, self.paused_s = time.time(), 0, 0.0
             run.timing["startup_s"] = self.t_log - run.started_at
             log.info("first step done %.1fs after start (imports, data, compilation)", run.timing["startup_s"])
         self.evals = {}
@@ -165,14 +166,26 @@ class Hooks:
         metrics = {"train/loss": float(host["loss"] / host["count"]), "train/acc": float(host["correct"] / host["count"]),
                    "train/grad_norm": float(host["grad_norm"] / host["steps"]), "lr": run.lr_at(step - 1),
                    "epoch": step / run.steps_per_epoch}
-        if self.timed_images:
-            metrics["images_per_sec"] = self.timed_images / max(now - self.t_log, 1e-9)
+        if self.timed_images:  # training alone: the evaluations and checkpoints in the interval are left out
+            metrics["images_per_sec"] = self.timed_images / max(now - self.t_log - self.paused_s, 1e-9)
             metrics.update(perf.throughput(metrics["images_per_sec"], len(run.devices), run.flops_per_example,
                                            run.peak_tflops))
-        self.t_log, self.timed_images = now, 0
+        self.t_log, self.timed_images, self.paused_s = now, 0, 0.0
         run.tracker.log(metrics, step)
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
                              img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
+
+    def profile_start(self) -> None:
+        jax.block_until_ready(self.run.acc)  # (the steps before it are not in the trace; a sync, once)
+        t0 = time.time()
+        self.profiler.start()
+        self.paused_s += time.time() - t0  # (starting the profiler)
+
+    def profile_stop(self) -> None:
+        jax.block_until_ready((self.run.state, self.run.acc))  # step b done: its time is training time
+        t0 = time.time()
+        self.profiler.stop()
+        self.paused_s += time.time() - t0  # (writing the trace)
 
     def validate(self, step: int) -> None:
         """The validation split, with the parameters and (trainer.ema_decay) their moving average."""
@@ -211,6 +224,7 @@ class Hooks:
         run.checkpointer.save(step, {"state": run.state}, run.checkpoint_meta(step),
                               metrics if run.cfg.trainer.best_metric in metrics else None)
         run.timing["checkpoint_s"] += time.time() - t0
+        self.paused_s += time.time() - t0  # (after the fetch above: the steps before it are done)
 
     def stop_now(self, step: int) -> None:
         if step != self.run.total_steps:  # (at the last step the run ends anyway: test and summary first)
@@ -221,6 +235,7 @@ class Hooks:
         """One evaluation of ``split`` (and of the moving average, when kept): scalars now, figures on the
         media thread from the same counts."""
         run = self.run
+        jax.block_until_ready(run.acc)  # the steps before it finish first: their time is training time
         t0 = time.time()
         out = evaluation.evaluate(run.eval_step, run.state.params, run.state.other, run.feed, split, run.ds.class_names)
         values = dict(out.scalars)
@@ -234,6 +249,7 @@ class Hooks:
             self.media(split, step, out)
         run.timing["media_s"] += time.time() - t1
         self.epoch_eval_s += time.time() - t0
+        self.paused_s += time.time() - t0
         return values
 
     def media(self, split: str, step: int, out: evaluation.EvalResult) -> None:
@@ -302,7 +318,6 @@ class Profiler:
         self.active = False
 
     def start(self) -> None:
-        jax.block_until_ready(self.run.acc)  # (the steps before it are not in the trace; a sync, once)
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
