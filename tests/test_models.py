@@ -176,3 +176,36 @@ def test_the_checkpoint_options_change_what_the_model_computes_as_their_names_sa
     assert "bias" not in no_bias["blocks"][0]["attn"]["qkv"]
     _, rep = run(dataclasses.replace(base, representation_size=8))
     assert rep["pre_logits"]["kernel"].value.shape == (16, 8) and rep["head"]["kernel"].value.shape == (8, 10)
+
+
+def test_attention_equals_the_reference_formula_and_padding_changes_nothing():
+    """Attention goes through jax.nn.dot_product_attention (XLA here; cuDNN's fused kernel on a GPU in
+    bfloat16, model.attention=auto). It equals softmax(q k^T / sqrt(d)) v written out, and a class-token ViT
+    padded to a multiple of 8 tokens (what the fused kernel needs: 17 -> 24 here) computes the same logits as
+    the unpadded one, with the same parameters."""
+    import math
+
+    from vision_train.models import vit
+
+    assert vit.attention_implementation("auto", 64, jnp.bfloat16) == "xla"  # (no GPU here)
+    attn = vit.Attention(16, 2, dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 7, 16))
+    mask = (jnp.arange(7) < 5)[None, None, None, :]
+    q, k, v = jnp.split(attn.qkv(x).reshape(3, 7, 6, 8), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+    w = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    reference = attn.out(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(3, 7, 16))
+    assert np.allclose(attn(x, mask, train=False), reference, atol=1e-5)
+
+    kw = dict(patch_size=2, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, classifier="token", dropout=0.0)
+    plain = models.create(ViTConfig(**kw), (8, 8, 3), 10, rngs=nnx.Rngs(0))
+    padded = models.create(ViTConfig(**kw, pad_tokens_to_multiple=8), (8, 8, 3), 10, rngs=nnx.Rngs(0))
+    assert (plain.seq_len, padded.seq_len) == (17, 24)
+    images = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+    assert np.allclose(plain(images, train=False), padded(images, train=False), atol=1e-5)
+
+
+def test_fused_attention_asked_for_where_it_cannot_run_is_one_line():
+    cfg = ViTConfig(patch_size=2, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, attention="cudnn")
+    with pytest.raises(ConfigError, match="model.attention=cudnn needs a GPU"):
+        models.build(cfg, (8, 8, 3), 10, rngs=nnx.Rngs(0), dtype=jnp.float32)

@@ -150,6 +150,9 @@ class ViTConfig(_Patches, ModelConfig):
     attention_dropout: float = 0.0
     stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
     pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
+    # auto: cuDNN's fused attention on a GPU in bfloat16/float16 where it applies (head dim <= 128, a multiple
+    # of 8; a class-token sequence is padded to a multiple of 8 for it), XLA elsewhere | xla | cudnn
+    attention: str = "auto"
     # What pretrained checkpoints need (the defaults compute what seed 004 did):
     gelu: str = "tanh"               # tanh | exact (timm's checkpoints; big_vision's use tanh)
     qkv_bias: bool = True
@@ -171,6 +174,7 @@ class ViTConfig(_Patches, ModelConfig):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}", getattr(self, name), "must be in [0, 1)")
         check_positive("model.pad_tokens_to_multiple", self.pad_tokens_to_multiple)
+        check_choice("model.attention", self.attention, ("auto", "xla", "cudnn"))
 
 
 # The registry: architecture name (``model.arch``, and the module ``vision_train.models.<arch>``) -> its schema.
