@@ -161,25 +161,57 @@ def test_streamed_run_killed_9_twice_and_rerun_ends_as_the_uninterrupted_run(fol
         np.testing.assert_array_equal(a, b)
 
 
+# ------------------------------------------------------------------------------------------ accuracy
+@pytest.mark.slow  # (two 12-epoch runs: ~80 s on 2 cores)
+def test_digits_as_a_png_folder_reach_97_percent_streamed_as_cached(tmp_path, caplog):
+    from vision_train.train.loop import train
+
+    from .helpers import compose
+    from .imagefiles import write_digits_folder
+
+    write_digits_folder(tmp_path / "digits")
+    job = [*FAST, "model=cnn", "data=image_folder", f"data.root={tmp_path / 'digits'}", "data.image_size=8",
+           "data.channels=1", "data.val_size=180", "data.augment.flip=false", "data.augment.random_resized_crop=false",
+           "trainer.batch_size=32", "trainer.epochs=12", "optimizer.lr=3e-3", "trainer.checkpoint=false"]
+    cached = train(compose([*job, "data.stream=false"]), tmp_path / "cached")
+    with caplog.at_level("INFO", logger="vision_train"):
+        streamed = train(compose([*job, "data.stream=true", "data.workers=2"]), tmp_path / "streamed")
+    assert "streaming digits from its files: 2 worker processes" in caplog.text
+    assert cached["test/acc"] >= 0.97 and streamed["test/acc"] >= 0.97, (cached["test/acc"], streamed["test/acc"])
+
+
 # ------------------------------------------------------------------------------------------ signals
-@pytest.mark.slow  # (two runs of the CLI)
-def test_ctrl_c_and_kill_9_leave_no_worker_behind(folder, tmp_path):
-    """Ctrl-C reaches the whole process group, workers included: one line, the checkpoint saved, exit 130
-    as in-memory, no traceback from any process, nothing left running. kill -9 of the training process
-    alone: its workers follow it within seconds."""
-    args = [*STREAMED, f"data.root={folder}", "trainer.epochs=50", "trainer.log_every_steps=1"]
-    run = tmp_path / "run"
-    p = popen([*args, f"hydra.run.dir={run}"], tmp_path)
-    wait_for_step(run, 5, p)
-    os.killpg(p.pid, signal.SIGINT)  # as a terminal sends it
+def stopped_by_ctrl_c(p) -> int:
+    """Ctrl-C as a terminal sends it (to the process group); the step of the checkpoint the run saved."""
+    os.killpg(p.pid, signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
     said = [line for line in out.splitlines() if "SIGINT" in line or "Ctrl-C" in line]
     assert len(said) == 1 and "stopped by SIGINT: checkpoint saved at step" in said[0], out[-3000:]
-    saved = int(said[0].split("checkpoint saved at step ")[1].split()[0])
-    assert saved in ckpt_lib.Checkpointer(run / "checkpoints", best_metric=None, read_only=True).steps()
     no_process_left(p.pid, within_s=5)
+    return int(said[0].split("checkpoint saved at step ")[1].split()[0])
+
+
+@pytest.mark.slow  # (three runs of the CLI)
+def test_ctrl_c_and_kill_9_leave_no_worker_behind(folder, tmp_path):
+    """Ctrl-C reaches the whole process group, workers included, while they start (importing for seconds)
+    or mid-training: one line, the checkpoint saved, exit 130 as in-memory, no traceback from any process,
+    nothing left running. kill -9 of the training process alone: its workers follow it within seconds."""
+    args = [*STREAMED, f"data.root={folder}", "trainer.epochs=50", "trainer.log_every_steps=1"]
+    run = tmp_path / "run"
+    p = popen([*args, f"hydra.run.dir={run}"], tmp_path)
+    t0 = time.time()
+    while not any("spawn_main" in c for c in group(p.pid)):  # a worker process has started
+        assert p.poll() is None and time.time() - t0 < 300, p.stdout.read()[-3000:]
+        time.sleep(0.01)
+    time.sleep(0.5)
+    saved = stopped_by_ctrl_c(p)
+
+    p = popen([*args, f"hydra.run.dir={run}"], tmp_path)  # resumes there, trains on
+    wait_for_step(run, saved + 3, p)
+    saved = stopped_by_ctrl_c(p)
+    assert saved in ckpt_lib.Checkpointer(run / "checkpoints", best_metric=None, read_only=True).steps()
 
     p = popen([*args, f"hydra.run.dir={run}"], tmp_path)  # resumes there, then is killed
     wait_for_step(run, saved + 3, p)

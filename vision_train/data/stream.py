@@ -17,6 +17,7 @@ array, ``NpyImages`` (a ``.npy`` file opened in each process), or ``LazyImages``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -149,6 +150,27 @@ class LazyImages:
         return out, labels
 
 
+HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM held back from this thread while it starts worker processes. A worker inherits
+    the mask: held, a signal sent to the process group waits in it until ``WorkerInit`` ignores it, instead
+    of a KeyboardInterrupt traceback from a worker still importing (seconds) and the pipeline failing with
+    it. Here the signal goes to another thread, or waits to the end of the block: Python runs its handler
+    on the main thread either way. (multiprocessing guards its resource tracker's start so too, bpo-33613,
+    then unblocks the signals: the tracker is started first, outside the block.)"""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class WorkerInit:
     """Run first in every worker process. Ctrl-C reaches the whole process group: the training process
     stops the run and then its workers, so the workers ignore it (no traceback from them). And a worker
@@ -162,6 +184,7 @@ class WorkerInit:
     def __call__(self, *args) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a group-wide SIGTERM: the parent stops them)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # (held while it started: signals_held)
         threading.Thread(target=self._watch, name="parent-watch", daemon=True).start()
 
     def _watch(self) -> None:

@@ -154,7 +154,7 @@ class StreamFeed:
         self._eval = {name: host.EvalBatches(split.images, split.labels, batch_size=eb, rows=host.host_rows(eb, pi, pc))
                       for name, split in self.splits.items()}
         self._chunk = {name: min(eval_chunk, e.num_batches) for name, e in self._eval.items()}
-        self._it, self._next, self._last = None, None, None
+        self._it, self._next, self._last, self._ahead = None, None, None, None
 
     # ------------------------------------------------------------------ training
     def _open(self, step: int) -> None:
@@ -170,7 +170,13 @@ class StreamFeed:
                 worker_init_fn=host.WorkerInit())
         else:  # in this process, one thread reading ahead
             it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch))
-        self._it, self._next = iter(it), step
+        self._next = step
+        if self.workers > 0:
+            with host.signals_held():  # the worker processes start in here, from threads started in here
+                self._it = iter(it)
+                self._ahead = next(self._it)
+        else:
+            self._it = iter(it)
 
     def train_args(self, step: int) -> tuple:
         """Step ``step``'s batch on the devices: (images uint8, labels), each host's rows read by its pipeline."""
@@ -178,7 +184,7 @@ class StreamFeed:
             return self._last[1]
         if self._it is None or self._next != step:
             self._open(step)
-        item = next(self._it)
+        item, self._ahead = self._ahead if self._ahead is not None else next(self._it), None
         if int(item["step"]) != step:  # cannot happen unless the pipeline is wrong: never train on another batch
             raise RuntimeError(f"the input pipeline gave step {int(item['step'])}'s batch for step {step}")
         self._next = step + 1
@@ -239,7 +245,7 @@ class StreamFeed:
 
     def close(self) -> None:
         """Stops the worker processes (also at garbage collection; this makes it prompt)."""
-        it, self._it, self._last = self._it, None, None
+        it, self._it, self._last, self._ahead = self._it, None, None, None
         if it is not None and hasattr(it, "close"):
             it.close()
 
