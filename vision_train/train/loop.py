@@ -83,8 +83,9 @@ def parallel_setup(cfg) -> None:
 
 
 class Hooks:
-    """The periodic work of a run, in the order it runs after a step: log, evaluate, the epoch line,
-    checkpoint, signals. Each reads and writes the run (``run.loop`` for what a restart needs)."""
+    """The periodic work of a run, in the order it runs after a step: the end of a profile, log, evaluate, the
+    epoch line, checkpoint, signals, the start of a profile. Each reads and writes the run (``run.loop`` for what
+    a restart needs)."""
 
     def __init__(self, run: Run):
         self.run, t = run, run.cfg.trainer
