@@ -73,6 +73,20 @@ def test_vit_b4_at_32x32_is_33_6_gflop_per_image_per_training_step():
         < perf.forward_flops(padded, (32, 32, 3), 10)
 
 
+def test_a_vit_counts_the_padding_cudnns_kernel_gets_where_it_runs(monkeypatch):
+    """model.attention=auto on a GPU in bfloat16 pads 65 tokens to 72 (models/vit.py): those are computed too."""
+    from vision_train.models import vit
+
+    cfg = models.ViTConfig(patch_size=4, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
+    padded = models.ViTConfig(patch_size=4, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                              pad_tokens_to_multiple=8)
+    shape = (32, 32, 3)
+    assert perf.forward_flops(cfg, shape, 10, dtype=jnp.bfloat16) == perf.forward_flops(cfg, shape, 10)  # (CPU: XLA)
+    monkeypatch.setattr(vit, "attention_implementation", lambda setting, head_dim, dtype: "cudnn")
+    assert perf.forward_flops(cfg, shape, 10, dtype=jnp.bfloat16) == perf.forward_flops(padded, shape, 10)
+    assert perf.forward_flops(cfg, shape, 10) < perf.forward_flops(padded, shape, 10)  # (no dtype: as in float32)
+
+
 def test_peaks_per_device_kind_and_the_override():
     assert perf.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
     assert perf.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == pytest.approx(494.7)  # TF32

@@ -88,11 +88,16 @@ def _conv_taps(n: int, k: int, stride: int = 1, pad: int = 0) -> int:
     return sum(min(i * stride - pad + k, n) - max(i * stride - pad, 0) for i in range(out))
 
 
-def _vit(m, h: int, w: int, c: int, k: int) -> float:
+def _vit(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
     p, d = m.patch_size, m.hidden_size
     patches = (h // p) * (w // p)
     tokens = patches + (m.classifier == "token")
     mult = max(1, m.pad_tokens_to_multiple)
+    if dtype is not None and mult == 1 and getattr(m, "attention", "xla") != "xla":
+        from .models.vit import attention_implementation  # (JAX: which kernel this backend runs)
+
+        if attention_implementation(m.attention, d // m.num_heads, dtype) == "cudnn":
+            mult = 8  # as models/vit.py pads for cuDNN's fused kernel
     t = -(-tokens // mult) * mult  # as models/vit.py pads: every padded token is computed
     embed = 2 * patches * p * p * c * d
     dense = 2 * t * d * (3 * d + d + 2 * m.mlp_dim)  # qkv, out, fc1 + fc2
@@ -102,7 +107,7 @@ def _vit(m, h: int, w: int, c: int, k: int) -> float:
     return embed + m.num_layers * (dense + attention) + head + 2 * head_in * k
 
 
-def _mixer(m, h: int, w: int, c: int, k: int) -> float:
+def _mixer(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
     p, d = m.patch_size, m.hidden_dim
     s = (h // p) * (w // p)
     embed = 2 * s * p * p * c * d
@@ -111,7 +116,7 @@ def _mixer(m, h: int, w: int, c: int, k: int) -> float:
     return embed + m.num_blocks * (tokens + channels) + 2 * d * k
 
 
-def _cnn(m, h: int, w: int, c: int, k: int) -> float:
+def _cnn(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
     total, chans = 0, [c, *m.features]
     for a, b in itertools.pairwise(chans):  # 3x3 SAME convolutions, then 2x2 average pooling
         total += 2 * _conv_taps(h, 3, pad=1) * _conv_taps(w, 3, pad=1) * a * b
@@ -120,7 +125,7 @@ def _cnn(m, h: int, w: int, c: int, k: int) -> float:
     return total + 2 * flat * m.dense_dim + 2 * m.dense_dim * k
 
 
-def _mlp(m, h: int, w: int, c: int, k: int) -> float:
+def _mlp(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
     dims = [h * w * c] + [m.hidden_dim] * m.hidden_layers + [k]
     return sum(2 * a * b for a, b in itertools.pairwise(dims))
 
@@ -128,20 +133,22 @@ def _mlp(m, h: int, w: int, c: int, k: int) -> float:
 _FORWARD = {"vit": _vit, "mixer": _mixer, "cnn": _cnn, "mlp": _mlp}
 
 
-def forward_flops(model_cfg, input_shape, num_classes: int) -> float:
+def forward_flops(model_cfg, input_shape, num_classes: int, *, dtype=None) -> float:
     """FLOPs of one example's forward pass through the model ``model_cfg`` (a ``models`` schema) on images of
     ``input_shape`` (H, W, C) with ``num_classes`` outputs: 2 x the multiply-adds of every matmul and
-    convolution, plus attention's QK^T and AV (the module docstring says what is left out)."""
+    convolution, plus attention's QK^T and AV (the module docstring says what is left out). ``dtype``: the
+    compute dtype, where it changes what the model computes (a ViT with ``model.attention=auto`` on a GPU in
+    bfloat16 pads its tokens to a multiple of 8 for cuDNN's kernel); None: as in float32."""
     count = _FORWARD.get(model_cfg.arch)
     if count is None:
         raise ValueError(f"no FLOP count for model.arch={model_cfg.arch!r}; add one to vision_train/perf.py")
     h, w, c = (int(x) for x in input_shape)
-    return float(count(model_cfg, h, w, c, int(num_classes)))
+    return float(count(model_cfg, h, w, c, int(num_classes), dtype=dtype))
 
 
-def train_flops(model_cfg, input_shape, num_classes: int) -> float:
+def train_flops(model_cfg, input_shape, num_classes: int, *, dtype=None) -> float:
     """FLOPs of one example in one training step: 3 x ``forward_flops`` (backward = 2 x forward)."""
-    return 3.0 * forward_flops(model_cfg, input_shape, num_classes)
+    return 3.0 * forward_flops(model_cfg, input_shape, num_classes, dtype=dtype)
 
 
 def xla_flops(compiled) -> float | None:

@@ -271,7 +271,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
         run_meta["parent"] = parent
     if pretrained_info:
         run_meta["init_from"] = pretrained_info
-    flops = perf.train_flops(cfg.model, in_shape, cfg.model.num_classes or ds.num_classes)
+    flops = perf.train_flops(cfg.model, in_shape, cfg.model.num_classes or ds.num_classes, dtype=dtype)
     peak = perf.peak_tflops(devices[0], cfg.hardware.precision, cfg.hardware.peak_tflops)
     if is_main:
         run_meta.update(flops_per_example=flops, peak_tflops=peak)
