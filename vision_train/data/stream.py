@@ -154,21 +154,34 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM held back from this thread while it starts worker processes. A worker inherits
-    the mask: held, a signal sent to the process group waits in it until ``WorkerInit`` ignores it, instead
-    of a KeyboardInterrupt traceback from a worker still importing (seconds) and the pipeline failing with
-    it. Here the signal goes to another thread, or waits to the end of the block: Python runs its handler
-    on the main thread either way. (multiprocessing guards its resource tracker's start so too, bpo-33613,
-    then unblocks the signals: the tracker is started first, outside the block.)"""
+def starting_workers():
+    """Around the start of worker processes (they start in here, from threads started in here):
+
+    Ctrl-C and SIGTERM are held back from this thread. A worker inherits the mask: held, a signal sent to
+    the process group waits in it until ``WorkerInit`` ignores it, instead of a KeyboardInterrupt traceback
+    from a worker still importing (seconds) and the pipeline failing with it. Here the signal goes to
+    another thread, or waits to the end of the block: Python runs its handler on the main thread either
+    way. (multiprocessing guards its resource tracker's start so too, bpo-33613, then unblocks the
+    signals: the tracker is started first, outside the block.)
+
+    A spawned worker first sets the start method of the process that started it. In the joblib launcher's
+    processes that is loky's, which a fresh process does not know ("cannot find context for 'loky'": every
+    worker dead): spawn's meanwhile."""
+    import multiprocessing
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
+    method = multiprocessing.get_start_method(allow_none=True)
+    foreign = method not in (None, *multiprocessing.get_all_start_methods())
+    if foreign:
+        multiprocessing.set_start_method("spawn", force=True)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if foreign:
+            multiprocessing.set_start_method(method, force=True)
 
 
 class WorkerInit:
@@ -184,7 +197,7 @@ class WorkerInit:
     def __call__(self, *args) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a group-wide SIGTERM: the parent stops them)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # (held while it started: signals_held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # (held while it started: starting_workers)
         threading.Thread(target=self._watch, name="parent-watch", daemon=True).start()
 
     def _watch(self) -> None:

@@ -172,7 +172,7 @@ class StreamFeed:
             it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=self.prefetch))
         self._next = step
         if self.workers > 0:
-            with host.signals_held():  # the worker processes start in here, from threads started in here
+            with host.starting_workers():  # (Ctrl-C held back from them, the start method theirs)
                 self._it = iter(it)
                 self._ahead = next(self._it)
         else:
