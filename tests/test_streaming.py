@@ -242,8 +242,8 @@ runpy.run_module("vision_train", run_name="__main__", alter_sys=True)
 @pytest.mark.slow  # (three CLI processes and their workers on 2 cores)
 def test_two_processes_stream_as_one_run_with_two_devices(folder, tmp_path):
     """jax.distributed over 127.0.0.1: each process's workers read only its half of every batch, and the
-    halves, in process order, are the batch one process with two devices reads; the records match that
-    run's."""
+    halves, in process order, are the batch one process with two devices reads; the records equal that
+    run's, value for value."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -266,11 +266,7 @@ def test_two_processes_stream_as_one_run_with_two_devices(folder, tmp_path):
     assert len(first) == len(second) == len(whole) and all(len(r) == 4 for r in first + second)
     assert [a + b for a, b in zip(first, second)] == whole
 
-    multi, one = records(tmp_path / "multi"), records(tmp_path / "single")
-    assert [sorted(r) for r in multi] == [sorted(r) for r in one]  # one writer: the same rows, the same keys
-    for a, b in zip(multi, one):
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert records(tmp_path / "multi") == records(tmp_path / "single")  # one writer; the same sums
 
 
 # ------------------------------------------------------------------------------------------ sweeps, evaluate, predict
