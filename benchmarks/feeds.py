@@ -27,7 +27,7 @@ timed steps (``--time-budget`` seconds' worth from the step-alone time, between 
 ``--steps``; the same count for every row of a model), blocking at the end of the timed window. Feed alone:
 host batches/s of ``train_args`` with no step (the streamed pipeline read and put on the device; for the
 device-resident feed, its jitted gather + augment + normalise). Decode alone: the images/s of one worker
-(``stream.TrainBatches`` in this process, nothing else running): what bounds the streamed feed per core.
+(``stream.TrainBatches`` in this process, nothing else of the run running): what bounds the streamed feed per core.
 
 No Hydra, no W&B:  python benchmarks/feeds.py [--images 5000] [--models vit,cnn] [--json out.json] [--smoke]
 """
@@ -162,11 +162,11 @@ def open_sources(root: Path, npy: Path, written: dict) -> dict:
     from vision_train.train import feeds
 
     t0 = time.perf_counter()
-    cached, streamed = feeds.load_data(data_config(root, stream="false"))
+    cached, cached_streams = feeds.load_data(data_config(root, stream="false"))
     decode_s = time.perf_counter() - t0
-    assert not streamed
-    lazy, streamed = feeds.load_data(data_config(root, stream="true"))
-    assert streamed and isinstance(lazy.train.images, host.LazyImages)
+    lazy, lazy_streams = feeds.load_data(data_config(root, stream="true"))
+    if cached_streams or not lazy_streams or not isinstance(lazy.train.images, host.LazyImages):
+        raise SystemExit("load_data did not give the cached and the streamed path this benchmark compares")
     records: files.Records = lazy.train.images.records
     train = np.asarray(cached.train.images)
     if written:  # PNG is lossless: the cache the device-resident feed holds is what was written
