@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,18 @@ def _no_home_writes(tmp_path, monkeypatch):
     # An in-process W&B run leaves WANDB_SERVICE set; a later subprocess would attach to that service.
     for var in ("WANDB_API_KEY", "WANDB_SERVICE"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A loader that tried to download would hang or fail obscurely offline; make it fail at once."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def run_cli(args, cwd, timeout=600, env=None):

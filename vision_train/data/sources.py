@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from ..errors import DataError
 
@@ -55,6 +54,8 @@ STATS = {
 
 
 def _permutation(n: int, seed: int) -> np.ndarray:
+    import torch  # (here, not at the top: the streamed feed's worker processes import this module's neighbours)
+
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
@@ -79,6 +80,8 @@ def import_torchvision():
     Python fallbacks for lets the data sets and transforms import (its C++ ops stay unavailable).
     Imported here, not at the top: only the torchvision data sets need it (a second or more to import).
     """
+    import torch
+
     try:
         import torchvision
         return torchvision

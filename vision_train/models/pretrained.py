@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ..errors import ConfigError
 from . import create
@@ -395,14 +395,9 @@ def expected_params(model_cfg, input_shape, num_classes: int) -> dict[str, jax.S
     return _flatten(nnx.state(model, nnx.Param).to_pure_dict())
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flatten(tree: dict) -> dict:
+    """{"blocks": {0: {"attn": ...}}} -> {"blocks.0.attn...": leaf}."""
+    return {".".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _nest(flat: dict) -> dict:
