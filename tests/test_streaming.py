@@ -362,3 +362,32 @@ def test_an_image_damaged_after_the_scan_is_skipped_the_same_way_every_time(tmp_
             image, label = (expected_image, expected_label) if i == bad else (records.read(i), labels[i])
             np.testing.assert_array_equal(a[s][0][row], image)
             assert a[s][1][row] == label
+
+
+def test_workers_start_in_a_process_whose_start_method_is_lokys(tmp_path):
+    """The joblib launcher's processes run with loky's start method, which a spawned worker inherits and
+    cannot find ("cannot find context for 'loky'"): every worker died, every streamed job of a sweep failed.
+    Here as there: the pipeline starts, and the process keeps its start method."""
+    import multiprocessing
+
+    from joblib.externals.loky.backend import context  # noqa: F401 (registers loky's start method)
+
+    from vision_train import parallel
+    from vision_train.config import DataConfig
+    from vision_train.train.feeds import Normalize, StreamFeed, load_data
+
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class={"train": 4, "test": 1}, classes=("cat", "dog"), formats=("png",), size=(8, 8))
+    ds, _ = load_data(DataConfig(kind="image_folder", name="", root=str(root), image_size=8, stream="true"))
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("loky", force=True)
+    feed = StreamFeed(ds, batch_size=4, normalize=Normalize(ds.scale, ds.mean, ds.std),
+                      mesh=parallel.make_mesh(jax.devices()[:1]), workers=1, eval_splits=())
+    try:
+        batches = [tuple(np.asarray(a) for a in feed.train_args(step)) for step in (0, 1)]  # one epoch
+        assert all(images.shape == (4, 8, 8, 3) for images, _ in batches)
+        assert sorted(np.concatenate([labels for _, labels in batches]).tolist()) == [0] * 4 + [1] * 4
+        assert multiprocessing.get_start_method() == "loky"
+    finally:
+        feed.close()
+        multiprocessing.set_start_method(before, force=True)
