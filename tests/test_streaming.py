@@ -391,3 +391,45 @@ def test_workers_start_in_a_process_whose_start_method_is_lokys(tmp_path):
     finally:
         feed.close()
         multiprocessing.set_start_method(before, force=True)
+
+
+def test_a_worker_that_gets_ctrl_c_while_it_starts_lives_on(tmp_path):
+    """Ctrl-C reaches the whole process group, workers still importing included (seconds): such a worker
+    died with a KeyboardInterrupt traceback and the run with Grain's "worker process was terminated". Here
+    a worker is sent SIGINT as soon as it exists; the pipeline still gives its batch."""
+    import threading
+
+    from vision_train import parallel
+    from vision_train.config import DataConfig
+    from vision_train.train.feeds import Normalize, StreamFeed, load_data
+
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class={"train": 4, "test": 1}, classes=("cat", "dog"), formats=("png",), size=(8, 8))
+    ds, _ = load_data(DataConfig(kind="image_folder", name="", root=str(root), image_size=8, stream="true"))
+    feed = StreamFeed(ds, batch_size=4, normalize=Normalize(ds.scale, ds.mean, ds.std),
+                      mesh=parallel.make_mesh(jax.devices()[:1]), workers=1, eval_splits=())
+    sent = []
+
+    def interrupt_the_worker():
+        t0 = time.time()
+        while not sent and time.time() - t0 < 60:
+            for d in Path("/proc").iterdir():
+                try:
+                    stat = (d / "stat").read_text()
+                    child = int(stat[stat.rindex(")") + 2:].split()[1]) == os.getpid()
+                    if child and b"spawn_main" in (d / "cmdline").read_bytes():
+                        os.kill(int(d.name), signal.SIGINT)
+                        sent.append(int(d.name))
+                        break
+                except (OSError, ValueError):
+                    continue
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=interrupt_the_worker)
+    thread.start()
+    try:
+        images, _ = (np.asarray(a) for a in feed.train_args(0))
+    finally:
+        thread.join()
+        feed.close()
+    assert sent and images.shape == (4, 8, 8, 3)
