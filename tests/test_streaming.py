@@ -133,11 +133,11 @@ KILLED = [*STREAMED, "trainer.epochs=2", "trainer.log_every_steps=3", "trainer.c
           "trainer.keep_checkpoints=10"]
 
 
-@pytest.mark.slow  # (four runs of the CLI, each ~30 s of start-up on 2 cores)
+@pytest.mark.slow  # (four runs of the CLI: 40 s on 2 idle cores, 270 s on busy ones)
 def test_streamed_run_killed_9_twice_and_rerun_ends_as_the_uninterrupted_run(folder, tmp_path):
     """Killed right after its step-10 checkpoint, re-run, killed mid-epoch (step 23, workers reading
-    ahead; the step-20 checkpoint saved or still being written), re-run: the records row for row and the parameters bit for bit
-    equal an uninterrupted run's; no worker outlives a killed run."""
+    ahead; the step-20 checkpoint saved or still being written), re-run: the records row for row and the
+    parameters bit for bit equal an uninterrupted run's; no worker outlives a killed run."""
     args = [*KILLED, f"data.root={folder}"]
     full, run = tmp_path / "full", tmp_path / "run"
     finish(popen([*args, f"hydra.run.dir={full}"], tmp_path), "uninterrupted")
@@ -162,7 +162,7 @@ def test_streamed_run_killed_9_twice_and_rerun_ends_as_the_uninterrupted_run(fol
 
 
 # ------------------------------------------------------------------------------------------ accuracy
-@pytest.mark.slow  # (two 12-epoch runs: ~80 s on 2 cores)
+@pytest.mark.slow  # (two 12-epoch runs: 35 s on 2 cores)
 def test_digits_as_a_png_folder_reach_97_percent_streamed_as_cached(tmp_path, caplog):
     from vision_train.train.loop import train
 
@@ -193,7 +193,7 @@ def stopped_by_ctrl_c(p) -> int:
     return int(said[0].split("checkpoint saved at step ")[1].split()[0])
 
 
-@pytest.mark.slow  # (three runs of the CLI)
+@pytest.mark.slow  # (three runs of the CLI: 25 s on 2 idle cores, 100 s on busy ones)
 def test_ctrl_c_and_kill_9_leave_no_worker_behind(folder, tmp_path):
     """Ctrl-C reaches the whole process group, workers included, while they start (importing for seconds)
     or mid-training: one line, the checkpoint saved, exit 130 as in-memory, no traceback from any process,
@@ -239,7 +239,7 @@ runpy.run_module("vision_train", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.slow  # (three CLI processes and their workers on 2 cores)
+@pytest.mark.slow  # (three CLI processes and their workers: 30 s on 2 cores)
 def test_two_processes_stream_as_one_run_with_two_devices(folder, tmp_path):
     """jax.distributed over 127.0.0.1: each process's workers read only its half of every batch, and the
     halves, in process order, are the batch one process with two devices reads; the records equal that
@@ -270,7 +270,7 @@ def test_two_processes_stream_as_one_run_with_two_devices(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ sweeps, evaluate, predict
-@pytest.mark.slow  # (two jobs at once, each with two workers, on 2 cores)
+@pytest.mark.slow  # (two jobs at once, each with two workers: 20 s on 2 cores)
 def test_joblib_sweep_over_a_streamed_folder(folder, tmp_path):
     """Grain's workers start under Hydra's entry point inside the joblib launcher's processes."""
     sweep_dir = tmp_path / "sweep"
@@ -292,7 +292,7 @@ def run_module(module, args, cwd):
                           timeout=600, check=False)
 
 
-@pytest.mark.slow  # (a training run, then the two commands: ~2 minutes on 2 cores)
+@pytest.mark.slow  # (a training run, then the two commands: 25 s on 2 cores)
 def test_evaluate_and_predict_on_a_run_trained_streamed(folder, tmp_path):
     run = tmp_path / "run"
     finish(popen([*STREAMED, f"data.root={folder}", "trainer.epochs=2", f"hydra.run.dir={run}"], tmp_path), "training")
