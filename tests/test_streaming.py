@@ -433,3 +433,33 @@ def test_a_worker_that_gets_ctrl_c_while_it_starts_lives_on(tmp_path):
         thread.join()
         feed.close()
     assert sent and images.shape == (4, 8, 8, 3)
+
+
+def test_a_streamed_run_resumed_with_another_worker_count_ends_as_the_uninterrupted_run(folder, tmp_path,
+                                                                                        monkeypatch):
+    """In-process and quick (the kill -9 version above is slow): a streamed run with two worker processes
+    fails after its step-10 checkpoint, and is resumed reading in this process (data.workers=0): each batch is a
+    function of its step alone, so the records and the parameters equal the uninterrupted two-worker run's."""
+    from vision_train.train.loop import Hooks, train
+
+    from .helpers import compose
+
+    job = [*STREAMED, f"data.root={folder}", "trainer.epochs=2", "trainer.checkpoint_every_steps=10",
+           "trainer.log_every_steps=4", "trainer.keep_checkpoints=5"]
+    full = train(compose(job), tmp_path / "full")
+    after_step = Hooks.after_step
+
+    def fail_at_13(self, step):
+        after_step(self, step)
+        if step == 13:
+            raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(Hooks, "after_step", fail_at_13)
+    with pytest.raises(RuntimeError, match="went away"):
+        train(compose(job), tmp_path / "run")
+    monkeypatch.setattr(Hooks, "after_step", after_step)
+    resumed = train(compose([*job, "data.workers=0"]), tmp_path / "run")
+    assert records(tmp_path / "run") == records(tmp_path / "full")
+    assert resumed["test/acc"] == full["test/acc"]
+    for a, b in zip(params(tmp_path / "full"), params(tmp_path / "run")):
+        np.testing.assert_array_equal(a, b)
