@@ -31,7 +31,8 @@ def test_other_models_on_digits(tmp_path, model, extra, minimum):
 
 @pytest.mark.parametrize("recipe,minimum", [
     (["experiment=seed003_mlp_toy"], 0.99),
-    (["model=cnn", "data=digits", "trainer.epochs=30", "trainer.batch_size=32"], 0.97),
+    pytest.param(["model=cnn", "data=digits", "trainer.epochs=30", "trainer.batch_size=32"], 0.97,
+                 marks=pytest.mark.slow),  # (45 s)
 ])
 def test_bfloat16_compute_reaches_float32s_accuracy(tmp_path, recipe, minimum):
     """Mixed precision (hardware.precision=bfloat16): bfloat16 activations and matmuls, float32 parameters,

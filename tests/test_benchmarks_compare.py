@@ -28,6 +28,7 @@ def _run(args, tmp_path, timeout=900):
                           timeout=timeout)
 
 
+@pytest.mark.slow  # (every row of compare.py in its own process: about a minute on 2 cores)
 def test_smoke_every_row_gives_a_number_and_the_ratios(tmp_path):
     out = tmp_path / "compare.json"
     proc = _run(["--smoke", "--models", "vit", "--json", str(out)], tmp_path)

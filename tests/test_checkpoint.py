@@ -72,6 +72,7 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path):
     assert rows(full) == rows(killed)  # every logged value, none duplicated
 
 
+@pytest.mark.slow  # (35 s; the default tier's records test sends SIGTERM too)
 def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
     run_dir = tmp_path / "run"
     p = start(run_dir)
@@ -143,6 +144,7 @@ def test_resume_never_starts_over_and_keeps_the_old_checkpoints(tmp_path):
     assert list(tmp_path.glob("run/earlier/*/checkpoints/*"))
 
 
+@pytest.mark.slow  # (35 s; the online resume tests cover one run with each step once)
 def test_resumed_offline_wandb_run_is_one_run_with_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
     p = start(run_dir, ["logger.mode=offline"])

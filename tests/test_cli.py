@@ -84,8 +84,8 @@ def test_bad_input_one_clear_line_nonzero_exit_nothing_compiled(tmp_path, overri
     # Hydra's own message for the first suggests the second, which used to be accepted and ignored.
     ("trainer.epochz=3", "trainer.epochz", "The keys of trainer: epochs, batch_size, seed,"),
     ("+trainer.epochz=3", "trainer.epochz", "The keys of trainer: epochs, batch_size, seed,"),
-    ("+model.patch_size=4", "model.patch_size", "the keys of model (model.arch=cnn): arch, num_classes, features, "
-                                                "dense_dim"),
+    ("+model.patch_size=4", "model.patch_size", "the keys of model (model.arch=cnn): arch, num_classes, init_from, "
+                                                "reset_head, features, dense_dim"),
     ("+data.augment.flipp=true", "data.augment.flipp", "The keys of data.augment: flip, random_resized_crop,"),
     ("+epochs=3", "epochs", "the keys of the config: model, data, optimizer, hardware, trainer, logger"),
 ])
@@ -100,6 +100,7 @@ def test_unknown_keys_are_refused_in_one_line_naming_the_groups_keys(tmp_path, o
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists()  # nothing ran
 
 
+@pytest.mark.slow  # (40 s of CLI runs)
 def test_rerunning_a_finished_run_changes_nothing_and_resume_never_sets_it_aside(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [*QUICK, "trainer.epochs=1", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
@@ -145,6 +146,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_metrics(tmp_path):
     assert (run_dir / "metrics.jsonl").read_text().count("train/loss") >= 1
 
 
+@pytest.mark.slow  # (55 s; test_training's sharded-equals-single-device test stays in the default tier)
 def test_two_processes_train_as_one_data_parallel_run(tmp_path):
     """Multi-host through jax.distributed: two CPU processes (one device each) over gloo on 127.0.0.1,
     sharing one run directory (as hosts share a file system), give the same metrics as one process with

@@ -180,6 +180,7 @@ def test_multipliers_that_fit_no_parameter_are_one_line_before_compiling(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------ fine-tune
+@pytest.mark.slow  # (60 s: three fine-tunes)
 def test_fine_tune_from_a_timm_file_learns_and_resumes_exactly_after_a_crash(tmp_path, monkeypatch, caplog):
     """digits resampled to 16x16 (data.image_size) from a tiny timm ViT written in timm's format at 8x8 (its 2x2
     position embeddings resampled to 4x4; 5 classes: the head is re-initialised for 10), its patch embedding

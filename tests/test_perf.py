@@ -128,8 +128,9 @@ def test_a_run_logs_per_device_throughput_tflops_and_mfu_against_hardware_peak_t
     flops = perf.train_flops(cfg.model, (8, 8, 1), 10)
     rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "images_per_sec" in r]
     assert len(rows) >= 3
-    # 5 steps of 64 images between logs: with a 2 s evaluation counted, under 160 images/s
-    assert min(r["images_per_sec"] for r in rows[1:]) > 3 * 5 * 64 / 2.0, [r["images_per_sec"] for r in rows]
+    # 5 steps of 64 images between logs: with a 2 s evaluation counted, at most 160 images/s (a loaded machine's
+    # steps alone have run as slow as 280)
+    assert min(r["images_per_sec"] for r in rows[1:]) > 5 * 64 / 2.0, [r["images_per_sec"] for r in rows]
     for r in rows:
         per_device = r["images_per_sec"] / 2
         assert r["perf/images_per_sec_per_device"] == pytest.approx(per_device)

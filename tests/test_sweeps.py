@@ -95,6 +95,7 @@ def _sweep_cmd(sweep_dir):
             "logger.mode=disabled", "logger.media=false", *CPU, f"hydra.sweep.dir={sweep_dir}"]
 
 
+@pytest.mark.slow  # (50 s of sweep runs)
 def test_rerun_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path):
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}

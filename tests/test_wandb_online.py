@@ -81,8 +81,12 @@ def test_online_run_reads_back_through_the_server(tmp_path, wandb_server):
 
     # Config: the resolved config, key for key, plus meta.
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+
+    def stored(values: dict) -> dict:  # W&B keeps no empty dicts: optimizer.lr_mults={} is absent there
+        return {k: stored(v) if isinstance(v, dict) else v for k, v in values.items() if v != {}}
+
     for group, values in resolved.items():
-        assert run["config"][group] == values, group
+        assert run["config"][group] == stored(values), group
     meta = run["config"]["meta"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert meta["parameters"] == summary["parameters"] and meta["versions"]["wandb"]
@@ -238,6 +242,7 @@ def w_and_b_processes_of(pid: int, wait: float) -> list[int]:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # (30 s; the outage mid-run test stays in the default tier)
 def test_unreachable_server_costs_at_most_the_init_timeout_then_the_run_goes_on_offline(tmp_path):
     key = "local-" + "k3y" * 13 + "x"
     env = {"WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_API_KEY": key}  # nothing listens there
