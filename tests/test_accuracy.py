@@ -30,7 +30,7 @@ def test_other_models_on_digits(tmp_path, model, extra, minimum):
 
 
 @pytest.mark.parametrize("recipe,minimum", [
-    (["experiment=seed003_mlp_toy"], 0.99),
+    pytest.param(["experiment=seed003_mlp_toy"], 0.99, marks=pytest.mark.slow),  # (25 s)
     pytest.param(["model=cnn", "data=digits", "trainer.epochs=30", "trainer.batch_size=32"], 0.97,
                  marks=pytest.mark.slow),  # (45 s)
 ])

@@ -91,6 +91,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path):
 TINY = [*FAST, *DIGITS]
 
 
+@pytest.mark.slow  # (38 s; test_training's 8-device run equals the 1-device run in the default tier)
 def test_checkpoints_restore_across_device_counts(tmp_path):
     """Written on 8 devices, resumed on 1, and the other way round: same continuation as uninterrupted."""
     ref = train(compose([*TINY, "trainer.epochs=2", "hardware.num_devices=8"]), tmp_path / "ref")

@@ -87,6 +87,7 @@ def console_lines(r) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ full disk
+@pytest.mark.slow  # (40 s; the full disk before the start, while writing records and in an asynchronous save stay in the default tier)
 def test_full_disk_during_training_is_one_line_and_the_run_resumes_once_there_is_space(tmp_path, tmpfs):
     disk = tmpfs(2048)
     run = disk / "run"

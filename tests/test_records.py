@@ -133,6 +133,7 @@ def test_resume_never_sets_the_earlier_run_aside_and_overwrites_nothing(tmp_path
     assert records(run)[-1]["step"] == 2 * DIGITS_STEPS_PER_EPOCH and records(run)[0]["step"] == 5  # a fresh record
 
 
+@pytest.mark.slow  # (19 s)
 def test_another_runs_checkpoint_starts_a_new_wandb_run_that_names_its_parent(tmp_path):
     offline = [o for o in TINY if not o.startswith("logger.mode")] + ["logger.mode=offline", "logger.media=false"]
     train(compose([*offline, "trainer.epochs=1"]), tmp_path / "a")

@@ -77,6 +77,7 @@ def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table
     assert "| best |" in r.stdout and "sweep_summary.md" in r.stdout  # printed at the end too
 
 
+@pytest.mark.slow  # (29 s)
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_cli(["-m", "model=mixer_small", "data=digits", "model.patch_size=3,4", "trainer.epochs=1",
@@ -158,6 +159,7 @@ def test_the_best_job_follows_the_objectives_direction(tmp_path):
     assert "3 jobs: 2 finished, 1 failed." in md and "Every job: data=digits" in md
 
 
+@pytest.mark.slow  # (23 s)
 def test_optuna_search_of_three_trials_returns_a_best_value_and_survives_a_failing_trial(tmp_path):
     sweep_dir = tmp_path / "optuna"
     # hidden_dim=0 is refused by the config check: that trial fails (Optuna: state FAIL), the search goes on.
@@ -178,6 +180,7 @@ def test_optuna_search_of_three_trials_returns_a_best_value_and_survives_a_faili
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr  # a recorded failure, not a crash
 
 
+@pytest.mark.slow  # (33 s)
 def test_joblib_launcher_runs_jobs_in_parallel_processes_without_gpu_preallocation(tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=mlp", "trainer.seed=0,1",
@@ -236,6 +239,7 @@ def test_wandb_sweep_agent_command_line_is_accepted(tmp_path, spec_path):
     assert objective == spec["metric"]["name"]  # the runs report the metric the sweep optimises
 
 
+@pytest.mark.slow  # (26 s; the agent's command line is checked in the default tier)
 def test_wandb_sweep_agent_command_runs_a_job_in_its_own_directory(tmp_path):
     spec = yaml.safe_load((Path(REPO) / "sweeps" / "wandb_mlp_toy.yaml").read_text())
     cmd = _agent_command(spec, _sample(spec))
@@ -251,6 +255,7 @@ def test_wandb_sweep_agent_command_runs_a_job_in_its_own_directory(tmp_path):
     assert run["run_id"] == "run42"  # the agent's run id: W&B files the run under the sweep
 
 
+@pytest.mark.slow  # (26 s)
 def test_submitit_launcher_runs_the_jobs_and_the_slurm_preset_composes(tmp_path):
     # submitit's local executor: the same pickling, job processes and result collection as on SLURM.
     sweep_dir = tmp_path / "sweep"
@@ -346,6 +351,7 @@ def test_the_wandb_group_is_the_sweeps_name_never_an_absolute_path(tmp_path, mon
     assert len(sweep.group_name("/x/" + "a" * 300)) == 128
 
 
+@pytest.mark.slow  # (18 s)
 def test_a_sweep_whose_job_was_refused_exits_nonzero_naming_it(tmp_path):
     """One job's directory is being trained by another live process: that job is refused, the other runs;
     the sweep used to exit 0."""

@@ -42,6 +42,7 @@ def test_sharded_over_8_devices_equals_single_device(tmp_path):
         np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=2e-4, atol=2e-4, err_msg=key)
 
 
+@pytest.mark.slow  # (36 s; test_records' two identical runs stay in the default tier)
 def test_same_seed_same_losses_bit_for_bit_and_other_seed_differs(tmp_path):
     _, a = run(tmp_path, "a", ["hardware.num_devices=2"])
     _, b = run(tmp_path, "b", ["hardware.num_devices=2"])
