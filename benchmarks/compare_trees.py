@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from throughput import table  # (this folder's; it imports JAX only inside its functions)
+
 HERE = Path(__file__).resolve().parents[1]
 
 
@@ -107,16 +109,6 @@ def span(values, fmt):
     if not values:
         return "n/a"
     return f"{fmt.format(med(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
-def table(cols, rows):
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    print(line(cols))
-    print(line(["-" * w for w in widths]))
-    for r in rows:
-        print(line(r))
 
 
 def main(argv=None) -> int:

@@ -130,6 +130,17 @@ def flops_of(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
+
+def table(cols, rows) -> None:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    print(line(cols))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vision_train import parallel
@@ -217,13 +228,7 @@ def main(argv=None) -> int:
         rows.append(row)
     for f in failed:
         rows.append([f["model"], "FAILED"] + [""] * (len(cols) - 2))
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    print(line(cols))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line(row))
+    table(cols, rows)
     print()
     print("img/s: medians over repeats; steps: timed steps per repeat and side; pipe/step: pipeline img/s over "
           "step-alone img/s.")

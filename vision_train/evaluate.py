@@ -197,8 +197,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     feed = make_feed(ds, streamed, data_cfg, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
                      normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
-                                         compute_dtype(train_cfg)),
-                     size=None if in_shape == tuple(ds.shape) else in_shape[:2])
+                                         compute_dtype(train_cfg)))
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=train_cfg.optimizer.label_smoothing),
                         out_shardings=replicated)

@@ -153,8 +153,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     dtype = compute_dtype(cfg)
     in_shape = input_shape(ds, cfg.data)  # the model's input (built-in sets resampled to data.image_size in jit)
     feed = make_feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
-                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype),
-                     size=None if in_shape == tuple(ds.shape) else in_shape[:2])
+                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype))
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
     perf.check_profile_steps(t.profile_steps, total_steps)

@@ -283,7 +283,10 @@ def load_data(d) -> tuple[Dataset, bool]:
 
 
 def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
-    """The feed for ``ds``: ``StreamFeed`` (with ``d``'s workers and prefetch) or ``DeviceFeed``."""
+    """The feed for ``ds``: ``StreamFeed`` (with ``d``'s workers and prefetch) or ``DeviceFeed``, resampling
+    batches to the model's input (``input_shape``) where the stored images differ from it."""
+    shape = input_shape(ds, d)
+    kwargs["size"] = None if shape == tuple(ds.shape) else shape[:2]
     if streamed:
         log.info("streaming %s from %s: %s read batches ahead (data.workers=%d, data.prefetch=%d)", ds.name,
                  "memory" if d.kind == "builtin" else "its files",
