@@ -3,12 +3,15 @@
 import dataclasses
 import json
 import os
+import typing
 
 import pytest
 
-from vision_train.config import BEST_METRICS, METRICS, OBJECTIVES, ConfigError, UnknownKey, to_dict
+from vision_train.config import (ARCHITECTURES, BEST_METRICS, METRICS, OBJECTIVES, Config, ConfigError, UnknownKey,
+                                 to_dict, validate)
 from vision_train.train.loop import train
 
+from .conftest import run_cli
 from .helpers import CONF, DIGITS, FAST, compose
 
 
@@ -108,6 +111,68 @@ def test_added_keys_the_schema_does_not_have_are_refused(overrides, key, valid):
     assert str(e.value).startswith(f"{key}: no such key (Key '{key.rpartition('.')[2]}' not in ")
 
 
+
+
+def _float_keys(schema, prefix=""):
+    """(key, kind) of every float-typed field of a schema and of its groups: kind float, list or dict."""
+    for f in dataclasses.fields(schema):
+        hint, key = typing.get_type_hints(schema)[f.name], f"{prefix}{f.name}"
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        inner = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+        if dataclasses.is_dataclass(inner):
+            yield from _float_keys(inner, f"{key}.")
+        elif inner is float:
+            yield key, "float"
+        elif typing.get_origin(inner) is list and typing.get_args(inner) == (float,):
+            yield key, "list"
+        elif typing.get_origin(inner) is dict and typing.get_args(inner)[1] is float:
+            yield key, "dict"
+
+
+def _config_with(arch, key, value):
+    cfg = Config(model=ARCHITECTURES[arch]())
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+    return cfg
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_float_key_refuses_nan_and_inf_naming_the_key(arch, bad):
+    """optimizer.lr=inf was accepted (the run stopped at step 2, after compiling); nan passes range checks."""
+    keys = list(_float_keys(Config)) + [(f"model.{k}", kind) for k, kind in _float_keys(ARCHITECTURES[arch])]
+    assert ("optimizer.lr", "float") in keys and ("data.mean", "list") in keys and ("optimizer.lr_mults", "dict") in keys
+    assert arch in ("mlp", "cnn") or ("model.layer_norm_eps", "float") in keys  # the model's own keys are walked
+    for key, kind in keys:
+        value = {"float": bad, "list": [0.5, bad], "dict": {".*": bad}}[kind]
+        with pytest.raises(ConfigError) as e:
+            validate(_config_with(arch, key, value))
+        named = f"{key}[{'.*'!r}]" if kind == "dict" else key
+        assert e.value.key == named and e.value.fix == "must be a finite number", (key, str(e.value))
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{named}=")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optimizer.lr=inf", "optimizer.lr"), ("optimizer.lr=nan", "optimizer.lr"),
+    ("logger.init_timeout_s=inf", "logger.init_timeout_s"), ("model.layer_norm_eps=inf", "model.layer_norm_eps"),
+    ("data.augment.crop_ratio=[0.5,inf]", "data.augment.crop_ratio"),
+    ("+optimizer.lr_mults={head:inf}", "optimizer.lr_mults['head']"),
+])
+def test_nan_and_inf_overrides_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        compose(override.split())
+    assert e.value.key == key and str(e.value).startswith(f"{key}=") and "must be a finite number" in str(e.value)
+
+
+def test_cli_refuses_an_infinite_learning_rate_in_one_line(tmp_path):
+    r = run_cli(["data=toy", "model=mlp", "optimizer.lr=inf", "logger.mode=disabled", "hardware=cpu"], cwd=tmp_path,
+                timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "optimizer.lr=inf" in lines[0] and "must be a finite number" in lines[0], lines
 
 
 def test_the_best_checkpoints_metric_and_direction_resolve_from_one_list():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -274,11 +275,31 @@ DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "
 DATA_KINDS = ("builtin", "image_folder", "hf")
 
 
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float in the config (a key's value, a list's items, a dict's values; every group, the model's
+    included) is a finite number: ``optimizer.lr=inf`` or ``nan`` would pass the range checks below
+    (nan compares false) and stop the run after compiling."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{key}[{k!r}]", v, "must be a finite number")
+        elif isinstance(value, (list, tuple)):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(key, list(value), "must be a finite number")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "must be a finite number")
+
+
 def validate(cfg: Config) -> Config:
     """Checks that need no data and no devices; raises ConfigError naming key, value and fix."""
     m, d, o, h, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.hardware, cfg.trainer, cfg.logger
     if not isinstance(m, ModelConfig):
         raise ConfigError("model", m, "pick a model preset, e.g. model=vit (see conf/model/)")
+    _check_finite(cfg)
     _choice("model.arch", m.arch, tuple(ARCHITECTURES))
     m.check()  # the architecture's own checks (vision_train.models)
 
