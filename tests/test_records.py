@@ -92,12 +92,24 @@ def test_metrics_after_kills_sigterm_torn_line_and_reruns_equal_an_uninterrupted
 
 
 def test_two_identical_runs_write_identical_records(tmp_path):
-    job = [*FAST, *DIGITS, "trainer.epochs=4", "trainer.log_every_steps=7", "logger.media=true", "logger.num_samples=4"]
+    # log every 7 steps and at each epoch's end (19 steps), evaluate at each epoch's end and every 10 steps: both at
+    # steps 19, 38, 57, 70 and 76, an evaluation alone at 10, 20, ..., 60, a log alone at 7, 14, ...
+    job = [*FAST, *DIGITS, "trainer.epochs=4", "trainer.log_every_steps=7", "trainer.eval_every_steps=10",
+           "logger.media=true", "logger.num_samples=4"]
     train(compose(job), tmp_path / "a")
     train(compose(job), tmp_path / "b")
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert a == b and [list(r) for r in a] == [list(r) for r in b]
-    assert sum("val/ece" in r for r in a) == 4
+    val_steps = [r["step"] for r in a if "val/ece" in r]
+    assert val_steps == [10, 19, 20, 30, 38, 40, 50, 57, 60, 70, 76]
+    # each (step, key) once across all rows (`epoch` was in both the train and the val row at each epoch's end)
+    seen = set()
+    for r in read_rows(tmp_path / "a" / "metrics.jsonl"):
+        pairs = {(r["step"], k) for k in r if k != "step"}
+        assert not pairs & seen, sorted(pairs & seen)
+        seen |= pairs
+    # every evaluation row carries the epoch (W&B's epoch x-axis plots a metric only from rows that hold both)
+    assert all(r["epoch"] == r["step"] / DIGITS_STEPS_PER_EPOCH for r in a if "val/acc" in r)
 
 
 TINY = [*FAST, *DIGITS, "trainer.keep_checkpoints=10", "trainer.log_every_steps=5"]

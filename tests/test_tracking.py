@@ -33,6 +33,8 @@ def test_offline_run_holds_curves_media_summary_and_equals_the_local_mirror(tmp_
     recs = records(tmp_path)
     history = {}  # our x-axis "step" -> everything logged for it (W&B's own _step counts log calls)
     for h in by_type(recs, "history"):
+        own = {k for k in h["item"] if k != "step" and not k.startswith("_")} & set(history.get(h["item"]["step"], {}))
+        assert not own, (h["item"]["step"], own)  # each (step, key) once in W&B too (epoch was twice at epoch ends)
         history.setdefault(h["item"]["step"], {}).update(h["item"])
     local = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 

@@ -112,6 +112,11 @@ class Hooks:
         self.list = [h for h in self.list if not (h.name == "eval" and not self.has_val)
                      and not (h.name == "checkpoint" and run.checkpointer is None)
                      and not (h.name.startswith("profile_") and not h.at)]
+        # At a step with both a log and an evaluation (every epoch's end), the train metrics and the evaluation's
+        # are one row: each (step, key) once (``epoch`` is in both), and W&B plots val/* against ``epoch`` only
+        # from rows that hold it.
+        self.eval_hook = next((h for h in self.list if h.name == "eval"), None)
+        self.train_row: dict = {}  # the log's row, waiting for this step's evaluation
         self.bar = None
         self.t_epoch = self.t_log = time.time()
         self.timed_images = 0
@@ -172,7 +177,10 @@ class Hooks:
             metrics.update(perf.throughput(metrics["images_per_sec"], len(run.devices), run.flops_per_example,
                                            run.peak_tflops))
         self.t_log, self.timed_images, self.paused_s = now, 0, 0.0
-        run.tracker.log(metrics, step)
+        if self.eval_hook is not None and self.eval_hook.due(step, run.total_steps):
+            self.train_row = metrics  # (logged with the evaluation, next)
+        else:
+            run.tracker.log(metrics, step)
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.4f}",
                              img_s=f"{metrics.get('images_per_sec', 0):,.0f}", refresh=False)
 
@@ -196,7 +204,9 @@ class Hooks:
             run.loop.best_val, run.loop.best_step = values["val/acc"], step
         # best/val/acc over time too: a W&B Sweep's early termination (Hyperband) reads its metric from the
         # history, and the summary gets the final value.
-        run.tracker.log({**values, "best/val/acc": run.loop.best_val, "epoch": step / run.steps_per_epoch}, step)
+        row, self.train_row = {**self.train_row, **values, "best/val/acc": run.loop.best_val,
+                               "epoch": step / run.steps_per_epoch}, {}
+        run.tracker.log(row, step)
         run.tracker.log_curves()
         run.loop.last_val = {k: values[k] for k in ("val/loss", "val/acc", "val_ema/loss", "val_ema/acc") if k in values}
         self.evals["val"] = run.loop.last_val
