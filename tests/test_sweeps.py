@@ -16,6 +16,7 @@ import yaml
 
 from vision_train import sweep
 from vision_train.config import job_dir_name
+from vision_train.fate import Refused, decide
 
 from .conftest import FAST_COMPILE, REPO, run_cli
 from .helpers import KILLABLE
@@ -63,7 +64,7 @@ def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table
         model = run["config"]["update"]["model"]["arch"]
         (lr,) = [t for t in run["tags"] if t.startswith("optimizer.lr=")]
         assert f"model={model}" in run["tags"] and lr in run["display_name"]
-        assert f"model={model}" in name and lr in name
+        assert name.startswith(f"model={model},{lr},data=digits,")  # what the jobs differ in leads the name
         seen.add((model, lr))
     assert seen == {(m, f"optimizer.lr={lr}") for m in ("mlp", "cnn") for lr in ("0.001", "0.003")}  # as Hydra writes them
 
@@ -74,7 +75,71 @@ def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table
     md = (sweep_dir / "sweep_summary.md").read_text()
     assert "4 jobs: 4 finished" in md and md.count("| best |") == 1
     assert "model=cnn optimizer.lr=" in md and "Every job: " in md  # the swept keys per row, the rest once
+    assert f"Best: model={best['overrides'].split('model=')[1].split()[0]} optimizer.lr=" in md  # named by them
     assert "| best |" in r.stdout and "sweep_summary.md" in r.stdout  # printed at the end too
+
+
+SHARED = ["data=image_folder", "data.root=/scratch/datasets/imagenette2-320", "data.image_size=160",
+          "hardware=gpu", "model=vit_b", "model.init_from=/scratch/weights/vit_b16_augreg_in21k.safetensors",
+          "optimizer=adamw", "trainer.batch_size=256", "trainer.epochs=30"]
+
+
+def _dirname(overrides: list[str]) -> str:
+    return ",".join(sorted(overrides))  # Hydra's override_dirname
+
+
+def test_job_directories_lead_with_what_the_sweep_varies():
+    names = {lr: job_dir_name(_dirname([*SHARED, f"optimizer.lr={lr}"]), ["optimizer.lr"]) for lr in ("0.001", "0.0003")}
+    for lr, name in names.items():
+        assert name.startswith(f"optimizer.lr={lr},data.image_size=160,data.root=_scratch_datasets_imagenette2-320,")
+        assert len(name) == 150 and name[-13] == "-"  # cut, with a hash: unique however much is cut
+        assert not set(name) & set("[]/ ~'\"")  # safe for file systems and TensorStore
+    assert names["0.001"] != names["0.0003"]
+    again = job_dir_name(_dirname([*SHARED, "optimizer.lr=0.001"]), ["optimizer.lr"])
+    assert again == names["0.001"]  # deterministic: a re-run finds the job
+    # Without the swept keys (a job outside a sweep's callback): sorted, as Hydra writes them.
+    assert job_dir_name(_dirname([*SHARED, "optimizer.lr=0.001"])).startswith("data.image_size=160,")
+    # The hash only when needed; several swept keys sorted; a list value stays one override.
+    assert job_dir_name("data=digits,model.features=[32,64],model=cnn,optimizer.lr=0.001",
+                        "optimizer.lr,model.features") == "model.features=_32,64_,optimizer.lr=0.001,data=digits,model=cnn"
+    assert job_dir_name("") == "default"
+
+
+def test_a_job_finds_its_directory_named_in_another_order(tmp_path):
+    """A grid grown along a key it did not sweep before moves that key forward in its jobs' names (and sweeps
+    from before the swept keys led named them in sorted order): a job takes its earlier directory."""
+    short = "data=digits,model=cnn,optimizer.lr=0.001,trainer.epochs=2"
+    (tmp_path / "optimizer.lr=0.001,data=digits,model=cnn,trainer.epochs=2").mkdir()
+    (tmp_path / "data=digits,model=mlp,optimizer.lr=0.001,trainer.epochs=2").mkdir()  # another job
+    grown = job_dir_name(short, ["model", "optimizer.lr"], tmp_path)
+    assert grown == "optimizer.lr=0.001,data=digits,model=cnn,trainer.epochs=2"
+    assert job_dir_name(short, ["model", "optimizer.lr"]) == "model=cnn,optimizer.lr=0.001,data=digits,trainer.epochs=2"
+    assert job_dir_name(short.replace("cnn", "vit"), ["model"], tmp_path) == "model=vit,data=digits,optimizer.lr=0.001,trainer.epochs=2"
+    (tmp_path / "model=cnn,optimizer.lr=0.001,data=digits,trainer.epochs=2").mkdir()
+    assert job_dir_name(short, ["model", "optimizer.lr"], tmp_path) == "model=cnn,optimizer.lr=0.001,data=digits,trainer.epochs=2"
+    # A long name: found by its hash (of the overrides in Hydra's order, whatever order the name has).
+    long = _dirname([*SHARED, "optimizer.lr=0.001"])
+    earlier = job_dir_name(long)  # (as sweeps named jobs before the swept keys led)
+    (tmp_path / earlier).mkdir()
+    assert job_dir_name(long, ["optimizer.lr"], tmp_path) == earlier
+    assert job_dir_name(long.replace("0.001", "0.003"), ["optimizer.lr"], tmp_path).startswith("optimizer.lr=0.003,")
+
+
+def test_the_swept_keys_come_from_the_sweep_overrides_and_the_search_space():
+    task = ["data=digits", "model=cnn,mlp", "optimizer.lr=range(1,3)", "+trainer.ema_decay=choice(0.9,0.99)",
+            "model.features=[32,64]", "data.root='a,b'", "trainer.seed=glob(*)"]
+    assert sweep.swept_keys(task) == ["model", "optimizer.lr", "trainer.ema_decay", "trainer.seed"]
+    optuna = {"optimizer.lr": "tag(log, interval(1e-4, 3e-3))", "model.features": "choice([32,64], [64,128])",
+              "trainer.batch_size": 64}  # (a fixed value in the search space does not vary)
+    assert sweep.swept_keys(["data=toy", "model.hidden_dim=choice(0,32)"], optuna) == [
+        "model.features", "model.hidden_dim", "optimizer.lr"]
+
+
+def test_the_best_job_of_a_sweep_of_one_is_named_by_its_overrides(tmp_path):
+    sweep.write_record(tmp_path / "model=cnn,data=digits", status="finished", objective="test/acc", value=0.9,
+                       overrides=["model=cnn", "data=digits", "logger.mode=offline"])
+    _, md = sweep.write_summary(tmp_path)
+    assert "Best: model=cnn data=digits (test/acc 0.9, in model=cnn,data=digits)." in md
 
 
 @pytest.mark.slow  # (29 s)
@@ -144,10 +209,10 @@ def test_rerun_refuses_a_finished_job_whose_config_changed(tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"optimizer": {"lr": 0.001}, "logger": {"mode": "offline"}}))
     (run_dir / "summary.json").write_text(json.dumps({"best/val/acc": 0.5}))
     sweep.write_record(run_dir, status="finished")
-    assert sweep.finished_result(run_dir, {"optimizer": {"lr": 0.001}, "logger": {"mode": "disabled"}}) == {
-        "best/val/acc": 0.5}  # the logger does not change what a job computes
-    with pytest.raises(sweep.JobConflict, match=r"optimizer.lr: 0.001 -> 0.003.*new hydra.sweep.dir"):
-        sweep.finished_result(run_dir, {"optimizer": {"lr": 0.003}, "logger": {"mode": "offline"}})
+    fate = decide({"optimizer": {"lr": 0.001}, "logger": {"mode": "disabled"}}, "auto", run_dir, sweep=True)
+    assert (fate.kind, fate.summary) == ("finished", {"best/val/acc": 0.5})  # the logger does not change what it computes
+    with pytest.raises(Refused, match=r"optimizer.lr: 0.001 -> 0.003.*hydra.sweep.dir=<new dir>"):
+        decide({"optimizer": {"lr": 0.003}, "logger": {"mode": "offline"}}, "auto", run_dir, sweep=True)
 
 
 def test_the_best_job_follows_the_objectives_direction(tmp_path):
@@ -289,13 +354,16 @@ def test_a_config_conflict_is_shown_as_such_and_keeps_the_earlier_result(tmp_pat
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"optimizer": {"lr": 0.001}}))
     (run_dir / "summary.json").write_text(json.dumps({"best/val/acc": 0.9}))
     sweep.write_record(run_dir, status="finished", objective="best/val/acc", value=0.9, overrides=["optimizer.lr=x"])
-    with pytest.raises(sweep.JobConflict) as e:
-        sweep.finished_result(run_dir, {"optimizer": {"lr": 0.003}})
-    sweep.write_record(run_dir, conflict=str(e.value))  # what the CLI does with it
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(Refused) as e:
+        decide({"optimizer": {"lr": 0.003}}, "auto", run_dir, sweep=True)
+    sweep.mark_refused(run_dir, str(e.value))  # what the command line does with it: beside the directory
     (row,) = sweep.collect(tmp_path)
-    assert row["status"] == "conflict" and row["value"] is None and "another config" in row["error"]
+    assert row["status"] == "conflict" and row["value"] is None and "computed something else" in row["error"]
     assert sweep.best_row([row]) is None
-    assert json.loads((run_dir / "summary.json").read_text()) == {"best/val/acc": 0.9}  # nothing lost
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # nothing inside it changed
+    sweep.clear_refused(run_dir)  # a later attempt accepted
+    assert sweep.collect(tmp_path)[0]["status"] == "finished"
 
 
 def test_a_job_directory_in_use_by_a_live_process_is_refused(tmp_path):
@@ -357,8 +425,9 @@ def test_a_sweep_whose_job_was_refused_exits_nonzero_naming_it(tmp_path):
     the sweep used to exit 0."""
     sweep_dir = tmp_path / "sweep"
     common = ["model=mlp", "data=toy", "trainer.epochs=1", "hardware=cpu"]
-    # Its directory, as Hydra names a job (overrides sorted, those in override_dirname.exclude_keys left out).
-    refused = sweep_dir / job_dir_name(",".join(sorted([*common, "trainer.seed=0"])))
+    # Its directory, as Hydra names a job (overrides sorted, those in override_dirname.exclude_keys left out,
+    # the swept one first).
+    refused = sweep_dir / job_dir_name(",".join(sorted([*common, "trainer.seed=0"])), ["trainer.seed"])
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         sweep.write_record(refused, status="running", host=socket.gethostname(), pid=sleeper.pid,

@@ -17,19 +17,22 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 import vision_train  # noqa: E402
 
-from . import interrupts, sweep  # noqa: E402
-from .config import UnknownKey, objective_name, register_configs, schema_at, to_dict, to_run_config  # noqa: E402
-from .errors import DiskFull, UserError, disk_full_error, install_background_error_handling  # noqa: E402
+from . import interrupts, logfile, sweep  # noqa: E402
+from .config import UnknownKey, register_configs, schema_at, to_dict, to_run_config  # noqa: E402
+from .errors import (ConfigError, DiskFull, Preempted, UserError, disk_full_error,  # noqa: E402
+                     install_background_error_handling, writing)
+from .fate import Refused, decide  # noqa: E402
 from .host_devices import configure_host_devices  # noqa: E402
 from .records import set_aside_run  # noqa: E402
 
@@ -39,54 +42,55 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise on CPU/GPU
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
-    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Resetting cache" of the compilation cache
-    install_background_error_handling()  # background threads' tracebacks: to the log file, not the console
-    interrupts.guard_unraisable()  # (again on top: a Ctrl-C dropped in a gc callback is delivered again)
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    run_dir = hc.runtime.output_dir
-    overrides = list(hc.overrides.task)
-    process = vision_train.PROCESS  # start-up: from import for a process's first job, else from the job's start
-    started = process["started"] if process["jobs"] == 0 else time.time()
-    process["jobs"] += 1
-    recorded = False
-    Preempted = ()  # (training's stop on a signal: bound below, where training is imported)
-
-    def record(status: str, **kw) -> None:
-        if recorded:
-            sweep.end_record(run_dir, status, **kw)
-        else:  # it stopped before it started
-            sweep.record_unstarted(run_dir, overrides, str(cfg.trainer.objective), status, **kw)
-
+    """One job: validate, decide its fate (new, resume, branch, finished or refused) before anything is written,
+    record it, train. In a sweep a failed or refused job returns None (Optuna: a failed trial) and the sweep
+    goes on; a single run exits non-zero with one line."""
+    _quiet_loggers()
+    job = Job(HydraConfig.get(), cfg)
     try:
-        if multirun:
-            _sweep_job_settings(cfg, hc, overrides)
-        run_cfg = to_run_config(cfg)  # validated and frozen before JAX starts or anything compiles
-        objective = objective_name(run_cfg)
-        if multirun:
-            sweep.check_direction(objective, hc.sweeper)
-        if run_cfg.trainer.resume == "auto":  # the same command again: a finished run stays as it is
-            # (a sweep's job whose directory holds another config's finished job is refused; a single run
-            # with another config goes on from its last checkpoint, e.g. trainer.epochs raised)
-            done = sweep.finished_result(run_dir, to_dict(run_cfg), conflict=multirun)
-            if done is not None and not multirun:  # nothing is touched, W&B not started
-                log.info("%s", sweep.finished_line(run_dir, done, objective))
-                return None
-            if done is not None:
-                value = _objective(done, objective)
-                log.info("skipped: this job finished in an earlier run of the sweep (%s %.4f; %s)",
-                         objective, value, os.path.join(run_dir, "summary.json"))
-                return value
+        return job.run()
+    except KeyboardInterrupt as e:  # during start-up, or a second Ctrl-C in the loop: stop now (the sweep too)
+        _interrupted(e, job.record)
+    except UserError as e:
+        return job.failed(e)
+    except Exception as e:  # a bug, out of memory, ...: recorded; in a sweep the next job still runs
+        if interrupts.interrupt_behind(e) is not None:  # (a Ctrl-C turned into ImportError by an extension)
+            _interrupted(interrupts.interrupt_behind(e), job.record)
+        job.record("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
+        if not job.multirun:
+            raise
+        log.exception("job failed")
+        return None
+
+
+class Job:
+    """A job of the command line: its run directory, overrides, records; ``run`` is its life."""
+
+    def __init__(self, hc, cfg: DictConfig):
+        self.hc, self.cfg = hc, cfg
+        self.multirun = hc.mode == RunMode.MULTIRUN
+        self.run_dir = hc.runtime.output_dir
+        self.overrides = list(hc.overrides.task)
+        process = vision_train.PROCESS  # start-up: from import for a process's first job, else from the job's start
+        self.started = process["started"] if process["jobs"] == 0 else time.time()
+        process["jobs"] += 1
+        self.accepted = False
+        self.objective = str(cfg.trainer.objective)
+
+    def run(self) -> float | None:
+        if self.multirun:
+            _sweep_job_settings(self.cfg, self.hc, self.overrides)
+        run_cfg = to_run_config(self.cfg)  # validated and frozen before JAX starts or anything compiles
+        self.objective = run_cfg.trainer.objective  # (auto where only the data can tell: resolved by the run)
+        if self.multirun:
+            sweep.check_direction("best/val/acc" if self.objective == "auto" else self.objective, self.hc.sweeper)
+            self._needs_objective(self.objective, run_cfg)
         if not run_cfg.hardware.distributed:  # (the processes of a multi-host run share the directory)
-            sweep.check_not_running(run_dir)
-            if run_cfg.trainer.resume == "never":  # start over: the earlier run's files, its job.json too, set aside
-                moved = set_aside_run(run_dir, include_job_record=True)
-                if moved:
-                    log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
-        sweep.start_record(run_dir, overrides, objective, clock_start=started)
-        recorded = True
+            sweep.check_not_running(self.run_dir, sweep=self.multirun)
+        fate = decide(to_dict(run_cfg), run_cfg.trainer.resume, self.run_dir, sweep=self.multirun)
+        if fate.kind == "finished":  # nothing is touched, W&B not started
+            return self._finished(fate.summary)
+        self._accept(fate)
         configure_host_devices(run_cfg.hardware.platform, run_cfg.hardware.num_devices)
         # JAX starts here. The command line imports nothing that imports JAX before configure_host_devices has set
         # XLA_FLAGS / JAX_PLATFORMS for hardware.* (read when JAX is imported and starts); these are the only
@@ -96,53 +100,108 @@ def main(cfg: DictConfig) -> float | None:
             import jax  # noqa: F401
             import orbax.checkpoint  # noqa: F401
 
-            from .train.loop import Preempted, train
-        summary = train(run_cfg, run_dir, started_at=started)
-        value = _objective(summary, objective)
-        sweep.end_record(run_dir, "finished", value=value)
+            from .train.loop import train
+        summary = train(run_cfg, self.run_dir, started_at=self.started, fate=fate)
+        self.objective = summary.get("objective", self.objective)
+        self._needs_objective(self.objective, run_cfg)
+        value = _objective(summary, self.objective)
+        sweep.end_record(self.run_dir, "finished", value=value, objective=self.objective)
         return value
-    except KeyboardInterrupt as e:  # during start-up, or a second Ctrl-C in the loop: stop now (the sweep too)
-        _interrupted(e, record)
-    except sweep.JobConflict as e:  # the earlier job's files stay as they are; the table says "conflict"
-        log.error("error: %s", e)
-        if e.mark and sweep.read_record(run_dir):
-            sweep.write_record(run_dir, conflict=str(e))
-        if multirun:
+
+    def _accept(self, fate) -> None:
+        """The attempt goes ahead: from here on it writes into the run directory. Hydra's files (.hydra/) and the
+        log held so far are written, the earlier run's files set aside where it starts over, the job recorded."""
+        logfile.accept()
+        _save_hydra_files(self.run_dir, self.cfg, self.hc)
+        if self.multirun:
+            sweep.clear_refused(self.run_dir)
+        if fate.start_over and not self.cfg.hardware.distributed:
+            moved = set_aside_run(self.run_dir, include_job_record=True)
+            if moved:
+                log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
+        sweep.start_record(self.run_dir, self.overrides, self.objective, clock_start=self.started)
+        self.accepted = True
+
+    def _finished(self, summary: dict) -> float | None:
+        objective = summary.get("objective") or self.objective
+        if not self.multirun:
+            log.info("%s", sweep.finished_line(self.run_dir, summary, objective))
             return None
-        sys.exit(2)
-    except DiskFull as e:  # one line; job.json records it where space allows
-        message = str(e)
-        try:
-            record("failed", error=message)
-        except DiskFull as also:
-            if also.path != e.path:
-                message += f"; {also.path} could not be updated either"
-        log.error("error: %s", message)
-        if multirun:
-            return None
-        sys.exit(2)
-    except UserError as e:
+        value = _objective(summary, objective)
+        log.info("skipped: this job finished in an earlier run of the sweep (%s %s; %s)", objective,
+                 "-" if value is None else f"{value:.4f}", os.path.join(self.run_dir, "summary.json"))
+        return value
+
+    def _needs_objective(self, objective: str, run_cfg) -> None:
+        if objective == "none" and "optuna" in str(self.hc.sweeper.get("_target_", "")):
+            raise ConfigError("trainer.objective", "none" if run_cfg.trainer.objective == "none" else "auto",
+                              f"an Optuna search optimises an objective, and {run_cfg.data.name} has no validation "
+                              f"split; hold one out with data.val_size=N, or name one (e.g. trainer.objective="
+                              f"test/acc to optimise on the test split)")
+
+    def record(self, status: str, **kw) -> None:
+        """The end of an attempt in job.json. Only an accepted attempt writes into its run directory; a sweep's
+        job refused before it started is recorded where the directory holds no earlier job (the table shows it)."""
+        if self.accepted:
+            sweep.end_record(self.run_dir, status, **kw)
+        elif self.multirun and sweep.read_record(self.run_dir) is None:
+            sweep.record_unstarted(self.run_dir, self.overrides, self.objective, status, **kw)
+
+    def failed(self, e: UserError) -> float | None:
         if isinstance(e, Preempted):  # checkpoint saved; a re-run (or submitit's requeue) resumes
-            record("interrupted", error=str(e))
+            self.record("interrupted", error=str(e))
             log.error("error: %s", e)
             if e.requeue is not None:
                 e.requeue(e.signum, None)  # submitit: requeue this job and exit
-            if multirun and "submitit" in str(hc.launcher.get("_target_", "")):
+            if self.multirun and "submitit" in str(self.hc.launcher.get("_target_", "")):
                 return None  # one SLURM job preempted: the others go on, the table says "interrupted"
             interrupts.stop(e.signum)  # Ctrl-C: 130, SIGTERM: 143; the sweep stops too
-        record("failed", error=str(e))
-        log.error("error: %s", e)
-        if multirun:
+        message = str(e)
+        if isinstance(e, Refused) and self.multirun:
+            sweep.mark_refused(self.run_dir, message)  # (beside the directory: nothing inside it changes)
+        elif not isinstance(e, (Refused, sweep.JobConflict)):
+            try:
+                self.record("failed", error=message)
+            except DiskFull as also:
+                if not isinstance(e, DiskFull) or also.path != e.path:
+                    message += f"; {also.path} could not be updated either"
+        log.error("error: %s", message)
+        if not self.accepted:
+            _remove_if_empty(self.run_dir)
+        if self.multirun:
             return None  # one bad job must not end the sweep (Optuna: a failed trial); the error is recorded
         sys.exit(2)
-    except Exception as e:  # a bug, out of memory, ...: recorded; in a sweep the next job still runs
-        if interrupts.interrupt_behind(e) is not None:  # (a Ctrl-C turned into ImportError by an extension)
-            _interrupted(interrupts.interrupt_behind(e), record)
-        record("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500])
-        if not multirun:
-            raise
-        log.exception("job failed")
-        return None
+
+
+def _quiet_loggers() -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU found" noise on CPU/GPU
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
+    logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. "Resetting cache" of the compilation cache
+    install_background_error_handling()  # background threads' tracebacks: to the log file, not the console
+    interrupts.guard_unraisable()  # (again on top: a Ctrl-C dropped in a gc callback is delivered again)
+
+
+def _save_hydra_files(run_dir: str, cfg: DictConfig, hc) -> None:
+    """What Hydra writes into ``<run dir>/.hydra/`` (config.yaml, hydra.yaml, overrides.yaml), written for an
+    accepted attempt only (conf/config.yaml sets ``hydra.output_subdir: null``)."""
+    out = Path(run_dir) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hc})),
+                       ("overrides.yaml", hc.overrides.task)):
+        with writing(out / name, "Hydra's record of the job"):
+            OmegaConf.save(node, out / name, resolve=False)
+
+
+def _remove_if_empty(run_dir: str) -> None:
+    """A refused attempt's run directory, created by Hydra for it and left empty, is removed, with the empty
+    folders above it up to the working directory (``outputs/<date>/``)."""
+    path, cwd = Path(run_dir).absolute(), Path.cwd().absolute()
+    while path != cwd and cwd in path.parents:
+        try:
+            path.rmdir()  # (only an empty one)
+        except OSError:
+            return
+        path = path.parent
 
 
 def _interrupted(e: KeyboardInterrupt, record) -> None:
@@ -166,7 +225,9 @@ def _sweep_job_settings(cfg: DictConfig, hc, overrides: list[str]) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def _objective(summary: dict, objective: str) -> float:
+def _objective(summary: dict, objective: str) -> float | None:
+    if objective == "none":
+        return None
     if summary.get(objective) is None:
         raise UserError(f"trainer.objective={objective}: the run's summary has no such value "
                         f"(it has {', '.join(k for k in summary if '/' in k and not k.startswith('time/'))})")

@@ -15,9 +15,11 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import ConfigError, UserError
@@ -47,16 +49,86 @@ def _freeze(obj):
     return obj
 
 
-def job_dir_name(override_dirname: str, max_len: int = 150) -> str:
-    """A sweep job's directory name: its overrides (Hydra's ``override_dirname``, e.g.
-    ``model=cnn,optimizer.lr=0.001``) made safe for every file system and for checkpoint paths (Orbax's
-    TensorStore cannot restore from a path holding ``[`` or ``]``): characters other than letters,
-    digits and ``._,=+-`` become ``_``; names over ``max_len`` characters are cut and end with a hash of
-    the whole. The same overrides always give the same name (a re-run finds its jobs)."""
-    name = re.sub(r"[^A-Za-z0-9._,=+-]", "_", override_dirname) or "default"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
+
+
+def override_items(override_dirname: str) -> list[str]:
+    """Hydra's ``override_dirname`` (``key=value`` items joined by ``,``) split into its items: a comma
+    inside brackets or quotes, or after a backslash, belongs to its value (``model.features=[32,64]``)."""
+    items, start, depth, quote, i = [], 0, 0, None, 0
+    while i < len(override_dirname):
+        c = override_dirname[i]
+        if c == "\\":
+            i += 1
+        elif quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth = max(depth - 1, 0)
+        elif c == "," and not depth:
+            items.append(override_dirname[start:i])
+            start = i + 1
+        i += 1
+    items.append(override_dirname[start:])
+    return [item for item in items if item]
+
+
+def override_key(item: str) -> str:
+    """``+optimizer.lr=0.1`` -> ``optimizer.lr``; ``model@x=cnn`` -> ``model`` (as Hydra's ``key_or_group``)."""
+    return item.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def job_dir_name(override_dirname: str, swept: Any = None, sweep_dir: Any = None, max_len: int = 150) -> str:
+    """A sweep job's directory name: its overrides (Hydra's ``override_dirname``, sorted by key), those of
+    the ``swept`` keys first (the keys whose values differ between the sweep's jobs, e.g. ``model`` and
+    ``optimizer.lr`` of ``-m model=cnn,mlp optimizer.lr=1e-3,3e-4 data=digits``, as
+    ``sweep.swept_keys`` finds them): ``model=cnn,optimizer.lr=0.001,data=digits``. Made safe for every
+    file system and for checkpoint paths (Orbax's TensorStore cannot restore from a path holding ``[`` or
+    ``]``): characters other than letters, digits and ``._,=+-`` become ``_``; a name over ``max_len``
+    characters is cut and ends with a hash of the whole (the same for every order of the overrides).
+
+    The same overrides and swept keys always give the same name, so re-running a sweep finds each job's
+    directory. With ``sweep_dir``, a job whose name does not exist there yet takes the directory holding
+    the same overrides in another order, if there is one: a grid grown along a key it did not sweep before
+    (which moves that key forward), or a sweep named before the swept keys led, finds its earlier jobs."""
+    items = override_items(override_dirname)
+    if isinstance(swept, str):
+        swept = swept.split(",")
+    keys = {str(k).strip() for k in (swept or ())}
+    items = [x for x in items if override_key(x) in keys] + [x for x in items if override_key(x) not in keys]
+    parts = [_UNSAFE.sub("_", x) for x in items]
+    name = ",".join(parts) or "default"
+    digest = None
     if len(name) > max_len:
-        name = f"{name[:max_len - 13]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:12]}"
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:12]
+        name = f"{name[:max_len - 13]}-{digest}"
+    if sweep_dir and parts:
+        name = _earlier_job_dir(name, Path(str(sweep_dir)), parts, digest)
     return name
+
+
+def _earlier_job_dir(name: str, sweep_dir: Path, parts: list[str], digest: str | None) -> str:
+    """``name``, or the directory of ``sweep_dir`` named by the same overrides in another order (the first
+    in sorted order, should there be several)."""
+    if (sweep_dir / name).is_dir() or not sweep_dir.is_dir():
+        return name
+    length = len(",".join(parts))
+
+    def same(candidate: str, rest: list[str]) -> bool:  # candidate == ",".join(some order of rest)?
+        if len(rest) == 1:
+            return candidate == rest[0]
+        return any(candidate.startswith(p + ",") and same(candidate[len(p) + 1:], rest[:i] + rest[i + 1:])
+                   for i, p in enumerate(rest))
+
+    try:
+        found = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and (
+            p.name.endswith(f"-{digest}") if digest else len(p.name) == length and same(p.name, parts)))
+    except OSError:
+        return name
+    return found[0] if found else name
 
 
 # conf/config.yaml names sweep jobs' directories ${vt_job_dir:...}. Registered at import, because a launcher's
@@ -95,7 +167,9 @@ class DataConfig(_Freezable):
     # center crop when decoded; built-in sets, when set, by bilinear resampling inside the jitted step (e.g. CIFAR-10
     # at 224 for a pretrained ViT-B/16; the data stay 32x32 in memory). null: the built-in set's own size.
     image_size: Optional[int] = None
-    channels: int = 3                  # 3: RGB (grayscale, RGBA, CMYK, palette converted); 1: grayscale
+    # 3: RGB (grayscale repeated; RGBA, CMYK, palette converted); 1: grayscale (RGB by ITU-R 601-2 luma, as PIL).
+    # null: as stored (built-in sets: 1 for digits, mnist, fashion_mnist; your own images: 3)
+    channels: Optional[int] = None
     test_size: int = 0                 # a set without a test split: examples held out for test; 0: test_fraction
     image_key: str = "image"           # hf: the column holding the image
     label_key: str = "label"           # hf: the column holding the class (ClassLabel or int)
@@ -260,15 +334,45 @@ OBJECTIVES = {k: "maximize" if m.better == "max" else "minimize" for k, m in MET
 BEST_METRICS = tuple(k for k, m in METRICS.items() if m.epoch_line)
 
 
-def resolve_objective(objective: str, val_size: int) -> str:
-    """``trainer.objective`` resolved: auto is best/val/acc, or test/acc when there is no validation split."""
-    if objective != "auto":
+# Validation folders of an image folder (``data.files``): their presence is a validation split.
+VAL_DIRS = ("val", "valid", "validation")
+
+
+def has_validation(d) -> bool | None:
+    """Whether the data config ``d`` gives a validation split, without opening the data: held out
+    (``data.val_size``), an image folder's ``val/`` folder; None where only opening the data tells (a Hugging
+    Face set's own validation split)."""
+    if d.val_size > 0:
+        return True
+    if d.kind == "image_folder":
+        root = os.path.expanduser(str(d.root))
+        return os.path.isdir(os.path.join(root, "train")) and any(os.path.isdir(os.path.join(root, v)) for v in VAL_DIRS)
+    if d.kind == "hf":
+        return None
+    return False
+
+
+def resolve_objective(objective: str, has_val: bool | None) -> str:
+    """``trainer.objective`` resolved: auto is best/val/acc with a validation split, else none (no objective;
+    never a test metric unless the user names one); stays auto where the data are still to tell."""
+    if objective != "auto" or has_val is None:
         return objective
-    return "best/val/acc" if val_size > 0 else "test/acc"
+    return "best/val/acc" if has_val else "none"
 
 
-def objective_name(cfg: Config) -> str:
-    return resolve_objective(cfg.trainer.objective, cfg.data.val_size)
+def objective_line(cfg: Config) -> str | None:
+    """The one line a run says about its objective when it is not the validation metric: none (no validation
+    split), or a test metric the user named."""
+    objective, name = cfg.trainer.objective, cfg.data.name
+    if objective == "none":
+        return ("trainer.objective: none; this run reports no objective to a sweep: " +
+                (f"{name} has no validation split (test metrics never pick a checkpoint or a job unless named); "
+                 f"hold one out with data.val_size=N, or name trainer.objective=test/acc" if not cfg.data.val_size
+                 else "as set"))
+    if objective in METRICS and objective.startswith("test"):
+        return (f"trainer.objective={objective}: sweeps rank jobs (and Optuna optimises) on the test split, as "
+                f"asked; its score then overestimates what a new test set would give")
+    return None
 
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
@@ -336,7 +440,15 @@ def validate(cfg: Config) -> Config:
                           f"data.image_size=224")
     if d.kind == "builtin" and d.name == "toy" and d.image_size is not None:
         raise ConfigError("data.image_size", d.image_size, "the toy set is 2-D points, not images; leave it unset (null)")
-    _choice("data.channels", d.channels, (1, 3))
+    if d.channels is None and d.kind != "builtin":
+        d.channels = 3  # your own images: RGB unless data.channels=1
+    if d.channels is not None:
+        _choice("data.channels", d.channels, (1, 3))
+        if d.kind == "builtin" and d.name == "toy":
+            raise ConfigError("data.channels", d.channels, "the toy set is 2-D points, not images; leave it unset (null)")
+        if d.kind == "builtin" and d.name == "synthetic" and len(d.image_shape) == 3 and d.image_shape[2] not in (1, 3):
+            raise ConfigError("data.channels", d.channels, f"data.image_shape has {d.image_shape[2]} channels; "
+                              f"data.channels converts 1- and 3-channel images: leave it unset (null)")
     _positive("data.test_size", d.test_size, allow_zero=True)
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError("data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1] (0: any unreadable image "
@@ -414,7 +526,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("trainer.best_metric", t.best_metric, f"choose one of auto, {', '.join(BEST_METRICS)} (the "
                           f"metrics of the epoch line) or null (no best checkpoint)")
     _choice("trainer.best_mode", t.best_mode, ("auto", "max", "min"))
-    _choice("trainer.objective", t.objective, ("auto", *OBJECTIVES))
+    _choice("trainer.objective", t.objective, ("auto", "none", *OBJECTIVES))
     if t.profile_steps is not None:
         steps = list(t.profile_steps)
         if len(steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps) \
@@ -431,15 +543,19 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def check_metrics(cfg: Config) -> Config:
-    """Keys that name a metric must name one this run reports (``METRICS``: a validation metric needs
-    data.val_size > 0), the best checkpoint's direction must be the metric's; ``trainer.best_metric`` and
-    ``trainer.best_mode`` are resolved in place (auto: val/acc with a validation split, else none).
+def check_metrics(cfg: Config, has_val: bool | None = None) -> Config:
+    """Keys that name a metric must name one this run reports (``METRICS``: a validation metric needs a
+    validation split), the best checkpoint's direction must be the metric's; ``trainer.best_metric``,
+    ``trainer.best_mode`` and ``trainer.objective`` are resolved in place (auto: the validation metric with a
+    validation split, else none). ``has_val``: whether the data have a validation split; None: as far as the
+    config tells (``has_validation``); where only the data can tell (a Hugging Face set), auto stays auto and
+    the run resolves it once the data are open (``with_data``).
     A run's own check, before it starts: not applied to a config read back from a checkpoint (``from_dict``),
     which evaluation may combine with other data."""
     d, t = cfg.data, cfg.trainer
-    has_val = d.val_size > 0
-    no_val = f"data.val_size=0 leaves {d.name} no validation split; "
+    if has_val is None:
+        has_val = has_validation(d)
+    no_val = f"{d.name} has no validation split; "
     hold_out = ", or hold out examples for validation with data.val_size"
 
     for key, name in (("trainer.best_metric", t.best_metric), ("trainer.objective", t.objective)):
@@ -447,13 +563,13 @@ def check_metrics(cfg: Config) -> Config:
             raise ConfigError(key, name, "needs the parameters' moving average: set trainer.ema_decay (e.g. 0.999)")
     metric = t.best_metric
     if metric == "auto":
-        metric = "val/acc" if has_val else None
-    elif metric is not None and METRICS[metric].needs_val and not has_val:
+        metric = "auto" if has_val is None else "val/acc" if has_val else None
+    elif metric is not None and METRICS[metric].needs_val and has_val is False:
         usable = [k for k in BEST_METRICS if not METRICS[k].needs_val]
         raise ConfigError("trainer.best_metric", metric, f"{no_val}use trainer.best_metric={', '.join(usable)} or null "
                           f"(no best checkpoint, only the last trainer.keep_checkpoints){hold_out}")
     mode = t.best_mode
-    if metric is not None:
+    if metric not in (None, "auto"):
         better = METRICS[metric].better
         if mode not in ("auto", better):
             raise ConfigError("trainer.best_mode", mode, f"trainer.best_metric={metric} is better when "
@@ -462,11 +578,21 @@ def check_metrics(cfg: Config) -> Config:
         mode = better
     t.best_metric, t.best_mode = metric, mode
 
-    if t.objective != "auto" and METRICS[t.objective].needs_val and not has_val:
+    if t.objective in METRICS and METRICS[t.objective].needs_val and has_val is False:
         usable = [k for k in OBJECTIVES if not METRICS[k].needs_val]
         raise ConfigError("trainer.objective", t.objective, f"{no_val}use trainer.objective={', '.join(usable)} "
-                          f"(or auto){hold_out}")
+                          f"(or auto, or none){hold_out}")
+    t.objective = resolve_objective(t.objective, has_val)
     return cfg
+
+
+def with_data(cfg: Config, has_val: bool) -> Config:
+    """``cfg`` with what only the opened data could tell resolved (``check_metrics`` with ``has_val``): the
+    same config when nothing was left to resolve."""
+    if cfg.trainer.objective != "auto" and cfg.trainer.best_metric != "auto":
+        return cfg
+    thawed = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer))  # (copies: the given one stays)
+    return _freeze(check_metrics(thawed, has_val))
 
 
 def to_run_config(cfg: Any) -> Config:

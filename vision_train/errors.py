@@ -179,6 +179,16 @@ def write_text(path: str | Path, text: str, what: str) -> None:
         tmp.replace(path)
 
 
+class Preempted(UserError):
+    """SIGTERM/SIGINT/SIGUSR2: the step in progress finished, a checkpoint was saved, the run stops.
+    ``requeue``: under submitit (SLURM), its checkpoint-and-requeue handler, for the caller to call once
+    the run's records are written (it requeues the job, which resumes from the checkpoint, and exits)."""
+
+    def __init__(self, message: str, signum: int = 0, requeue=None):
+        super().__init__(message)
+        self.signum, self.requeue = signum, requeue
+
+
 # ------------------------------------------------------------------ errors off the main thread
 def one_line(e: BaseException) -> str:
     text = str(e).strip()

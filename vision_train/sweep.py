@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from .config import OBJECTIVES, check_keys, resolve_objective
-from .errors import ConfigError, DiskFull, UserError, writing
+from .config import OBJECTIVES, check_keys, has_validation, resolve_objective
+from .errors import ConfigError, DiskFull, UserError, write_text, writing
 
 try:  # the callback's base class; the rest of this module needs no Hydra
     from hydra.experimental.callback import Callback as _Callback
@@ -42,8 +42,6 @@ RECORD = "job.json"
 # Environment a job's record keeps (where it ran, how JAX was told to use memory).
 _ENV = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID",
         "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "WANDB_SWEEP_ID")
-# Keys that do not change what a job computes: a re-run may differ in them and still skip the job.
-_VOLATILE = ("trainer.progress_bar", "trainer.resume", "logger.", "hardware.compilation_cache")
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -87,11 +85,13 @@ def start_record(run_dir: str | Path, overrides: list[str], objective: str, cloc
                         env={k: os.environ[k] for k in _ENV if k in os.environ})
 
 
-def end_record(run_dir: str | Path, status: str, *, value: float | None = None, error: str | None = None) -> dict:
+def end_record(run_dir: str | Path, status: str, *, value: float | None = None, error: str | None = None,
+               objective: str | None = None) -> dict:
+    """``objective``: as the run resolved it (auto becomes best/val/acc or none once the data are open)."""
     now = time.time()
     started = (read_record(run_dir) or {}).get("started_ts", now)
     return write_record(run_dir, status=status, value=value, error=error, ended=_iso(now), ended_ts=now,
-                        wall_time_s=round(now - started, 2))
+                        wall_time_s=round(now - started, 2), **({"objective": objective} if objective else {}))
 
 
 def record_unstarted(run_dir: str | Path, overrides: list[str], objective: str, status: str, **kw) -> dict:
@@ -109,67 +109,45 @@ def _iso(ts: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- re-runs
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _refusal_path(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.refused.json"
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys (dotted) whose values differ between two resolved configs, ignoring those that do not change
-    what a job computes (progress bar, resume, logger, cache)."""
-    a, b = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(_VOLATILE))
-    return keys
+def mark_refused(run_dir: str | Path, message: str) -> None:
+    """A sweep's job refused (its directory holds a run that computed something else): said beside the
+    directory, for the sweep's table, since a refused attempt changes no file inside it."""
+    path = _refusal_path(run_dir)
+    try:
+        write_text(path, json.dumps({"error": message, "at": _iso(time.time())}), "the sweep's note of a refused job")
+    except (OSError, DiskFull):
+        pass  # (the table then shows the directory's own record; the error was said on the console)
+
+
+def clear_refused(run_dir: str | Path) -> None:
+    _refusal_path(run_dir).unlink(missing_ok=True)
+
+
+def _refusal(run_dir: Path) -> dict | None:
+    try:
+        return json.loads(_refusal_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class JobConflict(UserError):
-    """A sweep job's directory holds a finished job with another config (left untouched; ``mark``: say so
-    in its record), or another live process is training in it."""
-
-    def __init__(self, message: str, mark: bool = True):
-        super().__init__(message)
-        self.mark = mark
+    """Another live process is training in the run directory."""
 
 
-def check_not_running(run_dir: str | Path) -> None:
+def check_not_running(run_dir: str | Path, sweep: bool = False) -> None:
     """Refuse to start a job whose directory another live process on this host is training in (a sweep
     re-run while the first is still going, two launchers on one directory)."""
     record = read_record(run_dir)
     if (record and record.get("status") == "running" and record.get("host") == socket.gethostname()
             and record.get("pid") != os.getpid() and _alive(record)):
         raise JobConflict(f"{run_dir} is being trained by process {record['pid']} on this host (since "
-                          f"{record.get('started')}); wait for it or stop it, or use another hydra.sweep.dir",
-                          mark=False)
-
-
-def finished_result(run_dir: str | Path, current_config: dict, conflict: bool = True) -> dict | None:
-    """The summary of a job that already finished in ``run_dir`` with this same config, else None.
-    A finished job whose config differs is an error (its results would be reported as this job's), or,
-    with ``conflict=False`` (a single run, which may go on from its checkpoint with e.g. more epochs), None."""
-    run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not record or record.get("status") != "finished" or not summary_path.exists():
-        return None
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None  # unreadable: train again (the run's own resume logic decides what is usable)
-    diff = config_differences(saved, current_config)
-    if diff and not conflict:
-        return None
-    if diff:
-        before, now = _flatten(saved), _flatten(current_config)
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
-        raise JobConflict(f"{run_dir} holds a finished job with another config ({shown}{', ...' if len(diff) > 4 else ''}); "
-                          f"use a new hydra.sweep.dir, or move that directory aside to train this job again")
-    return summary
+                          f"{record.get('started')}); wait for it or stop it, or use another "
+                          f"{'hydra.sweep.dir' if sweep else 'hydra.run.dir'}")
 
 
 def finished_line(run_dir: str | Path, summary: dict, objective: str | None = None) -> str:
@@ -232,8 +210,9 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         status = record.get("status", "unknown")
         if status == "running" and not _alive(record):
             status = "interrupted"  # killed without a word (kill -9, node failure): re-run to resume
-        if record.get("conflict"):  # its directory holds another config's finished job: not this job's result
-            status, summary = "conflict", {}
+        refused = _refusal(run_dir)
+        if refused:  # its directory holds another config's run: not this job's result
+            status, summary, record = "conflict", {}, {**record, "conflict": refused["error"]}
         hydra_num = _job_num(run_dir)
         rows.append({
             "job": str(run_dir.relative_to(sweep_dir)) or ".",
@@ -261,11 +240,11 @@ def _job_num(run_dir: Path) -> int | None:
 
 def best_row(rows: list[dict]) -> dict | None:
     """The finished job with the best objective value (its direction from ``config.OBJECTIVES``)."""
-    done = [r for r in rows if r["status"] == "finished" and _finite(r["value"])]
-    if not done:
+    done = [r for r in rows if r["status"] == "finished" and r["objective"] in OBJECTIVES and _finite(r["value"])]
+    if not done:  # (none: jobs without an objective are not ranked)
         return None
-    # Jobs of one sweep may return different objectives (auto: best/val/acc, or test/acc without a val
-    # split); only the most common one is ranked.
+    # Jobs of one sweep may report different objectives (auto: best/val/acc, or none where a job's data have
+    # no validation split); only the most common one is ranked.
     objectives = [r["objective"] for r in done]
     objective = max(set(objectives), key=objectives.count)
     done = [r for r in done if r["objective"] == objective]
@@ -328,7 +307,10 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     common, varying = split_overrides(rows)
     for r in rows:  # what the Markdown table and the messages name a job by
         mine = dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split())
-        r["swept"] = " ".join(f"{k}={mine[k]}" for k in varying if k in mine) or r["job"]
+        # (a job alone, or jobs that share every override: its own overrides, those that change what it computes)
+        r["swept"] = (" ".join(f"{k}={mine[k]}" for k in varying if k in mine)
+                      or " ".join(o for o in r["overrides"].split() if not o.lstrip("+~").startswith(_VOLATILE))
+                      or r["job"])
     csv_text, md = render(rows)
     counts = {}
     for r in rows:
@@ -360,9 +342,35 @@ def check_direction(objective: str, sweeper) -> None:
                           f"{'larger' if want == 'maximize' else 'smaller'}; set hydra.sweeper.direction={want}")
 
 
+def swept_keys(task_overrides: list[str], sweeper_params: dict | None = None) -> list[str]:
+    """The keys whose values differ between a sweep's jobs, sorted: those of the command line's sweep
+    overrides (``model=cnn,mlp``, ``range(...)``, ``choice(...)``, ``interval(...)``, ``glob(...)``) and of
+    the sweeper's ``params`` (an Optuna search space, ``hydra.sweeper.params``). Needs Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = set()
+    for line in [*task_overrides, *(f"{k}={v}" for k, v in (sweeper_params or {}).items())]:
+        try:
+            override = parser.parse_override(str(line))
+        except Exception:  # noqa: BLE001 (Hydra says what is wrong with it when the sweeper parses it)
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return sorted(keys)
+
+
 class SweepSummary(_Callback):
     """Hydra callback (conf/config.yaml, hydra.callbacks): the summary table when a sweep ends. A sweep
-    with failed jobs exits with status 1 after writing it (every other job has run)."""
+    with failed jobs exits with status 1 after writing it (every other job has run).
+
+    Before the first job it also tells every job which keys the sweep varies (``swept_keys``): its config
+    gets ``hydra.callbacks.sweep_summary.swept`` (an override added to the sweep's Hydra overrides, which
+    every job's config is composed with), and ``hydra.sweep.subdir`` names the job's directory by those
+    keys first (``config.job_dir_name``)."""
+
+    def __init__(self, swept: Any = None):
+        self.swept = swept  # (a job's copy of the callback config carries the sweep's swept keys)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         """Checked once, before any job (each job checks again, for sweeps whose jobs differ in them): no key
@@ -370,10 +378,18 @@ class SweepSummary(_Callback):
         right way."""
         try:
             check_keys(config)
-            check_direction(resolve_objective(config.trainer.objective, config.data.val_size), config.hydra.sweeper)
+            check_direction(resolve_objective(config.trainer.objective, has_validation(config.data)), config.hydra.sweeper)
         except UserError as e:
             log.error("error: %s", e)
             sys.exit(2)
+        from omegaconf import OmegaConf, open_dict, read_write
+
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        params = config.hydra.sweeper.get("params")
+        params = OmegaConf.to_container(params, resolve=False) if params is not None else None
+        swept = ",".join(f'"{k}"' for k in swept_keys(task, params))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"++hydra.callbacks.sweep_summary.swept=[{swept}]")
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -27,6 +26,7 @@ from .. import config as config_lib
 from .. import models, parallel, perf, records
 from ..data import pipeline, sources
 from ..errors import ConfigError, writing
+from ..fate import Fate
 from ..models import pretrained
 from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
@@ -120,8 +120,8 @@ def compute_dtype(cfg):
     return jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
 
 
-def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | dict:
-    """Build the run. Returns its summary instead when this run's directory holds the same run, finished."""
+def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fate) -> Run:
+    """Build the run whose fate (new, resume, branch: never finished) was decided before (``vision_train.fate``)."""
     t_start = time.time()
     t = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +141,10 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
 
     # ---------------------------------------------------------------- data
     ds, streamed = load_data(cfg.data)
+    cfg = config_lib.with_data(cfg, has_val=ds.val is not None)  # (auto metrics where only the data could tell)
+    t = cfg.trainer
+    if line := config_lib.objective_line(cfg):
+        log.info(line)
     B = t.batch_size
     if len(ds.train.labels) < B:
         raise ConfigError("trainer.batch_size", B,
@@ -174,26 +178,31 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
         tx = state_lib.make_optimizer(o, lr_shape=shape, hparams=hparams, params=nnx.state(model, nnx.Param))
         return state_lib.create(model, tx, seed, ema=t.ema_decay > 0)
 
-    graphdef, _ = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
-    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
+    graphdef, abstract = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
 
     # ---------------------------------------------------------------- pretrained weights
-    # Into a new run only: a resume restores the tuned weights (and must not need the file again).
-    pretrained_info = None
-    resuming = t.resume not in ("auto", "never") or (
-        t.resume == "auto" and t.checkpoint and (run_dir / "checkpoints").is_dir()
-        and any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()))
-    if cfg.model.init_from and not resuming:
+    # Into a new run only: a resume restores the tuned weights (and must not need the file again). Read and
+    # checked against the model's parameter shapes (``abstract``) before the init compiles: a bad file costs
+    # no compile; the arrays go into the state once it is built.
+    pre = None
+    if cfg.model.init_from and not fate.resuming:
         t_load = time.time()
         pre = pretrained.load(cfg.model.init_from, cfg.model, input_shape=in_shape,
                               num_classes=cfg.model.num_classes or ds.num_classes, reset_head=cfg.model.reset_head,
-                              like=state.params)
+                              like=abstract.params)
+        t_load = time.time() - t_load
+    del abstract
+    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
+    pretrained_info = None
+    if pre is not None:
+        t_merge = time.time()
         state = state.replace(params=pretrained.merge(state.params, pre),
                               ema=None if state.ema is None else pretrained.merge(state.ema, pre))
         pretrained_info = pre.info
         log.info("model.init_from: %s (%s, sha256 %s) | head %s | position embeddings %s | %.1f s",
                  pre.info["path"], pre.info["format"], pre.info["sha256"][:12], pre.info["head"],
-                 pre.info["posemb"], time.time() - t_load)
+                 pre.info["posemb"], t_load + time.time() - t_merge)
+        del pre
     n_params = state_lib.param_count(state.params)
     tx = state_lib.make_optimizer(o, lr_shape=shape, params=state.params)
     if multipliers := state_lib.describe_multipliers(o, state.params):  # optimizer.lr_mults, layer_decay
@@ -214,18 +223,16 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
     # ---------------------------------------------------------------- checkpoints, resume
     ckpt_dir = run_dir / "checkpoints"
     shapes = ckpt_lib.param_shapes(state.params)
-    if t.resume == "never" and is_main:
+    if fate.start_over and is_main:
         moved = records.set_aside_run(run_dir)  # nothing an earlier run wrote is overwritten or deleted
         if moved:
             log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
-    source = ckpt_lib.find(t.resume) if t.resume not in ("auto", "never") else None
-    own = source is not None and source[0].resolve() == ckpt_dir.resolve()
-    if own and source[1] is not None and is_main:
-        _set_aside_after(run_dir, ckpt_dir, source[1])  # resuming from an earlier step of this run
+    source = (fate.source, fate.step) if fate.resuming else None
+    own = fate.kind == "resume"
+    if own and fate.step is not None and is_main:
+        _set_aside_after(run_dir, ckpt_dir, fate.step)  # resuming from an earlier step of this run
     checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
                                           best_mode=t.best_mode) if t.checkpoint else None)
-    if t.resume == "auto" and checkpointer is not None and checkpointer.latest() is not None:
-        source, own = (ckpt_dir, None), True
     acc = new_acc()
     meta: dict = {}
     parent = None
@@ -252,14 +259,6 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float) -> Run | 
         raise ckpt_lib.CheckpointError(f"checkpoint at step {start_step} records its input pipeline at step "
                                        f"{saved_feed['next_step']}; it is inconsistent, resume from another step")
     loop = LoopState.from_meta(meta.get("loop"))
-    if own and start_step == total_steps and (run_dir / "summary.json").exists():
-        done = json.loads((run_dir / "summary.json").read_text())
-        log.info("this run finished (step %d of %d); nothing to do. Its summary: %s. To train it again from the "
-                 "start use trainer.resume=never (the finished run's files are set aside, not overwritten)",
-                 start_step, total_steps, run_dir / "summary.json")
-        if checkpointer is not None:
-            checkpointer.close()
-        return done
 
     # ---------------------------------------------------------------- tracking
     resolved = config_lib.to_dict(cfg)
@@ -312,7 +311,8 @@ def _restore(reader, step: int, state, acc, sharding):
     items, meta = reader.restore(step, target)
     restored = {k: items["state"].get(k) for k in fields}
     if missing:
-        restored["ema"] = jax.tree.map(lambda p: p.astype(jnp.float32), restored["params"])
+        # (copies: the step donates the parameters and the average, which must not share a buffer)
+        restored["ema"] = jax.tree.map(lambda p: jnp.copy(p.astype(jnp.float32)), restored["params"])
     if state.ema is None:
         restored["ema"] = None  # (kept by the checkpoint, not used by this run)
     return type(state)(**restored), items.get("acc"), meta

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 from .. import config as config_lib
+from .. import fate as fate_lib
 from .. import parallel, perf
-from ..errors import TrainingError, UserError
+from ..errors import Preempted, TrainingError, UserError  # noqa: F401 (Preempted: raised here)
 from . import evaluation
 from .assembly import Run, assemble, check_run_dir
 
@@ -50,17 +51,26 @@ class Hook:
         return step in self.at or itstime(step, self.every, total, self.last) or self.also()
 
 
-def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None = None) -> dict:
+def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None = None,
+          fate: fate_lib.Fate | None = None) -> dict:
     """Train, evaluate, test. Returns the summary (also written to ``<run_dir>/summary.json``).
 
     ``started_at``: when this job started (the CLI passes the process's import time for its first job),
-    so ``time/startup_s`` in the summary is start-up to the first finished step (imports, data, compile)."""
+    so ``time/startup_s`` in the summary is start-up to the first finished step (imports, data, compile).
+    ``fate``: the run's fate as the caller decided it (``vision_train.fate.decide``); decided here when not given.
+    A finished run returns its summary and changes nothing; a run directory holding another computation is
+    refused (``fate.Refused``) before anything is built."""
     run_dir = Path(run_dir)
     check_run_dir(cfg, run_dir)
+    if fate is None:
+        fate = fate_lib.decide(config_lib.to_dict(cfg), cfg.trainer.resume, run_dir)
+    if fate.kind == "finished":
+        log.info("this run finished; nothing to do. Its summary: %s. To train it again from the start use "
+                 "trainer.resume=never (the finished run's files are set aside, not overwritten)",
+                 run_dir / "summary.json")
+        return fate.summary
     parallel_setup(cfg)
-    run = assemble(cfg, run_dir, started_at or time.time())
-    if not isinstance(run, Run):  # this run had finished: its summary
-        return run
+    run = assemble(cfg, run_dir, started_at or time.time(), fate)
     hooks = Hooks(run)
     exit_code = 1
     try:
@@ -287,7 +297,7 @@ class Hooks:
         run.tracker.log_curves()
         test = {k: test[k] for k in ("test/loss", "test/acc", "test/ece", "test_ema/loss", "test_ema/acc") if k in test}
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        summary = {"parameters": run.n_params, "num_devices": len(run.devices), **test,
+        summary = {"objective": run.cfg.trainer.objective, "parameters": run.n_params, "num_devices": len(run.devices), **test,
                    **run.loop.last_val}  # (the final evaluation's val/loss, val/acc)
         if run.loop.best_step >= 0:
             summary.update({"best/val/acc": run.loop.best_val, "best/step": run.loop.best_step})
@@ -357,16 +367,6 @@ class Profiler:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
-
-
-class Preempted(UserError):
-    """SIGTERM/SIGINT/SIGUSR2: the step in progress finished, a checkpoint was saved, the run stops.
-    ``requeue``: under submitit (SLURM), its checkpoint-and-requeue handler, for the caller to call once
-    the run's records are written (it requeues the job, which resumes from the checkpoint, and exits)."""
-
-    def __init__(self, message: str, signum: int = 0, requeue=None):
-        super().__init__(message)
-        self.signum, self.requeue = signum, requeue
 
 
 class StopOnSignal:
