@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from vision_train.errors import ConfigError
 from vision_train.train.loop import train
 
+from .conftest import run_cli
 from .helpers import compose
 
 RUN = ["model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.epochs=2",
@@ -89,6 +91,31 @@ def test_unreachable_server_falls_back_to_offline_within_the_bound_and_keeps_the
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert key.encode() not in f.read_bytes(), f"API key written to {f}"
+
+
+def test_an_offline_run_says_only_its_own_line_and_an_empty_wandb_mode_is_unset(tmp_path):
+    """matplotlib's font-cache notes and W&B's own offline hints were printed (and went to train.log) beside
+    the run's own line about its offline W&B run; WANDB_MODE= (empty) died in a 40-line W&B settings traceback."""
+    fonts = tmp_path / "mpl"  # a fresh matplotlib cache: the font cache is built during this run
+    r = run_cli(["data=toy", "model=mlp", "trainer.epochs=1", "trainer.progress_bar=false", "hardware=cpu",
+                 "logger.mode=offline", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300,
+                env={"WANDB_MODE": "", "WANDB_SILENT": "false", "MPLCONFIGDIR": str(fonts)})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert list(fonts.glob("fontlist-*.json")), "matplotlib built no font cache here: the test checks nothing"
+    assert "W&B run saved offline; upload it with: wandb sync" in out, out  # the run's own line
+    for said in (out, (tmp_path / "run" / "train.log").read_text()):
+        assert "fontManager" not in said and "building the font cache" not in said, said
+        assert not [line for line in said.splitlines() if line.startswith("wandb:")], said  # W&B's own hints
+        assert "W&B syncing is set to" not in said and "wandb leet" not in said, said
+
+
+@pytest.mark.parametrize("value", ["bogus", "OFFLINE"])
+def test_a_wandb_mode_w_and_b_would_refuse_is_one_line_naming_it(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("WANDB_MODE", value)
+    with pytest.raises(ConfigError) as e:
+        train(compose([*RUN, "trainer.epochs=1", "logger.media=false"]), tmp_path)
+    assert e.value.key == "WANDB_MODE" and "online, offline" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_decision_boundary_for_2d_data(tmp_path):

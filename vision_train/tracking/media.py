@@ -7,9 +7,25 @@ predictions, confidences); nothing touches the device. Figures use matplotlib's 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+
+
+class _NoFontCacheNotes(logging.Filter):
+    """matplotlib's notes on building its font cache (once per cache directory: a fresh $MPLCONFIGDIR or
+    $HOME, e.g. a new container) are nothing a user can act on; they reached the console and train.log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Matplotlib is building the font cache", "generated new fontManager"))
+
+
+# Before matplotlib is first imported (the figures below import it): its INFO lines off unless the user set a
+# level for it; its warnings (e.g. an unwritable cache directory: set MPLCONFIGDIR) stay.
+if logging.getLogger("matplotlib").level == logging.NOTSET:
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+logging.getLogger("matplotlib.font_manager").addFilter(_NoFontCacheNotes())
 
 
 def per_class_accuracy(cm: np.ndarray) -> np.ndarray:

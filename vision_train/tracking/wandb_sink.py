@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..errors import ConfigError
 from .sinks import SinkResume
 
 log = logging.getLogger("vision_train")
@@ -64,6 +65,27 @@ def _isolate(run_dir: Path) -> None:
         shutil.copyfile(user_settings, run_dir / "wandb/.config/settings")
 
 
+def _check_wandb_mode(wandb) -> None:
+    """``$WANDB_MODE``, which W&B reads when a run starts: empty (``WANDB_MODE= python -m ...``) is unset; a value
+    W&B would refuse (it dies with a 40-line validation traceback) is one line naming it. The run's own mode is
+    logger.mode either way."""
+    value = os.environ.get("WANDB_MODE")
+    if value is None:
+        return
+    if not value.strip():
+        del os.environ["WANDB_MODE"]
+        return
+    try:  # (W&B's own list: online, offline, shared, disabled, dryrun, run in wandb 0.31)
+        import typing
+
+        accepted = typing.get_args(wandb.Settings.model_fields["mode"].annotation)
+    except Exception:  # noqa: BLE001
+        accepted = ()
+    if accepted and value not in accepted:
+        raise ConfigError("WANDB_MODE", value, f"W&B accepts {', '.join(accepted)}; or unset it (this run's W&B mode "
+                          f"is logger.mode: auto, online, offline or disabled)")
+
+
 def _new_run_id() -> str:
     """A W&B run id as W&B makes them: 8 characters of [a-z0-9]."""
     import secrets
@@ -100,6 +122,7 @@ class WandbSink:
         _isolate(self.run_dir)
         import wandb  # (an optional heavy import: only runs that log to W&B pay for it)
 
+        _check_wandb_mode(wandb)
         self._wandb = wandb
         self.finish_timeout_s = float(getattr(lc, "finish_timeout_s", 60.0))
         self._log_checkpoints = bool(getattr(lc, "log_checkpoints", False))
@@ -182,8 +205,8 @@ class WandbSink:
 
     def _init(self, mode: str, kwargs: dict, init_timeout_s: float, rewind_to: int | None):
         wandb = self._wandb
-        if mode != "online":
-            return wandb.init(mode=mode, settings=self._settings(), **kwargs), mode
+        if mode != "online":  # (silent: W&B's own offline notes; the end of the run says where it is, and how to sync)
+            return wandb.init(mode=mode, settings=self._settings(silent=True), **kwargs), mode
         deadline = time.monotonic() + init_timeout_s  # all online attempts together
         error = None
         marker = self.run_dir / "wandb" / NO_REWIND
