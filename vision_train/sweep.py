@@ -300,6 +300,10 @@ def render(rows: list[dict]) -> tuple[str, str]:
     return out.getvalue(), "\n".join(lines) + "\n"
 
 
+# Overrides a job's directory is not named by (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys)
+_UNNAMED = ("trainer.resume", "trainer.progress_bar", "logger.", "hardware.compilation_cache")
+
+
 def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     """Write ``sweep_summary.csv`` and ``sweep_summary.md`` to the sweep directory; return rows and Markdown."""
     sweep_dir = Path(sweep_dir)
@@ -307,9 +311,9 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[dict], str]:
     common, varying = split_overrides(rows)
     for r in rows:  # what the Markdown table and the messages name a job by
         mine = dict(o.split("=", 1) if "=" in o else (o, "") for o in r["overrides"].split())
-        # (a job alone, or jobs that share every override: its own overrides, those that change what it computes)
+        # (a job alone, or jobs that share every override: its own, those its directory is named by)
         r["swept"] = (" ".join(f"{k}={mine[k]}" for k in varying if k in mine)
-                      or " ".join(o for o in r["overrides"].split() if not o.lstrip("+~").startswith(_VOLATILE))
+                      or " ".join(o for o in r["overrides"].split() if not o.lstrip("+~").startswith(_UNNAMED))
                       or r["job"])
     csv_text, md = render(rows)
     counts = {}
