@@ -3,12 +3,14 @@ PIL and datasets, scanned, split, decoded once into the cache, and read back; ev
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import pickle
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +233,98 @@ def test_links_and_unreadable_folders(tmp_path, monkeypatch):
                                f"make it readable or move it out of the folder")
 
 
+def ignored_line(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    return lines[0]
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_a_link_back_to_a_folder_above_is_skipped_and_counted(tmp_path, caplog, layout):
+    """`ln -s . root/again` (and links to the split folder, or up from a class folder) would list every image
+    twice, or as an extra class: each is skipped and named in the ignored line."""
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=4, classes=("cat", "dog"), splits=layout == "split")
+    (root / "again").symlink_to(".")                      # the root itself, at the top
+    (root / "up").symlink_to("..")                        # the root's parent, at the top
+    if layout == "split":
+        (root / "train" / "again").symlink_to(".")        # the train folder, among its classes
+        (root / "val2").symlink_to("train")               # (not a split name: an ignored top-level folder)
+        (root / "test" / "cat" / "up").symlink_to("..")
+        (root / "train" / "dog" / "root").symlink_to("../..")
+    else:
+        (root / "cat" / "up").symlink_to("..")
+        (root / "dog" / "deep").mkdir()
+        (root / "dog" / "deep" / "top").symlink_to("../../..")  # the root's parent, from two levels down
+    caplog.set_level(logging.INFO, logger="vision_train")
+    s = files.open_images(folder_cfg(root, test_size=2 if layout == "flat" else 0))
+    assert s.class_names == ("cat", "dog")
+    total = 8 + (4 + 4 if layout == "split" else 0)
+    assert sum(len(r) for r in s.splits.values()) == total and s.num_files == total
+    paths = [p for r in s.splits.values() for p in r.paths]
+    assert len(set(map(os.path.realpath, paths))) == len(paths)
+    line = ignored_line(caplog)
+    loops = 5 if layout == "split" else 4
+    assert f"{loops} links to a folder above" in line, line
+    assert ("1 folder beside train/, val/ and test/ (val2)" in line) == (layout == "split"), line
+    assert "again" in line and "duplicate" not in line
+
+
+def test_links_elsewhere_are_followed_and_a_file_reached_twice_is_listed_once(tmp_path, caplog):
+    root = tmp_path / "pets"
+    written = write_image_folder(root, per_class={"train": 3, "test": 2}, classes=("cat", "dog"))
+    other = tmp_path / "other_disk"
+    write_image_folder(other, per_class=2, classes=("owl", "extra_dog"), splits=False)
+    (root / "train" / "owl").symlink_to(other / "owl")    # a class folder elsewhere: followed
+    (root / "test" / "owl").mkdir()
+    (root / "test" / "owl" / "x.jpg").symlink_to(big_jpeg(tmp_path / "owl_test.jpg"))  # an image that is a link
+    (root / "train" / "dog" / "more").symlink_to(other / "extra_dog")  # a folder elsewhere, inside a class
+    # the same file twice: a test image linked into train (twice), a folder linked a second time
+    test_cat = sorted((root / "test" / "cat").iterdir())[0]
+    (root / "train" / "cat" / "zz_again.png").symlink_to(test_cat)
+    (root / "train" / "cat" / "zz_from_test.png").symlink_to(test_cat)
+    (root / "train" / "dog" / "zz_more").symlink_to(other / "extra_dog")
+    caplog.set_level(logging.INFO, logger="vision_train")
+
+    s = files.open_images(folder_cfg(root))
+    assert s.class_names == ("cat", "dog", "owl")
+    train, test = s.splits["train"], s.splits["test"]
+    names = lambda rec, label: sorted(os.path.relpath(p, root) for p, c in zip(rec.paths, rec.labels) if c == label)
+    # the first in the walk's order keeps a file: train before test, class folders and names sorted
+    assert names(train, 0) == sorted([os.path.relpath(p, root) for p, label in written["train"] if label == 0]
+                                     + ["train/cat/zz_again.png"])
+    assert names(train, 1) == sorted([os.path.relpath(p, root) for p, label in written["train"] if label == 1]
+                                     + [f"train/dog/more/{p.name}" for p in (other / "extra_dog").iterdir()])
+    assert names(train, 2) == sorted(f"train/owl/{p.name}" for p in (other / "owl").iterdir())
+    assert str(test_cat) not in test.paths and names(test, 2) == ["test/owl/x.jpg"]
+    assert len(train) == 4 + 5 + 2 and len(test) == 1 + 2 + 1 and s.num_files == len(train) + len(test)
+    paths = [*train.paths, *test.paths]
+    assert len(set(map(os.path.realpath, paths))) == len(paths)
+    line = ignored_line(caplog)
+    assert "4 duplicates" in line and "links to a folder above" not in line, line
+
+    ds = files.load_cached(s, folder_cfg(root))  # the followed links decode
+    assert len(ds.train.labels) == len(train) and len(ds.test.labels) == len(test)
+
+    # a class folder that holds only files another class lists is one line, not an empty class
+    (root / "train" / "cat2").symlink_to(root / "train" / "cat")
+    with pytest.raises(DataError) as info:
+        files.open_images(folder_cfg(root))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"data.root='{root}': the class folder {root / 'train' / 'cat2'}")
+    assert "already listed" in msg
+
+
+@pytest.mark.parametrize("name,hint", [("pets.zip", "unzip"), ("pets.tar.gz", "tar -xf"), ("pets", "unpack")])
+def test_a_root_that_is_a_file_says_so(tmp_path, name, hint):
+    (tmp_path / name).write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError) as info:
+        files.open_images(folder_cfg(tmp_path / name))
+    msg = str(info.value)
+    assert msg.startswith(f"data.root='{tmp_path / name}': is a file, not a folder; ") and "\n" not in msg, msg
+    assert hint in msg and "no such folder" not in msg
+
+
 # -------------------------------------------------------------------------------------------- cache
 def cache_dirs(root: Path) -> list[str]:
     d = root / ".vision_train_cache"
@@ -266,8 +360,51 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_
     Image.fromarray(rgb).save(path)
     os.utime(path, ns=(1, 1))  # (a new modification time even on coarse clocks)
     sources.load(cfg)
-    assert len(cache_dirs(tmp_path)) == 2  # a new key: decoded again
+    assert len(cache_dirs(tmp_path)) == 2  # a new key: decoded again (the old cache stays: first and second read it)
     assert files.open_images(folder_cfg(tmp_path, val_size=2, image_size=12)).key not in cache_dirs(tmp_path)
+
+
+def test_a_changed_file_removes_the_superseded_cache_once_the_new_one_is_complete(tmp_path, caplog):
+    written = write_image_folder(tmp_path, per_class=4, splits=False)["all"]
+    cfg, other = folder_cfg(tmp_path, val_size=2), folder_cfg(tmp_path, val_size=2, image_size=12)
+    sources.load(cfg)
+    sources.load(other)  # another setting of the same folder: its cache stays
+    other_key = files.open_images(other).key
+    (old,) = [k for k in cache_dirs(tmp_path) if k != other_key]
+    size = sum(f.stat().st_size for f in (tmp_path / ".vision_train_cache" / old).iterdir())
+
+    def change(i):
+        path = written[i][0]
+        rgb = np.asarray(Image.open(path).convert("RGB")).copy()
+        rgb[0, 0] = 255 - rgb[0, 0]
+        Image.fromarray(rgb).save(path)
+        os.utime(path, ns=(i + 1, i + 1))  # (a new modification time even on coarse clocks)
+
+    change(0)
+    caplog.set_level(logging.INFO, logger="vision_train")
+    ds = sources.load(cfg)
+    new = files.open_images(cfg).key
+    assert sorted(cache_dirs(tmp_path)) == sorted([new, other_key])
+    assert not [p for p in (tmp_path / ".vision_train_cache").iterdir() if p.name.startswith(".")]
+    lines = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(lines) == 1 and old in lines[0] and f"{size / 1e6:.3f} MB freed" in lines[0], lines
+    decoded = next(i for i, r in enumerate(caplog.records) if r.getMessage().startswith("decoded "))
+    assert caplog.records.index(next(r for r in caplog.records if "removed" in r.getMessage())) > decoded
+
+    # a cache another process reads (here: this one, through ds) is kept, and removed by a later run
+    caplog.clear()
+    change(1)
+    ds2 = sources.load(cfg)
+    assert new in cache_dirs(tmp_path) and len(cache_dirs(tmp_path)) == 3
+    assert any("in use by another process" in r.getMessage() for r in caplog.records)
+    assert ds.train.images.sum() >= 0  # (still readable)
+    del ds
+    gc.collect()
+    caplog.clear()
+    sources.load(cfg)  # read from the cache; the superseded one is no longer held
+    assert sorted(cache_dirs(tmp_path)) == sorted([files.open_images(cfg).key, other_key])
+    assert any("removed 1 decoded cache" in r.getMessage() and new in r.getMessage() for r in caplog.records)
+    del ds2
 
 
 def test_a_decode_killed_half_way_leaves_no_trusted_cache(tmp_path, monkeypatch):
@@ -458,6 +595,76 @@ def test_hf_id_not_cached_offline_is_one_line(tmp_path):
     line = lines[0]
     assert line.startswith("data.name='someone/pets': ") and "https://huggingface.co/datasets/someone/pets" in line
     assert str(tmp_path / "hf") in line and "save_to_disk" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def cache_hf_download(hf_home: Path, repo_id: str, source: Path) -> None:
+    """``repo_id`` in datasets' Arrow cache under ``hf_home`` as load_dataset leaves a download there
+    (``<namespace>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow`` and dataset_info.json): the
+    save_to_disk set ``source`` prepared by datasets' parquet builder, moved to the id's place."""
+    import datasets
+
+    cache = hf_home / "datasets"
+    data = datasets.load_from_disk(str(source))
+    for split, ds in data.items():
+        ds.to_parquet(str(hf_home / f"{split}.parquet"))
+    datasets.load_dataset("parquet", data_files={s: str(hf_home / f"{s}.parquet") for s in data},
+                          cache_dir=str(cache))
+    (built,) = [p for p in (cache / "parquet").glob("*/*/*") if p.is_dir()]
+    namespace, name = repo_id.split("/")
+    target = cache / f"{namespace}___{name}" / "default" / built.parent.name / built.name
+    target.parent.mkdir(parents=True)
+    built.rename(target)
+    for arrow in target.glob("parquet-*.arrow"):
+        arrow.rename(target / arrow.name.replace("parquet-", f"{name}-"))
+
+
+OFFLINE_MACHINE = """
+import logging, socket, sys, time
+def unreachable(*args, **kwargs):  # as a machine without network: no name resolves, nothing connects
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+socket.getaddrinfo = unreachable
+socket.socket.connect = lambda self, *a: (_ for _ in ()).throw(OSError(101, "Network is unreachable"))
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # (as the CLI: INFO on the console)
+from vision_train.config import DataConfig
+from vision_train.data import files
+from vision_train.errors import DataError
+t0 = time.time()
+try:
+    s = files.open_images(DataConfig(kind="hf", name=sys.argv[1]))
+    print("loaded", s.class_names, {k: len(v) for k, v in s.splits.items()})
+except DataError as e:
+    print(e)
+print(f"{time.time() - t0:.2f}", file=sys.stderr)
+"""
+
+
+def test_hf_id_with_no_network_is_one_line_at_once_and_a_cached_one_loads(tmp_path):
+    """No network and no HF_HUB_OFFLINE: the hub is found unreachable in seconds (not the client's ~24 s of
+    retries, two lines each), an id not cached is one line saying how to fetch it, a cached one loads."""
+    write_hf_dataset(tmp_path / "bugs", per_class=2)
+    cache_hf_download(tmp_path / "hf", "someone/cached", tmp_path / "bugs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DATASETS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(Path(__file__).parent.parent))
+    (tmp_path / "offline.py").write_text(OFFLINE_MACHINE)
+
+    def run(name):
+        r = subprocess.run([sys.executable, str(tmp_path / "offline.py"), name], env=env, capture_output=True,
+                           text=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines(), r.stderr, float(r.stderr.strip().splitlines()[-1])
+
+    lines, err, seconds = run("someone/pets")
+    assert len(lines) == 1 and seconds < 8, (lines, err[-3000:])
+    line = lines[0]
+    assert line.startswith("data.name='someone/pets': ") and "https://huggingface.co/datasets/someone/pets" in line
+    assert "not cached here and the hub huggingface.co:443 cannot be reached" in line, line
+    assert "save_to_disk" in line and "hf download --repo-type dataset someone/pets" in line
+    for chatter in ("Retry", "thrown while requesting", "JAX version", "available."):
+        assert chatter not in err, err[-3000:]
+
+    lines, err, seconds = run("someone/cached")
+    assert lines == ["loaded ('ant', 'bee', 'wasp') {'train': 6, 'test': 6}"] and seconds < 8, (lines, err[-3000:])
+    assert "Retry" not in err and "JAX version" not in err, err[-3000:]
 
 
 # --------------------------------------------------------------------------------------------- CLI

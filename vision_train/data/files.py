@@ -15,12 +15,17 @@ The decoded cache of a set lives in ``<cache root>/<key>/`` (``<root>/.vision_tr
 statistics, the files left out). The key hashes what the bytes depend on: every file's path, size and
 modification time (a Hugging Face dataset's fingerprint), data.image_size, data.channels and the split
 keys. It is written into a temporary directory renamed into place when complete, so a decode killed half
-way leaves nothing a later run trusts.
+way leaves nothing a later run trusts. Once it is, the caches of the same data set and settings made before a
+file changed are removed (one line says how much that freed), except those another process is reading.
+
+A folder's listing holds each real file once: links to a folder above (``ln -s . root/again``) are not followed,
+and a file reached again through a link is kept at its first path in the (sorted) walk; one line counts both.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import io
 import json
@@ -29,8 +34,13 @@ import math
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +48,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # (not POSIX: caches are removed without asking whether another process reads them)
+    fcntl = None
 
 from ..errors import ConfigError, DataError, remove_quietly, write_text
 from . import sources
@@ -194,6 +209,8 @@ class ImageSet:
     num_files: int = 0                 # image files found (bad ones included)
     workers: int = 0
     scale: float = 1.0 / 255
+    family: str = ""                   # the set and settings, not the files: a cache of this family under another
+    #                                    key was made before a file changed (removed once this key's is complete)
     _stats: tuple | None = field(default=None, repr=False)
 
     def decoded_bytes(self) -> int:
@@ -343,35 +360,98 @@ def _visible(name: str) -> bool:
     return not name.startswith(".") and name not in ("Thumbs.db", "desktop.ini", "__MACOSX")
 
 
-def _subdirs(folder: Path) -> list[str]:
+def _above(real: str, chain: tuple[str, ...]) -> bool:
+    """Whether the folder whose real path is ``real`` is one of the folders in ``chain`` (the real paths of the
+    folders the walk is in) or holds one of them: a link to it leads back to where the walk already is."""
+    inside = real.rstrip(os.sep) + os.sep
+    return any(c == real or c.startswith(inside) for c in chain)
+
+
+class _Found:
+    """What a listing of an image folder sets aside: files ignored (hidden, not images by their name), folders
+    beside the splits, links to a folder above (not followed: they would never end, or list everything again),
+    and duplicates (a file reached a second time, through a link: the first in the walk's order keeps it)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.ignored: list[str] = []
+        self.beside: list[str] = []                   # folders beside train/, val/ and test/
+        self.loops: list[str] = []
+        self.duplicates: list[tuple[str, str]] = []   # (path, the path that keeps the file)
+        self.first: dict[str, str] = {}               # real path -> the path that lists it
+
+    def listed(self, path: str, real: str) -> bool:
+        """Whether ``path`` (real path ``real``) is the first path of its file; else a duplicate."""
+        first = self.first.setdefault(real, path)
+        if first != path:
+            self.duplicates.append((path, first))
+            return False
+        return True
+
+    def line(self) -> str | None:
+        """The one info line of what is set aside, or None."""
+        rel = lambda p: os.path.relpath(p, self.root)
+        n = lambda count, one, many: f"{count} {one if count == 1 else many}"
+        parts = []
+        if self.ignored:
+            parts.append(f"{n(len(self.ignored), 'file', 'files')} hidden or not images by their name (e.g. "
+                         f"{', '.join(rel(p) for p in self.ignored[:3])})")
+        if self.beside:
+            parts.append(f"{n(len(self.beside), 'folder', 'folders')} beside train/, val/ and test/ "
+                         f"({', '.join(rel(p) for p in self.beside[:3])}{' ...' if len(self.beside) > 3 else ''})")
+        if self.loops:
+            parts.append(f"{n(len(self.loops), 'link', 'links')} to a folder above, not followed (it would list the "
+                         f"same images again: {', '.join(rel(p) for p in self.loops[:3])}"
+                         f"{' ...' if len(self.loops) > 3 else ''})")
+        if self.duplicates:
+            parts.append(f"{n(len(self.duplicates), 'duplicate', 'duplicates')} skipped: a file reached again "
+                         f"through a link, kept at its first path (e.g. "
+                         f"{', '.join(f'{rel(p)} = {rel(q)}' for p, q in self.duplicates[:2])})")
+        return f"ignored under {self.root}: {'; '.join(parts)}" if parts else None
+
+
+def _folders(folder: Path, chain: tuple[str, ...], found: _Found) -> list[str]:
+    """The visible subfolders of ``folder`` (sorted), leaving out links to a folder above (counted)."""
+    names = []
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and _visible(e.name))
+        for e in sorted(it, key=lambda e: e.name):
+            if e.is_dir() and _visible(e.name):
+                if e.is_symlink() and _above(os.path.realpath(e.path), chain):
+                    found.loops.append(e.path)
+                else:
+                    names.append(e.name)
+    return names
 
 
-def _walk(folder: Path, ignored: list[str], seen: frozenset = frozenset()) -> list[tuple[str, int, int]]:
-    """Image files under ``folder`` (recursively, sorted, hidden ones skipped) as (path, size, mtime_ns);
-    other files (and links back to a folder above) are appended to ``ignored``."""
-    found = []
-    seen = seen | {os.path.realpath(folder)}
+def _walk(folder: Path, chain: tuple[str, ...], found: _Found) -> list[tuple[str, int, int]]:
+    """Image files under ``folder`` (recursively, sorted, hidden ones skipped) as (path, size, mtime_ns), each
+    real file once (``found.listed``); ``chain``: the real paths of the folders above. Other files, links to a
+    folder above and duplicates go to ``found``."""
+    out = []
+    real = os.path.realpath(folder)
+    chain = (*chain, real)
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         if not _visible(e.name):
-            ignored.append(e.path)
+            found.ignored.append(e.path)
         elif e.is_dir():
-            if os.path.realpath(e.path) in seen:
-                ignored.append(e.path)
+            if e.is_symlink() and _above(os.path.realpath(e.path), chain):
+                found.loops.append(e.path)
             else:
-                found += _walk(Path(e.path), ignored, seen)
+                out += _walk(Path(e.path), chain, found)
         elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+            # (a link's real path is looked up; a plain file's is its folder's real path and its name)
+            if not found.listed(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)):
+                continue
             try:
                 st = e.stat()
-                found.append((e.path, st.st_size, st.st_mtime_ns))
+                out.append((e.path, st.st_size, st.st_mtime_ns))
             except FileNotFoundError:  # a dangling link
-                found.append((e.path, -1, 0))
+                out.append((e.path, -1, 0))
         else:
-            ignored.append(e.path)
-    return found
+            found.ignored.append(e.path)
+    return out
 
 
 def check_file(path: str, size: int) -> str | None:
@@ -429,6 +509,24 @@ def open_folder(cfg) -> ImageSet:
                         f"move it out of the folder") from None
 
 
+_TAR = "mkdir -p {t} && tar -xf {a} -C {t}"
+ARCHIVES = {".zip": "unzip {a} -d {t}", ".7z": "7z x {a} -o{t}", ".rar": "mkdir -p {t} && unrar x {a} {t}/",
+            **{s: _TAR for s in (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")}}
+
+
+def _not_a_folder(given: str, root: Path) -> DataError:
+    """data.root names a file: an archive to unpack (the command for its kind), or some other file."""
+    name = root.name.lower()
+    suffix = max((s for s in ARCHIVES if name.endswith(s)), key=len, default=None)
+    if suffix is None:
+        return DataError(f"data.root={given!r}: is a file, not a folder; unpack it if it is an archive, "
+                         f"and set data.root to the folder of images; {EXAMPLE_TREE}")
+    target = root.with_name(root.name[: -len(suffix)] or "images")
+    command = ARCHIVES[suffix].format(a=root, t=target)
+    return DataError(f"data.root={given!r}: is a file, not a folder; unpack it ({command}) and set "
+                     f"data.root to the folder of images it holds (e.g. data.root={target}); {EXAMPLE_TREE}")
+
+
 def _open_folder(cfg) -> ImageSet:
     given = cfg.root
     if not str(given).strip():
@@ -436,8 +534,12 @@ def _open_folder(cfg) -> ImageSet:
                           "train/<class>/<image> (optional val/ and test/), or <class>/<image> to be split")
     root = Path(os.path.expanduser(given)).absolute()
     if not root.is_dir():
+        if root.exists():
+            raise _not_a_folder(given, root)
         raise DataError(f"data.root={given!r}: no such folder ({root}); {EXAMPLE_TREE}")
-    top = _subdirs(root)
+    found = _Found(root)
+    top_chain = (os.path.realpath(root),)
+    top = _folders(root, top_chain, found)  # (a link to the root or above is neither a split nor a class)
     split_layout = "train" in top
     if split_layout:
         val = next((d for d in VAL_DIRS if d in top), None)
@@ -446,16 +548,23 @@ def _open_folder(cfg) -> ImageSet:
     else:
         dirs = {"train": root}
     where = f"data.root={given!r}"
-    ignored = [str(root / d) for d in top if split_layout and root / d not in dirs.values()]
+    found.beside += [str(root / d) for d in top if split_layout and root / d not in dirs.values()]
     listing: dict[str, dict[str, list]] = {}
+    only_duplicates: dict[tuple[str, str], str] = {}  # (split, class) -> a path listing its first file
     for split, folder in dirs.items():
-        classes = _subdirs(folder)
+        chain = top_chain if folder == root else (*top_chain, os.path.realpath(folder))
+        classes = top if folder == root else _folders(folder, chain, found)
         if not classes:
             what = "is empty" if not os.listdir(folder) else "holds no class folders"
             raise DataError(f"{where}: {folder} {what}; {EXAMPLE_TREE}")
         with os.scandir(folder) as it:
-            ignored += [e.path for e in it if not e.is_dir()]
-        listing[split] = {c: _walk(folder / c, ignored, frozenset({os.path.realpath(folder)})) for c in classes}
+            found.ignored += sorted(e.path for e in it if not e.is_dir())
+        listing[split] = {}
+        for c in classes:
+            before = len(found.duplicates)
+            listing[split][c] = _walk(folder / c, chain, found)
+            if not listing[split][c] and len(found.duplicates) > before:
+                only_duplicates[split, c] = found.duplicates[before][1]
     class_names = tuple(listing["train"])
     for split, by_class in listing.items():
         unknown = [c for c in by_class if c not in class_names]
@@ -464,15 +573,20 @@ def _open_folder(cfg) -> ImageSet:
                             f"({', '.join(unknown[:SHOW])}); the classes are train/'s folders "
                             f"({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''}): rename "
                             f"or remove them")
-        for c, found in by_class.items():
-            if not found:
+        for c, images in by_class.items():
+            if not images and (split, c) in only_duplicates:
+                raise DataError(f"{where}: the class folder {dirs[split] / c} holds only images already listed, "
+                                f"reached again through a link (e.g. the file of "
+                                f"{os.path.relpath(only_duplicates[split, c], root)}); each file is listed once, "
+                                f"so remove the link or give the folder images of its own")
+            if not images:
                 raise DataError(f"{where}: the class folder {dirs[split] / c} holds no images; add images to it "
                                 f"or remove the folder (readable formats: .jpg, .png, .webp, .bmp, .tif, ...)")
-    if ignored:
-        log.info("%d files under %s are hidden or not images by their name and are ignored (e.g. %s)", len(ignored),
-                 root, ", ".join(os.path.relpath(p, root) for p in ignored[:3]))
+    line = found.line()
+    if line:
+        log.info("%s", line)
 
-    every = [f for by_class in listing.values() for found in by_class.values() for f in found]
+    every = [f for by_class in listing.values() for images in by_class.values() for f in images]
     cache_root = _cache_root(cfg, root)
     bad = _scan(every, root, cache_root, cfg.workers)
     bad_lines = [f"{os.path.relpath(p, root)} ({why})" for p, why in bad.items()]
@@ -481,37 +595,93 @@ def _open_folder(cfg) -> ImageSet:
     splits: dict[str, Records] = {}
     for split, by_class in listing.items():
         paths, labels = [], []
-        for c, found in by_class.items():
-            good = [p for p, _, _ in found if p not in bad]
+        for c, images in by_class.items():
+            good = [p for p, _, _ in images if p not in bad]
             if not good:
                 raise DataError(f"{where}: the class folder {dirs[split] / c} holds no readable images "
-                                f"({len(found)} unreadable); replace them or remove the folder")
+                                f"({len(images)} unreadable); replace them or remove the folder")
             paths += good
             labels += [class_names.index(c)] * len(good)
         splits[split] = FileRecords(paths, labels, cfg.image_size, cfg.channels)
     splits = _split(splits, cfg, where)
-    key = _key("image_folder", cfg.image_size, cfg.channels, cfg.val_size, cfg.test_size, cfg.test_fraction,
-               cfg.split_seed, {s: [(os.path.relpath(p, root), size, t) for c in by_class.values() for p, size, t in c]
-                                for s, by_class in listing.items()})
+    settings = (cfg.image_size, cfg.channels, cfg.val_size, cfg.test_size, cfg.test_fraction, cfg.split_seed)
+    key = _key("image_folder", *settings, {s: [(os.path.relpath(p, root), size, t) for c in by_class.values()
+                                               for p, size, t in c] for s, by_class in listing.items()})
     return ImageSet(cfg.name or root.name, splits, class_names, (cfg.image_size, cfg.image_size, cfg.channels), key,
-                    cache_root, tuple(bad_lines), len(every), cfg.workers)
+                    cache_root, tuple(bad_lines), len(every), cfg.workers,
+                    family=_key("image_folder family", os.path.realpath(root), *settings))
 
 
 # -------------------------------------------------------------------------------- Hugging Face
-def _hf_unreachable(name: str, e: Exception) -> DataError:
-    import datasets  # (already imported by the caller)
+HUB_PROBE_S = 3.0  # how long a Hugging Face dataset id waits to learn whether the hub can be reached
+
+
+def _import_datasets():
+    """``datasets`` (about a second to import; only data.kind=hf needs it), without the INFO lines it logs while
+    it imports ("JAX version ... available.") reaching the console; DATASETS_VERBOSITY still rules."""
+    if "datasets" not in sys.modules and not os.environ.get("DATASETS_VERBOSITY"):
+        logging.getLogger("datasets").setLevel(logging.WARNING)  # (datasets' own default, set before it is)
+    import datasets
+
+    return datasets
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT, or the proxy the environment names for it) cannot be reached: a
+    TCP connection within ``HUB_PROBE_S`` seconds, name lookup included; None when it can. (Its client retries
+    an unreachable hub for about 24 s, five times, with two lines each.)"""
     from huggingface_hub import constants
 
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or host, p.port or (443 if p.scheme == "https" else 80)
+    failure: list[str] = ["no answer"]
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_S).close()
+            failure.clear()
+        except BaseException as e:  # noqa: BLE001 (OSError, socket.gaierror; whatever a patched socket raises)
+            failure[:] = [_reason(e)]
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)  # (a name lookup has no timeout)
+    thread.start()
+    thread.join(HUB_PROBE_S + 0.5)
+    return f"{host}:{port} cannot be reached ({failure[0]})" if failure else None
+
+
+@contextlib.contextmanager
+def _hub_offline(datasets):
+    """datasets and huggingface_hub in offline mode (as HF_HUB_OFFLINE=1): local caches only, no request made."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+
+
+def _hf_unreachable(name: str, why: str) -> DataError:
+    datasets = _import_datasets()  # (already imported by the caller)
+    from huggingface_hub import constants
+
+    folder = name.replace("/", "_")
     return DataError(
         f"data.name={name!r}: the Hugging Face dataset {name} could not be loaded from the hub "
         f"(https://huggingface.co/datasets/{name}) or from the local caches ({datasets.config.HF_DATASETS_CACHE}, "
-        f"{constants.HF_HUB_CACHE}): {_reason(e)}. To use it offline: on a machine with network run python -c "
-        f"\"import datasets; datasets.load_dataset('{name}').save_to_disk('{name.replace('/', '_')}')\", copy that "
-        f"folder here and set data.name=<that folder> (or copy its HF_HOME cache here and set HF_HUB_OFFLINE=1)")
+        f"{constants.HF_HUB_CACHE}): {why}. To fetch it: on a machine with network run python -c "
+        f"\"import datasets; datasets.load_dataset('{name}').save_to_disk('{folder}')\" (or hf download --repo-type "
+        f"dataset {name} --local-dir {folder}), copy that folder here and set data.name=<that folder> (or copy its "
+        f"HF_HOME cache here and set HF_HUB_OFFLINE=1)")
 
 
 def _hf_load(cfg):
-    import datasets  # (about a second to import; only data.kind=hf needs it)
+    datasets = _import_datasets()
 
     name = cfg.name
     if not str(name).strip():
@@ -529,10 +699,22 @@ def _hf_load(cfg):
         raise DataError(f"data.name={name!r}: {path} is not a dataset datasets can read ({_reason(e)}); give a "
                         f"save_to_disk folder, a folder of data files, or a Hugging Face dataset id") from None
     if obj is None:
+        # An unreachable hub: the local caches only, at once (offline mode), not the client's retries.
+        unreachable = None if datasets.config.HF_HUB_OFFLINE else _hub_unreachable()
         try:
-            obj = datasets.load_dataset(name)
+            if unreachable:
+                with _hub_offline(datasets):
+                    obj = datasets.load_dataset(name)
+            else:
+                obj = datasets.load_dataset(name)
         except Exception as e:  # noqa: BLE001 (offline, not cached, no such id: its client's many kinds)
-            raise _hf_unreachable(name, e) from None
+            if not unreachable:
+                why = _reason(e)
+            elif isinstance(e, (ConnectionError, FileNotFoundError)):  # (offline mode's "not cached")
+                why = f"it is not cached here and the hub {unreachable}"
+            else:
+                why = f"the hub {unreachable}, and reading the local cache failed ({_reason(e)})"
+            raise _hf_unreachable(name, why) from None
     if isinstance(obj, datasets.Dataset):
         obj = {cfg.train_split: obj}
     display = path.name if path.exists() else name
@@ -540,9 +722,9 @@ def _hf_load(cfg):
 
 
 def open_hf(cfg) -> ImageSet:
-    import datasets  # (see _hf_load)
+    datasets = _import_datasets()
 
-    obj, display, _ = _hf_load(cfg)
+    obj, display, local = _hf_load(cfg)
     name = cfg.name
     if cfg.train_split not in obj:
         raise ConfigError("data.train_split", cfg.train_split, f"{name} has the splits {', '.join(obj)}; choose one")
@@ -595,17 +777,23 @@ def open_hf(cfg) -> ImageSet:
     splits = {s: HFRecords(undecoded[s], np.arange(len(labels[s])), cfg.image_key, labels[s], cfg.image_size,
                            cfg.channels, f"{display}[{s}]") for s in parts}
     splits = _split(splits, cfg, f"data.name={name!r}")
-    key = _key("hf", name, {s: ds._fingerprint for s, ds in parts.items()}, cfg.image_key, cfg.label_key,
-               cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size, cfg.channels, cfg.val_size,
-               cfg.test_size, cfg.test_fraction, cfg.split_seed)
+    settings = (cfg.image_key, cfg.label_key, cfg.train_split, cfg.val_split, cfg.test_split, cfg.image_size,
+                cfg.channels, cfg.val_size, cfg.test_size, cfg.test_fraction, cfg.split_seed)
+    key = _key("hf", name, {s: ds._fingerprint for s, ds in parts.items()}, *settings)
+    where = os.path.realpath(os.path.expanduser(name)) if local else name
     return ImageSet(display, splits, class_names, (cfg.image_size, cfg.image_size, cfg.channels), key,
-                    _cache_root(cfg, None), (), sum(len(r) for r in splits.values()), cfg.workers)
+                    _cache_root(cfg, None), (), sum(len(r) for r in splits.values()), cfg.workers,
+                    family=_key("hf family", where, *settings))
 
 
 # ----------------------------------------------------------------------------------------- the API
 def open_images(cfg) -> ImageSet:
     """Scan and check ``cfg`` (a DataConfig of kind image_folder or hf): every bad-input error is raised
     here, before anything compiles. Splits, class names and the cache key; statistics on first use."""
+    if cfg.channels is None:  # (validate makes it 3; a DataConfig built in Python may leave it unset)
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, channels=3)
     if cfg.kind == "image_folder":
         s = open_folder(cfg)
     elif cfg.kind == "hf":
@@ -647,16 +835,138 @@ def plan(cfg, imageset: ImageSet) -> str:
 
 
 def _remove_stale(root: Path, key: str) -> None:
-    """Temporary directories of this key left by decodes on this host that were killed."""
+    """Temporary directories of this key left by decodes on this host that were killed, and superseded caches
+    whose removal was killed half way (any key)."""
     host = socket.gethostname()
-    for d in root.glob(f".tmp-{key}-{host}-*"):
+    for d in [*root.glob(f".tmp-{key}-{host}-*"), *root.glob(".superseded-*")]:
         try:
-            pid = int(d.name.split("-")[-2])
+            if d.name.startswith(".superseded-"):  # .superseded-<key>-<host>-<pid> (the key has no "-")
+                where, pid = d.name.split("-", 2)[2].rsplit("-", 1)
+                if where != host:
+                    continue
+                pid = int(pid)
+            else:
+                pid = int(d.name.split("-")[-2])
             os.kill(pid, 0)
         except ProcessLookupError:
             remove_quietly(d)
         except (ValueError, PermissionError, IndexError):
             pass
+
+
+class _Hold:
+    """An open descriptor of a cache's index.json under a shared lock, while its arrays are memory-mapped:
+    ``_remove_superseded`` in another process (or this one) leaves that cache alone. Closed with the arrays."""
+
+    def __init__(self, fd: int):
+        weakref.finalize(self, os.close, fd)
+
+
+def _hold(final: Path) -> _Hold | None:
+    """Hold the complete cache ``final`` for reading; None when there is none (or it was just removed)."""
+    index = final / "index.json"
+    try:
+        fd = os.open(index, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # (waits only while a remover renames it away)
+        except OSError:
+            pass  # a file system without locks
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(index))
+    except OSError:
+        same = False
+    if not same:  # removed while this process waited for the lock
+        os.close(fd)
+        return None
+    return _Hold(fd)
+
+
+def _lock_to_remove(index: Path) -> int | None:
+    """An exclusive lock on a cache's index.json (a descriptor to close; -1 where there are no locks), or None
+    while another process holds the cache (``_hold``)."""
+    if fcntl is None:
+        return -1
+    try:
+        fd = os.open(index, os.O_RDWR)  # (NFS emulates flock with POSIX locks: an exclusive one needs write access)
+    except OSError:
+        try:
+            fd = os.open(index, os.O_RDONLY)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # a file system without locks: removed as on a system without them
+    return fd
+
+
+def _bytes_under(d: Path) -> int:
+    total = 0
+    for folder, _, names in os.walk(d):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(folder, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e6:.3f} MB"
+
+
+def _remove_superseded(imageset: ImageSet, final: Path) -> None:
+    """Remove the complete caches of the same data set and settings as ``final`` (its family) but another key:
+    made before a file changed, no run reads them again. Not those another process holds (``_hold``)."""
+    if not imageset.family:
+        return
+    root, host = final.parent, socket.gethostname()
+    removed, freed, busy = [], 0, 0
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        if d == final or d.name.startswith(".") or d.is_symlink() or not d.is_dir():
+            continue
+        index = d / "index.json"
+        try:
+            if json.loads(index.read_text()).get("family") != imageset.family:
+                continue
+        except (OSError, ValueError, AttributeError):  # not a complete cache (or another program's folder)
+            continue
+        fd = _lock_to_remove(index)
+        if fd is None:
+            busy += 1
+            continue
+        try:
+            size = _bytes_under(d)
+            gone = root / f".superseded-{d.name}-{host}-{os.getpid()}"
+            os.rename(d, gone)  # (at once out of every reader's sight; then removed at leisure)
+        except OSError as e:
+            log.debug("could not remove the superseded cache %s: %s", d, e)
+            continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        remove_quietly(gone)
+        removed.append(d.name)
+        freed += size
+    if removed or busy:
+        line = (f"removed {len(removed)} decoded cache{'s' if len(removed) != 1 else ''} of {imageset.name} made "
+                f"before its files changed ({', '.join(removed)} in {root}): {_mb(freed)} freed") \
+            if removed else f"kept the decoded caches of {imageset.name} made before its files changed"
+        if busy:
+            line += (f"; {busy} more {'is' if busy == 1 else 'are'} in use by another process and stay "
+                     f"(a later run removes {'it' if busy == 1 else 'them'})" if removed else
+                     f" ({busy} in {root}): in use by another process (a later run removes them)")
+        log.info("%s", line)
 
 
 def _decode_all(imageset: ImageSet, final: Path) -> None:
@@ -718,7 +1028,8 @@ def _decode_all(imageset: ImageSet, final: Path) -> None:
             acc.add(np.asarray(train[start:start + 4096]))
         mean, std = acc.result()
         index.update(name=imageset.name, class_names=list(imageset.class_names), shape=[S, S, C], mean=mean, std=std,
-                     bad=list(imageset.bad), failed=failed, key=imageset.key, format=CACHE_FORMAT)
+                     bad=list(imageset.bad), failed=failed, key=imageset.key, family=imageset.family,
+                     format=CACHE_FORMAT)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         try:
             os.rename(tmp, final)
@@ -739,10 +1050,13 @@ def load_cached(imageset: ImageSet, cfg) -> sources.Dataset:
         raise DataError(f"nowhere to write the decoded cache of {imageset.name}: neither beside the data nor "
                         f"{home_cache()} can be written; set data.cache_dir to a writable directory (or data.stream=true)")
     final = imageset.cache_root / imageset.key
-    if not (final / "index.json").is_file():
+    held = _hold(final)
+    if held is None:
         _decode_all(imageset, final)
+        held = _hold(final)
     else:
         log.info("reading the decoded images of %s from %s", imageset.name, final)
+    _remove_superseded(imageset, final)
     index = json.loads((final / "index.json").read_text())
     failed = index["failed"]
     if failed:  # files the scan passed but PIL could not decode: the bad files together
@@ -751,6 +1065,9 @@ def load_cached(imageset: ImageSet, cfg) -> sources.Dataset:
         imageset._stats = (tuple(index["mean"]), tuple(index["std"]))
     parts = {s: sources.Split(np.load(final / f"{s}.npy", mmap_mode="r"), np.load(final / f"{s}_labels.npy"))
              for s in index["splits"]}
+    for part in parts.values():  # (held while any of the arrays is)
+        with contextlib.suppress(AttributeError):
+            part.images._vision_train_hold = held
     if len(parts["train"].labels) == 0 or len(parts["test"].labels) == 0:
         raise DataError(f"{imageset.name}: no image of its {'train' if not len(parts['train'].labels) else 'test'} "
                         f"split could be decoded")
