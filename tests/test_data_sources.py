@@ -399,3 +399,63 @@ def test_mean_std_override_broadcasts_and_is_checked(tmp_path):
     assert ds.mean == (0.5, 0.5, 0.5) and ds.std == (0.25, 0.25, 0.25)
     with pytest.raises(DataError, match="channels"):
         sources.load(cfg(tmp_path, "synthetic", num_examples=50, image_shape=[4, 4, 3], mean=[0.5, 0.5], std=[0.2, 0.2]))
+
+
+# ------------------------------------------------------------------------------------- data.channels
+def test_digits_with_three_channels_repeats_the_gray_channel(tmp_path):
+    """data.channels=3 on a 1-channel set: each image's gray channel three times (a 3-channel pretrained
+    model's input), the same split, statistics per channel."""
+    gray = sources.load(cfg(tmp_path, "digits", val_size=100))
+    rgb = sources.load(cfg(tmp_path, "digits", val_size=100, channels=3))
+    assert rgb.shape == (8, 8, 3)
+    for g, c in ((gray.train, rgb.train), (gray.val, rgb.val), (gray.test, rgb.test)):
+        assert c.images.shape == g.images.shape[:-1] + (3,) and c.images.dtype == np.uint8
+        for k in range(3):
+            np.testing.assert_array_equal(c.images[..., k], g.images[..., 0])
+        np.testing.assert_array_equal(c.labels, g.labels)
+    assert rgb.mean == gray.mean * 3 and rgb.std == gray.std * 3
+    assert sources.load(cfg(tmp_path, "digits", channels=1)).shape == (8, 8, 1)  # (as stored: unchanged)
+
+
+def test_mnist_with_three_channels_keeps_its_published_statistics(tmp_path):
+    train_x, *_ = write_mnist(tmp_path, folder="MNIST")
+    ds = sources.load(cfg(tmp_path, "mnist", channels=3))
+    assert ds.shape == (28, 28, 3)
+    np.testing.assert_array_equal(ds.train.images, np.repeat(train_x[..., None], 3, axis=-1))
+    assert ds.mean == sources.STATS["mnist"][0] * 3 and ds.std == sources.STATS["mnist"][1] * 3
+    given = sources.load(cfg(tmp_path, "mnist", channels=3, mean=[0.5], std=[0.25]))
+    assert given.mean == (0.5,) * 3 and given.std == (0.25,) * 3
+
+
+def test_cifar10_with_one_channel_is_pils_gray(tmp_path, skip_md5):
+    """data.channels=1 on an RGB set converts as your own images are converted (PIL's "L")."""
+    from PIL import Image
+
+    train_x, _, test_x, _ = write_cifar10(tmp_path)
+    ds = sources.load(cfg(tmp_path, "cifar10", channels=1))
+    assert ds.shape == (32, 32, 1)
+    for got, rgb in ((ds.train.images, train_x), (ds.test.images, test_x)):
+        want = np.stack([np.asarray(Image.fromarray(im).convert("L")) for im in rgb])
+        np.testing.assert_array_equal(got[..., 0], want)
+    np.testing.assert_allclose(ds.mean, [ds.train.images.mean() / 255], rtol=1e-6)  # (its own, not RGB statistics)
+
+
+def test_channels_of_the_toy_set_are_refused(tmp_path):
+    with pytest.raises(DataError, match="data.channels=3: toy holds 2-channel features, not images"):
+        sources.load(cfg(tmp_path, "toy", channels=3))
+
+
+def test_data_channels_in_the_config():
+    """Unset: as stored for built-in sets (the resolved config says null), 3 for your own images; the toy set's
+    2-D points take none."""
+    from vision_train.errors import ConfigError
+
+    from .helpers import compose
+
+    assert compose(["data=digits"]).data.channels is None
+    assert compose(["data=mnist", "data.channels=3"]).data.channels == 3
+    assert compose(["data=image_folder", "data.root=x"]).data.channels == 3
+    with pytest.raises(ConfigError, match="data.channels=3: the toy set is 2-D points"):
+        compose(["data=toy", "data.channels=3"])
+    with pytest.raises(ConfigError, match="data.channels=2: choose one of 1, 3"):
+        compose(["data=digits", "data.channels=2"])

@@ -266,6 +266,145 @@ def test_an_unknown_format_is_one_line(tmp_path):
     one_line("model.init_from", "unknown format", "conv1/kernel")(load_error(tmp_path / "other.npz"))
 
 
+def good_safetensors(path):
+    """A timm ViT's state dict written by the safetensors library (numpy), as the hub serves it."""
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy({k: v.detach().numpy().copy() for k, v in timm_vit().state_dict().items()}, str(path))
+    return path
+
+
+def safetensors_parts(path):
+    """(header dict, the data after it) of a .safetensors file, read by its documented layout."""
+    import json
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path, header, data):
+    import json
+
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def damaged_safetensors(tmp_path, damage):
+    good = good_safetensors(tmp_path / "good.safetensors")
+    header, data = safetensors_parts(good)
+    raw, n = good.read_bytes(), 8 + int.from_bytes(good.read_bytes()[:8], "little")
+    name = "blocks.0.attn.qkv.weight"
+    start, end = header[name]["data_offsets"]
+    bad = tmp_path / "bad.safetensors"
+    if damage == "cut in the header":
+        bad.write_bytes(raw[:n // 2])
+    elif damage == "cut in the data":
+        bad.write_bytes(raw[:n + len(data) // 2])
+    elif damage == "offsets past the end":
+        header[name]["data_offsets"] = [len(data) + 64, len(data) + 64 + end - start]
+        write_safetensors(bad, header, data)
+    elif damage == "offsets of another length":
+        header[name]["data_offsets"] = [start, end - 4]
+        write_safetensors(bad, header, data)
+    elif damage == "unknown dtype":
+        header[name]["dtype"] = "Q4_K"
+        write_safetensors(bad, header, data)
+    elif damage == "header not JSON":
+        bad.write_bytes(raw[:9] + b"\x00garbage" + raw[17:])  # (the length and the opening brace kept)
+    elif damage == "overlapping tensors":
+        other = "blocks.0.attn.proj.bias"
+        s, e = header[other]["data_offsets"]
+        header[other]["data_offsets"] = [start, start + e - s]
+        write_safetensors(bad, header, data)
+    return bad
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("cut in the header", "truncated in its header"),
+    ("cut in the data", "truncated, or its header damaged: tensor "),
+    ("offsets past the end", "blocks.0.attn.qkv.weight's data_offsets"),
+    ("offsets of another length", "blocks.0.attn.qkv.weight's data_offsets ["),
+    ("unknown dtype", "tensor blocks.0.attn.qkv.weight has dtype 'Q4_K', which this loader cannot read"),
+    ("header not JSON", "header is not JSON"),
+    ("overlapping tensors", "overlap"),
+])
+def test_a_damaged_safetensors_file_is_one_line_naming_it_and_what_is_wrong(tmp_path, damage, says):
+    bad = damaged_safetensors(tmp_path, damage)
+    e = load_error(bad)
+    one_line("model.init_from", str(bad), says)(e)
+    if damage == "offsets past the end":
+        assert "run past the end of the file" in str(e.value)
+    if damage == "offsets of another length":
+        assert "hold 12284 bytes, but F32 x [96, 32] needs 12288" in str(e.value)
+    with pytest.raises(ConfigError) as d:  # (describe reads the same way)
+        pretrained.describe(str(bad))
+    assert str(d.value) == str(e.value)
+
+
+def test_a_good_safetensors_file_written_by_the_library_reads_as_the_library_reads_it(tmp_path):
+    from safetensors.numpy import load_file
+
+    good = good_safetensors(tmp_path / "good.safetensors")
+    theirs = load_file(str(good))
+    mine, container = pretrained.read(good)
+    assert container == "safetensors" and set(mine) == set(theirs)
+    for k in theirs:
+        assert mine[k].dtype == theirs[k].dtype
+        np.testing.assert_array_equal(mine[k], theirs[k])
+
+
+def big_vision_npz(path, **extra):
+    np.savez(path, **{"embedding/kernel": np.zeros((PATCH, PATCH, 3, DIM), np.float32),
+                      "embedding/bias": np.zeros(DIM, np.float32)}, **extra)
+    return path
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("object array", "the .npz array cls holds Python objects (dtype=object)"),
+    ("truncated", "a damaged or truncated zip archive"),
+    ("corrupt member", "the .npz member embedding/bias is damaged (BadZipFile"),
+    ("member not an array", "the .npz member notes is not a .npy array"),
+    ("strings", "the .npz array names has dtype <U5"),
+])
+def test_a_damaged_npz_file_is_one_line_naming_it_and_what_is_wrong(tmp_path, damage, says):
+    import zipfile
+
+    bad = tmp_path / "bad.npz"
+    if damage == "object array":
+        big_vision_npz(bad, cls=np.array([{"a": 1}], dtype=object))
+    elif damage == "truncated":
+        good = big_vision_npz(tmp_path / "good.npz")
+        bad.write_bytes(good.read_bytes()[:200])
+    elif damage == "corrupt member":
+        good = big_vision_npz(tmp_path / "good.npz")
+        raw = bytearray(good.read_bytes())
+        with zipfile.ZipFile(good) as z:  # a byte of the bias's data flipped (np.savez stores, uncompressed)
+            info = z.getinfo("embedding/bias.npy")
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size - 1
+        raw[at] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+    elif damage == "member not an array":
+        big_vision_npz(bad)
+        with zipfile.ZipFile(bad, "a") as z:
+            z.writestr("notes.npy", "trained for 300 epochs")
+    elif damage == "strings":
+        big_vision_npz(bad, names=np.array(["a", "bcdef"]))
+    one_line("model.init_from", str(bad), says)(load_error(bad))
+
+
+def test_a_file_trained_on_other_channels_names_data_channels(tmp_path):
+    """A 3-channel file onto 1-channel data (digits, MNIST): one complete line naming data.channels=3."""
+    path = save(timm_vit(), tmp_path / "vit.safetensors")
+    e = load_error(path, shape=(IMG, IMG, 1))
+    one_line("model.init_from", "was trained on 3-channel images, the data have 1",
+             "set data.channels=3 (gray images repeated to RGB)")(e)
+    assert str(e.value).endswith(")")
+    gray = save(timm_vit(in_chans=1), tmp_path / "gray.safetensors")
+    one_line("model.init_from", "trained on 1-channel images, the data have 3", "set data.channels=1")(load_error(gray))
+
+
 def test_another_architecture_names_the_preset_that_fits(tmp_path):
     e = load_error(save(timm_mixer(), tmp_path / "mixer.safetensors"))
     one_line("model.init_from", "timm Mixer", "not a vit", "model=mixer model.patch_size=8")(e)
@@ -448,3 +587,82 @@ def test_a_resumed_fine_tune_does_not_need_the_file_again(tmp_path):
     r = run_cli([*args, "trainer.epochs=2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr and "model.init_from:" not in r.stdout + r.stderr
+
+
+def jits_of_assemble(monkeypatch) -> list:
+    """The functions the run's assembly hands to ``jax.jit`` from here on (by qualified name): the model's
+    init is the first (``assemble.<locals>.<lambda>``), compiled as soon as it is called."""
+    made, real = [], jax.jit
+
+    def recording(*args, **kwargs):
+        name = getattr(args[0], "__qualname__", "") if args else ""
+        if name.startswith("assemble.<locals>"):
+            made.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording)
+    return made
+
+
+def three_channel_digits_run(tmp_path):
+    """A tiny timm ViT trained on 3-channel 8x8 images, and a run of it on digits (1 channel)."""
+    module = perturbed(VisionTransformer(img_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=1, num_heads=2,
+                                         num_classes=10))
+    path = save(module, tmp_path / "rgb.safetensors")
+    return path, [*FAST, "data=digits", "model=vit", "model.patch_size=4", "model.hidden_size=16",
+                  "model.num_layers=1", "model.num_heads=2", "model.mlp_dim=64", "model.gelu=exact",
+                  f"model.init_from={path}", "trainer.batch_size=64", "trainer.epochs=1"]
+
+
+@pytest.mark.parametrize("bad", ["truncated", "3 channels onto 1"])
+def test_a_bad_init_from_file_fails_before_the_model_init_compiles(tmp_path, monkeypatch, bad):
+    """The file is read and checked against the model's shapes (abstract) before the init is jitted."""
+    from vision_train.train.loop import train
+
+    path, args = three_channel_digits_run(tmp_path)
+    if bad == "truncated":
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:len(raw) - 100])
+        args = [*args, "data.channels=3"]
+    made = jits_of_assemble(monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        train(compose(args), tmp_path / "run")
+    one_line("model.init_from", "truncated" if bad == "truncated" else "set data.channels=3")(e)
+    assert made == []
+
+
+def test_a_three_channel_file_fine_tunes_on_digits_with_data_channels_3(tmp_path, monkeypatch):
+    """digits (8x8x1) with data.channels=3 takes a file trained on RGB images: the run's model is built for
+    8x8x3, its init compiled and the file's weights merged into it (the run is stopped there)."""
+    from safetensors.numpy import load_file
+
+    from vision_train.train.loop import train
+    from vision_train.train.state import param_paths
+
+    path, args = three_channel_digits_run(tmp_path)
+    cfg = compose([*args, "data.channels=3"])
+    assert cfg.data.channels == 3 and compose(args).data.channels is None  # (null: as stored)
+    made = jits_of_assemble(monkeypatch)
+    loaded, merged, real_load, real_merge = [], [], pretrained.load, pretrained.merge
+
+    class Merged(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        loaded.append((kwargs["input_shape"], real_load(*args, **kwargs)))
+        return loaded[-1][1]
+
+    def merge(*args, **kwargs):
+        merged.append(real_merge(*args, **kwargs))
+        raise Merged
+
+    monkeypatch.setattr(pretrained, "load", load)
+    monkeypatch.setattr(pretrained, "merge", merge)
+    with pytest.raises(Merged):
+        train(cfg, tmp_path / "run")
+    (shape, pre), = loaded
+    assert shape == (8, 8, 3) and pre.info["head"] == "loaded" and pre.info["format"] == "timm ViT (safetensors)"
+    assert made == ["assemble.<locals>.<lambda>"]  # (read before the init's jit; the recording sees that jit)
+    params, theirs = param_paths(jax.device_get(merged[0])), load_file(path)
+    np.testing.assert_array_equal(params["embed.proj.kernel"], theirs["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["head.kernel"], theirs["head.weight"].T)

@@ -202,6 +202,24 @@ def _channel_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...],
     return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-6)) for v in x.std(0))
 
 
+def to_channels(split: Split, channels: int, name: str) -> Split:
+    """``split``'s images with ``channels`` channels, as PIL converts your own images (data.channels): gray
+    repeated to RGB ("L" -> "RGB"), RGB to gray by ITU-R 601-2 luma ("RGB" -> "L", PIL's integer rounding)."""
+    images = split.images
+    have = images.shape[-1]
+    if images.dtype != np.uint8 or (have, channels) not in ((1, 3), (3, 1)):
+        raise DataError(f"data.channels={channels}: {name} holds {have}-channel "
+                        f"{'images' if images.dtype == np.uint8 else 'features, not images'}; data.channels converts "
+                        f"1-channel (gray) images to 3 and 3-channel (RGB) ones to 1; leave it unset (null)")
+    if channels == 3:
+        return Split(np.repeat(images, 3, axis=-1), split.labels)
+    gray = np.empty(images.shape[:-1] + (1,), np.uint8)
+    for i in range(0, len(images), 4096):  # (in chunks: the 32-bit sums of a whole set would be 4x its size)
+        x = images[i:i + 4096].astype(np.uint32)
+        gray[i:i + 4096, ..., 0] = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
+    return Split(gray, split.labels)
+
+
 def load(cfg) -> Dataset:
     """``cfg`` is a ``DataConfig`` (or anything with its fields). Your own images (data.kind=image_folder or
     hf) are decoded once into a cache and memory-mapped from it (``vision_train.data.files``)."""
@@ -227,14 +245,19 @@ def load(cfg) -> Dataset:
     train, val = split_off(train, cfg.val_size, cfg.split_seed, "validation")
     if len(test.labels) == 0:
         raise DataError(f"the {name} test split is empty; raise data.test_fraction (now {cfg.test_fraction})")
+    stored = train.images  # (gray statistics hold for gray repeated to RGB: computed on the stored images)
+    want = getattr(cfg, "channels", None)  # data.channels (null: as stored)
+    if want is not None and want != stored.shape[-1]:
+        train, test = to_channels(train, want, name), to_channels(test, want, name)
+        val = None if val is None else to_channels(val, want, name)
+    channels = train.images.shape[-1]
 
     if cfg.mean is not None:
         mean, std = tuple(cfg.mean), tuple(cfg.std)
-    elif name in STATS:
+    elif name in STATS and len(STATS[name][0]) in (1, channels):
         mean, std = STATS[name]
     else:
-        mean, std = _channel_stats(train.images, scale)
-    channels = train.images.shape[-1]
+        mean, std = _channel_stats(stored if stored.shape[-1] == 1 else train.images, scale)
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
     if len(mean) != channels or len(std) != channels:

@@ -36,6 +36,7 @@ import socket
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,58 +155,152 @@ def sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------------- reading it
+AGAIN = "download or copy it again"
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
 def read(path: Path) -> tuple[dict[str, np.ndarray], str]:
     """The file's arrays by name, and its container: "safetensors" | "torch" | "npz" (told by its bytes,
-    not its name)."""
+    not its name). A damaged or unsupported file is one ``ConfigError`` naming it and what is wrong."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return _read_safetensors(path), "safetensors"
+        return _read_safetensors(path, size), "safetensors"
     if head[:2] == b"PK":
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        if names and all(n.endswith(".npy") for n in names):
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}, "npz"
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ConfigError(KEY, str(path), f"a damaged or truncated zip archive (an .npz or a PyTorch file; "
+                              f"{_why(e)}); {AGAIN}") from None
         if any(n.endswith("data.pkl") for n in names):
             return _read_torch(path), "torch"
+        if any(n.endswith(".npy") for n in names):
+            return _read_npz(path), "npz"
     elif head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return _read_torch(path), "torch"
-    raise ConfigError(KEY, str(path), "unknown format: not a .safetensors, a PyTorch .bin/.pth state dict or an "
-                      ".npz file; give timm's .safetensors/.bin or a big_vision / vision_transformer .npz")
+    what = "an empty file" if size == 0 else f"only {size} bytes, " if size < 9 else ""
+    raise ConfigError(KEY, str(path), f"unknown format: {what}not a .safetensors, a PyTorch .bin/.pth state dict or "
+                      f"an .npz file; give timm's .safetensors/.bin or a big_vision / vision_transformer .npz")
 
 
-# safetensors' dtype names -> numpy's (bfloat16: ml_dtypes', which JAX installs)
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """An .npz's arrays (numpy, never unpickling): an object array, a member that is not a .npy array or a
+    damaged member is one ``ConfigError`` naming it."""
+    out = {}
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ConfigError(KEY, str(path), f"a damaged or truncated .npz ({_why(e)}); {AGAIN}") from None
+    with z:
+        for k in z.files:
+            try:
+                a = z[k]
+            except ValueError as e:
+                if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                    raise ConfigError(KEY, str(path), f"the .npz array {k} holds Python objects (dtype=object), "
+                                      f"which are read only by unpickling; save numeric arrays (np.savez with "
+                                      f"float32 arrays)") from None
+                raise ConfigError(KEY, str(path), f"the .npz member {k} is damaged ({_why(e)}); {AGAIN}") from None
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+                raise ConfigError(KEY, str(path), f"the .npz member {k} is damaged ({_why(e)}); {AGAIN}") from None
+            if not isinstance(a, np.ndarray):  # (np.load hands back the raw bytes of a member that is no .npy)
+                raise ConfigError(KEY, str(path), f"the .npz member {k} is not a .npy array ({len(a)} bytes that "
+                                  f"do not start with numpy's array header)")
+            if a.dtype.kind not in "biuf":
+                raise ConfigError(KEY, str(path), f"the .npz array {k} has dtype {a.dtype}, not numbers this loader "
+                                  f"reads (float, int, bool)")
+            out[k] = a
+    return out
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The file's tensors as read-only views of one memory map of it. (The safetensors library's numpy reader
-    holds the file twice in memory: 890 MB at the peak for ViT-B/16's 346 MB; mapped, the pages are read
-    once, when the arrays are copied into the model.) The layout is safetensors' documented one: 8 bytes of
-    header length, a JSON header of name -> dtype, shape, data_offsets, then the data."""
+# safetensors' dtype names -> numpy's (bfloat16 and float8: ml_dtypes', which JAX installs)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+              "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def _st_dtype(name) -> np.dtype | None:
+    import ml_dtypes  # (a dependency of JAX)
+
+    numpy_name = _ST_DTYPES.get(name) if isinstance(name, str) else None
+    if numpy_name is None:
+        return None
+    return np.dtype(getattr(ml_dtypes, numpy_name)) if hasattr(ml_dtypes, numpy_name) and not hasattr(np, numpy_name) \
+        else np.dtype(numpy_name)
+
+
+def _safetensors_header(path: Path, size: int) -> tuple[int, dict[str, tuple[np.dtype, list, int, int]]]:
+    """Check a .safetensors file's layout (safetensors' documented one: 8 bytes of little-endian header
+    length, a JSON header of name -> dtype, shape, data_offsets, then the data) against itself and the file's
+    size; returns (header length, name -> (dtype, shape, start, end)). Whatever is wrong is one ``ConfigError``."""
     import json
 
-    import ml_dtypes  # (bfloat16 for numpy; a dependency of JAX)
+    def bad(what: str) -> ConfigError:
+        return ConfigError(KEY, str(path), f"a damaged .safetensors file: {what}")
 
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ConfigError(KEY, str(path), "unknown format: a damaged .safetensors header") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
+        raw = f.read(n)
+    if len(raw) < n:
+        raise bad(f"truncated in its header (the header is {n} bytes, the file ends {len(raw)} bytes into it); "
+                  f"{AGAIN}")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError)
+        raise bad(f"its {n}-byte header is not JSON ({_why(e)}); {AGAIN}") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object of name -> dtype, shape, data_offsets")
+    data_size = size - 8 - n
+    tensors = {}
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        dtype = ml_dtypes.bfloat16 if t["dtype"] == "BF16" else np.dtype(_ST_DTYPES.get(t["dtype"], "V"))
-        if dtype == np.dtype("V"):
-            raise ConfigError(KEY, str(path), f"tensor {name} has dtype {t['dtype']}, which this loader cannot read")
-        start, end = t["data_offsets"]
-        out[name] = data[start:end].view(dtype).reshape(t["shape"])
-    return out
+        if not isinstance(t, dict) or not {"dtype", "shape", "data_offsets"} <= set(t):
+            raise bad(f"tensor {name}'s header entry {str(t)[:80]} lacks dtype, shape or data_offsets")
+        shape, offsets = t["shape"], t["data_offsets"]
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        if not isinstance(shape, list) or not all(whole(d) for d in shape):
+            raise bad(f"tensor {name}'s shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name}'s data_offsets {offsets!r} are not [start, end] with 0 <= start <= end")
+        dtype = _st_dtype(t["dtype"])
+        if dtype is None:
+            raise ConfigError(KEY, str(path), f"tensor {name} has dtype {t['dtype']!r}, which this loader cannot "
+                              f"read (it reads {', '.join(_ST_DTYPES)})")
+        start, end = offsets
+        need = dtype.itemsize * math.prod(shape)
+        if end - start != need:
+            raise bad(f"tensor {name}'s data_offsets [{start}, {end}] hold {end - start} bytes, but {t['dtype']} x "
+                      f"{shape} needs {need}")
+        tensors[name] = (dtype, shape, start, end)
+    if tensors:
+        last = max(tensors, key=lambda k: tensors[k][3])
+        if tensors[last][3] > data_size:
+            raise bad(f"truncated, or its header damaged: tensor {last}'s data_offsets {list(tensors[last][2:])} run "
+                      f"past the end of the file, which holds {max(data_size, 0)} bytes of data after its {n}-byte "
+                      f"header; {AGAIN}")
+    spans = sorted((s, e, k) for k, (_, _, s, e) in tensors.items() if e > s)
+    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise bad(f"tensors {a} and {b} overlap (data_offsets [{s0}, {e0}] and [{s1}, {e1}])")
+    return n, tensors
+
+
+def _read_safetensors(path: Path, size: int) -> dict[str, np.ndarray]:
+    """The file's tensors as read-only views of one memory map of it, its header checked first
+    (``_safetensors_header``). (The safetensors library's numpy reader holds the file twice in memory: 890 MB
+    at the peak for ViT-B/16's 346 MB; mapped, the pages are read once, when the arrays are copied into the
+    model.)"""
+    n, tensors = _safetensors_header(path, size)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    return {name: data[start:end].view(dtype).reshape(shape) for name, (dtype, shape, start, end) in tensors.items()}
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -344,6 +439,21 @@ def _to_ours(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[d
                       f"stem/kernel); its first names: {names or 'none'}")
 
 
+def _mapped(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[dict, str, str, dict]:
+    """``_to_ours`` and ``file_keys``: (arrays by our path, architecture, format, the model keys they give). Arrays
+    under the right names but of shapes no ViT/Mixer has (a damaged or foreign file) are one ``ConfigError``."""
+    try:
+        ours, arch, fmt = _to_ours(raw, container, source)
+        keys = file_keys(ours, arch)
+        kernel = ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"]
+        if kernel.ndim != 4:
+            raise ValueError(f"its patch embedding is {tuple(kernel.shape)}, not a 4-D convolution kernel")
+        return ours, arch, fmt, keys
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(KEY, source, f"its arrays have the names but not the shapes of a ViT/Mixer checkpoint "
+                          f"({container}; {_why(e)})") from None
+
+
 # ------------------------------------------------------------------------------------------- fitting
 def file_keys(ours: dict[str, np.ndarray], arch: str) -> dict:
     """The ``model.*`` keys the file's arrays determine (the head, GELU, epsilon and heads cannot be read)."""
@@ -421,6 +531,11 @@ def resample_posemb(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
     return zoomed.reshape(1, new_hw[0] * new_hw[1], -1)
 
 
+def _in_channels(ours: dict, arch: str) -> int:
+    """The image channels the file's patch embedding (an HWIO kernel) takes."""
+    return int(ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"].shape[2])
+
+
 def _posemb(ours: dict, model_cfg, input_shape, source: str) -> str:
     """Fit the file's position embeddings to the model's token grid (in place); returns what was done."""
     pe = ours.get("pos_embed")
@@ -452,11 +567,10 @@ def describe(source: str) -> dict:
     in_channels, keys: the ``model.*`` keys it determines}. E.g. to build a model that keeps its head."""
     path = resolve(source)
     raw, container = read(path)
-    ours, arch, fmt = _to_ours(raw, container, source)
-    kernel = ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"]  # HWIO
+    ours, arch, fmt, keys = _mapped(raw, container, source)
     return {"path": str(path), "format": fmt, "arch": arch,
             "num_classes": int(ours["head.bias"].shape[0]) if "head.bias" in ours else None,
-            "in_channels": int(kernel.shape[2]), "keys": file_keys(ours, arch)}
+            "in_channels": _in_channels(ours, arch), "keys": keys}
 
 
 def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="auto", like=None) -> Pretrained:
@@ -473,9 +587,8 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
                           f"preset (e.g. model=vit_b)")
     path = resolve(source)
     raw, container = read(path)
-    ours, arch, fmt = _to_ours(raw, container, source)
+    ours, arch, fmt, keys = _mapped(raw, container, source)
     del raw
-    keys = file_keys(ours, arch)
     flax_gelu = not fmt.startswith("timm")  # Flax's nn.gelu: the tanh approximation
     if arch != model_cfg.arch:
         raise ConfigError(KEY, source, f"the file holds a {fmt}, not a {model_cfg.arch}; use "
@@ -484,6 +597,13 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
         raise ConfigError(KEY, source, f"the file's patches are {keys['patch_size']}x{keys['patch_size']} but "
                           f"model.patch_size={model_cfg.patch_size}; set model.patch_size={keys['patch_size']} "
                           f"(resampling patch kernels is not supported) and size the images to fit (data.image_size)")
+    have, want_c = _in_channels(ours, arch), int(input_shape[-1])
+    if have != want_c:
+        fix = {3: "set data.channels=3 (gray images repeated to RGB)",
+               1: "set data.channels=1 (RGB images converted to gray)"}.get(have, "its patch embedding fits no other "
+                                                                          "channel count")
+        raise ConfigError(KEY, source, f"the file's {fmt} was trained on {have}-channel images, the data have "
+                          f"{want_c}; {fix}")
     if arch == "vit" and keys["fc_norm"]:
         if keys["classifier"] == "token":
             raise ConfigError(KEY, source, "the file normalises after pooling and has a class token (timm's "
@@ -534,9 +654,10 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
         shown = [f"{k} {tuple(ours[k].shape)} in the file, {tuple(want[k].shape)} in the model" for k in wrong[:3]]
         shown += [f"{k} missing from the file" for k in missing[:3]] + [f"{k} not in the model" for k in extra[:3]]
         more = len(wrong) + len(missing) + len(extra) - len(shown)
+        fits = _what_fits(keys, arch, model_cfg, flax_gelu and model_cfg.gelu != 'tanh')
         raise ConfigError(KEY, source, f"the file's {fmt} does not fit model={model_cfg.arch} as configured: "
-                          f"{'; '.join(shown)}{f' (and {more} more)' if more > 0 else ''}; it fits "
-                          f"{_what_fits(keys, arch, model_cfg, flax_gelu and model_cfg.gelu != 'tanh')}")
+                          f"{'; '.join(shown)}{f' (and {more} more)' if more > 0 else ''}"
+                          f"{f'; it fits {fits}' if fits.strip() else ''}")
     if model_cfg.gelu != ("tanh" if flax_gelu else "exact"):  # (cannot be read from the weights: said here)
         log.warning("warning: %s was trained with %s GELU, and model.gelu=%s; set model.gelu=%s to compute what it "
                     "computed", fmt, "tanh" if flax_gelu else "exact", model_cfg.gelu, "tanh" if flax_gelu else "exact")
