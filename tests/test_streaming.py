@@ -440,24 +440,24 @@ def test_a_streamed_run_resumed_with_another_worker_count_ends_as_the_uninterrup
     """In-process and quick (the kill -9 version above is slow): a streamed run with two worker processes
     fails after its step-10 checkpoint, and is resumed reading in this process (data.workers=0): each batch is a
     function of its step alone, so the records and the parameters equal the uninterrupted two-worker run's."""
-    from vision_train.train.loop import Hooks, train
+    from vision_train.train.loop import Loop, train
 
     from .helpers import compose
 
     job = [*STREAMED, f"data.root={folder}", "trainer.epochs=2", "trainer.checkpoint_every_steps=10",
            "trainer.log_every_steps=4", "trainer.keep_checkpoints=5"]
     full = train(compose(job), tmp_path / "full")
-    after_step = Hooks.after_step
+    after_step = Loop.after_step
 
     def fail_at_13(self, step):
         after_step(self, step)
         if step == 13:
             raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(Hooks, "after_step", fail_at_13)
+    monkeypatch.setattr(Loop, "after_step", fail_at_13)
     with pytest.raises(RuntimeError, match="went away"):
         train(compose(job), tmp_path / "run")
-    monkeypatch.setattr(Hooks, "after_step", after_step)
+    monkeypatch.setattr(Loop, "after_step", after_step)
     resumed = train(compose([*job, "data.workers=0"]), tmp_path / "run")
     assert records(tmp_path / "run") == records(tmp_path / "full")
     assert resumed["test/acc"] == full["test/acc"]

@@ -76,7 +76,6 @@ class Run:
     eval_step: Callable        # jitted (params, other, sums, args) -> (sums, pred, confidence)
     predict: Callable          # jitted (params, other, images) -> probabilities
     new_acc: Callable
-    lr_at: Callable            # step -> the learning rate the optimizer applied at that step
     checkpointer: Any          # ckpt_lib.Checkpointer, or None (trainer.checkpoint=false)
     tracker: Tracker
     resolved: dict             # the resolved config (config.yaml, W&B, checkpoints)
@@ -88,8 +87,6 @@ class Run:
     started_at: float
     t_start: float
     own_resume: bool           # resumed from this run's own checkpoint
-    timing: dict = field(default_factory=lambda: {"startup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "media_s": 0.0,
-                                                  "checkpoint_s": 0.0})
     flops_per_example: float = 0.0     # model FLOPs of one example in one training step (perf.train_flops)
     peak_tflops: float | None = None   # dense peak TFLOP/s of one device in the compute dtype (None: unknown)
 
@@ -210,15 +207,12 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
 
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,
-        ema_decay=t.ema_decay), donate_argnums=(0, 1))
+        ema_decay=t.ema_decay, lr_shape=shape), donate_argnums=(0, 1))
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=o.label_smoothing),
                         out_shardings=replicated)  # (fetchable from any process)
     predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
     new_acc = lambda values=None: jax.device_put(steps_lib.new_accumulator(values), replicated)  # noqa: E731
-    lr_shape_at = jax.jit(shape)
-    # (float32, as the optimizer multiplies them: the learning rate in its state times the schedule's shape)
-    lr_at = lambda step: float(np.float32(o.lr) * np.asarray(lr_shape_at(step), np.float32))  # noqa: E731
 
     # ---------------------------------------------------------------- checkpoints, resume
     ckpt_dir = run_dir / "checkpoints"
@@ -284,7 +278,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     log.info(perf.describe(flops, peak, devices[0], cfg.hardware.precision, cfg.hardware.peak_tflops is not None))
     return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, input_shape=in_shape, feed=feed,
                graphdef=graphdef, state=state, acc=acc, loop=loop, train_step=train_step, eval_step=eval_step,
-               predict=predict, new_acc=new_acc, lr_at=lr_at, checkpointer=checkpointer, tracker=tracker,
+               predict=predict, new_acc=new_acc, checkpointer=checkpointer, tracker=tracker,
                resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own,
                flops_per_example=flops, peak_tflops=peak)

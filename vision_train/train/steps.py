@@ -36,6 +36,7 @@ def new_accumulator(values: dict | None = None) -> dict:
     values = values or {}
     acc = {k: jnp.asarray(values.get(k, 0.0), jnp.float32) for k in ACCUMULATOR_KEYS}
     acc["nan_step"] = jnp.asarray(values.get("nan_step", -1), jnp.int32)  # 1-based step of the first NaN loss
+    acc["lr"] = jnp.asarray(values.get("lr", 0.0), jnp.float32)  # the learning rate the latest step applied
     return acc
 
 
@@ -60,13 +61,15 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
-                accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+                accum_steps: int = 1, ema_decay: float = 0.0, lr_shape: Callable | None = None) -> Callable:
     """``update(state, acc, x, y) -> (state, acc)``: forward, backward, optimizer update, the parameters'
     moving average and the running sums, on a prepared batch (the train step after its input pipeline).
 
     ``accum_steps`` > 1: the batch is split into that many micro-batches, run one after another in a
     scan; their gradients are averaged before the one optimizer update (activation memory / accum_steps).
-    ``ema_decay`` > 0: ``state.ema`` (float32) moves towards the new parameters."""
+    ``ema_decay`` > 0: ``state.ema`` (float32) moves towards the new parameters. ``lr_shape``: the schedule's
+    shape (``state.lr_schedule`` with peak 1), for the running sums' ``lr``: the learning rate this step applied
+    (the rate in the optimizer state times the shape at this step, as ``make_optimizer``'s update computes it)."""
 
     def grads_of(params, other, x, y, key):
         def objective(p):
@@ -109,6 +112,8 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
             "steps": acc["steps"] + 1,
             # 1-based, like the step numbers in metrics.jsonl and W&B
             "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step + 1, acc["nan_step"]),
+            "lr": acc["lr"] if lr_shape is None else
+            (state.opt_state.hyperparams["learning_rate"] * lr_shape(state.step)).astype(jnp.float32),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), acc
 
@@ -116,11 +121,12 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_batch: Callable, *,
-                    label_smoothing: float = 0.0, accum_steps: int = 1, ema_decay: float = 0.0) -> Callable:
+                    label_smoothing: float = 0.0, accum_steps: int = 1, ema_decay: float = 0.0,
+                    lr_shape: Callable | None = None) -> Callable:
     """``train_step(state, acc, *args) -> (state, acc)``: the feed's batch for ``args``
     (``train_batch(args, key) -> (x, y)``, traced here), then ``make_update``'s update."""
     update = make_update(graphdef, tx, label_smoothing=label_smoothing, accum_steps=accum_steps,
-                         ema_decay=ema_decay)
+                         ema_decay=ema_decay, lr_shape=lr_shape)
 
     def train_step(state: TrainState, acc: dict, *args):
         TRACES["train_step"] += 1
