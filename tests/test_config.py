@@ -82,11 +82,11 @@ def test_run_config_is_frozen_and_plain():
     # keys that name a metric name one the run reports
     ("trainer.best_metric=bogus", "trainer.best_metric", "choose one of auto, train/loss, train/acc, val/loss, val/acc"),
     ("trainer.best_metric=test/acc", "trainer.best_metric", "(the metrics of the epoch line)"),
-    ("data=toy trainer.best_metric=val/loss", "trainer.best_metric", "data.val_size=0 leaves toy no validation split"),
+    ("data=toy trainer.best_metric=val/loss", "trainer.best_metric", "toy has no validation split; "),
     ("trainer.best_metric=val/loss trainer.best_mode=max", "trainer.best_mode", "set trainer.best_mode=min"),
     ("trainer.best_metric=train/acc trainer.best_mode=min", "trainer.best_mode", "set trainer.best_mode=max"),
-    ("trainer.objective=bogus", "trainer.objective", "choose one of auto, val/loss, val/acc, best/val/acc"),
-    ("data=toy trainer.objective=val/acc", "trainer.objective", "data.val_size=0 leaves toy no validation split"),
+    ("trainer.objective=bogus", "trainer.objective", "choose one of auto, none, val/loss, val/acc, best/val/acc"),
+    ("data=toy trainer.objective=val/acc", "trainer.objective", "toy has no validation split; "),
     ("data=toy trainer.objective=best/val/acc", "trainer.objective", "use trainer.objective=test/loss, test/acc"),
 ])
 def test_impossible_values_name_key_value_and_fix(override, key, fix):

@@ -8,10 +8,23 @@ import time
 import pytest
 
 from vision_train.errors import ConfigError
+from vision_train.train.hooks import Hook
 from vision_train.train.loop import train
 
 from .conftest import run_cli
 from .helpers import compose
+
+
+class Stopped(Exception):
+    pass
+
+
+def stop_at(step: int) -> Hook:
+    """A user hook that ends a run with an error after ``step`` (and its checkpoint): a run to resume."""
+    def stop(s, run, results):
+        raise Stopped(f"stopped after step {s}")
+
+    return Hook("stop", every=step, run=stop)
 
 RUN = ["model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.epochs=2",
        "trainer.batch_size=64", "trainer.log_every_steps=5", "trainer.progress_bar=false", "hardware=cpu",
@@ -154,7 +167,8 @@ def test_a_checkpoint_with_the_old_wandb_keys_resumes_the_same_wandb_run(tmp_pat
     """Checkpoints written before the sinks had their own metadata key held W&B's run id and history
     counter as ``wandb_run_id``/``wandb_step``: resuming one continues that W&B run, and the checkpoints
     written from then on hold the sinks' form."""
-    train(compose([*RUN, "trainer.epochs=1", "logger.media=false"]), tmp_path)
+    with pytest.raises(Stopped):  # (after its step-19 checkpoint: a run to resume)
+        train(compose([*RUN, "trainer.epochs=2", "logger.media=false"]), tmp_path, hooks=[stop_at(19)])
     (first,) = by_type(records(tmp_path), "run")
     assert first["job_type"] == "train"
     step, meta, path = checkpoint_meta(tmp_path)
@@ -235,16 +249,17 @@ def test_a_third_sink_is_one_class_and_one_line_and_gets_what_the_local_record_g
     monkeypatch.setattr(CopySink, "built", [])
     monkeypatch.setitem(tracking.SINKS, "copy", (CopySink, lambda lc: True))  # the one line
     job = [*RUN, "logger.mode=disabled", "logger.num_samples=2"]
-    train(compose([*job, "trainer.epochs=1"]), tmp_path)
+    with pytest.raises(Stopped):  # (after its step-19 checkpoint: a run to resume)
+        train(compose([*job, "trainer.epochs=2"]), tmp_path, hooks=[stop_at(19)])
     first = CopySink.built[0]
-    assert first.resume is None and first.exit_code == 0
+    assert first.resume is None and first.exit_code == 1
     step, meta, _ = checkpoint_meta(tmp_path)
     assert meta["sinks"] == {"copy": {"rows": meta["loop"]["rows"]}}  # its state, stored by the tracker
 
     summary = train(compose([*job, "trainer.epochs=2"]), tmp_path)  # resumes from step 19
     second = CopySink.built[1]
     assert second.resume.step == step and second.resume.state == {"rows": meta["loop"]["rows"]}
-    # Row for row what metrics.jsonl holds (the first run's test row, after the checkpoint, cut from both).
+    # Row for row what metrics.jsonl holds.
     local = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r) for r in (tmp_path / "copy.jsonl").read_text().splitlines()] == [json.loads(r) for r in local]
     assert sum("test/acc" in r for r in local) == 1
