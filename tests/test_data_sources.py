@@ -446,16 +446,24 @@ def test_channels_of_the_toy_set_are_refused(tmp_path):
 
 
 def test_data_channels_in_the_config():
-    """Unset: as stored for built-in sets (the resolved config says null), 3 for your own images; the toy set's
-    2-D points take none."""
+    """Unset: as stored, which the resolved config says (built-in sets: their own count, so runs written when
+    data.channels=3 was the schema's default resume; your own images: 3); the toy set's 2-D points take none."""
+    from vision_train import fate
+    from vision_train.config import from_dict, to_dict
     from vision_train.errors import ConfigError
 
     from .helpers import compose
 
-    assert compose(["data=digits"]).data.channels is None
+    assert compose(["data=digits"]).data.channels == 1 and compose(["data=cifar10"]).data.channels == 3
     assert compose(["data=mnist", "data.channels=3"]).data.channels == 3
     assert compose(["data=image_folder", "data.root=x"]).data.channels == 3
+    assert compose(["data=toy"]).data.channels is None
     with pytest.raises(ConfigError, match="data.channels=3: the toy set is 2-D points"):
         compose(["data=toy", "data.channels=3"])
     with pytest.raises(ConfigError, match="data.channels=2: choose one of 1, 3"):
         compose(["data=digits", "data.channels=2"])
+    # A config written before (data.channels: 3 for every built-in set, applied to none of them):
+    cifar = to_dict(compose(["data=cifar10"]))
+    assert fate.differences({**cifar, "data": {**cifar["data"], "channels": 3}}, cifar) == []
+    toy = to_dict(compose(["data=toy", "model=mlp"]))
+    assert from_dict({**toy, "data": {**toy["data"], "channels": 3}}).data.channels is None

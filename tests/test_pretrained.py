@@ -641,7 +641,7 @@ def test_a_three_channel_file_fine_tunes_on_digits_with_data_channels_3(tmp_path
 
     path, args = three_channel_digits_run(tmp_path)
     cfg = compose([*args, "data.channels=3"])
-    assert cfg.data.channels == 3 and compose(args).data.channels is None  # (null: as stored)
+    assert cfg.data.channels == 3 and compose(args).data.channels == 1  # (unset: as stored)
     made = jits_of_assemble(monkeypatch)
     loaded, merged, real_load, real_merge = [], [], pretrained.load, pretrained.merge
 

@@ -168,7 +168,8 @@ class DataConfig(_Freezable):
     # at 224 for a pretrained ViT-B/16; the data stay 32x32 in memory). null: the built-in set's own size.
     image_size: Optional[int] = None
     # 3: RGB (grayscale repeated; RGBA, CMYK, palette converted); 1: grayscale (RGB by ITU-R 601-2 luma, as PIL).
-    # null: as stored (built-in sets: 1 for digits, mnist, fashion_mnist; your own images: 3)
+    # null: as stored, resolved when validated (built-in sets: 1 for digits, mnist, fashion_mnist, 3 for the others;
+    # your own images: 3). The toy set's 2-D points have none.
     channels: Optional[int] = None
     test_size: int = 0                 # a set without a test split: examples held out for test; 0: test_fraction
     image_key: str = "image"           # hf: the column holding the image
@@ -376,6 +377,8 @@ def objective_line(cfg: Config) -> str | None:
 
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "toy", "synthetic")
+# The built-in image sets' channels as stored (data.channels unset); the toy set has none, synthetic its image_shape's.
+STORED_CHANNELS = {"cifar10": 3, "cifar100": 3, "svhn": 3, "mnist": 1, "fashion_mnist": 1, "digits": 1}
 DATA_KINDS = ("builtin", "image_folder", "hf")
 
 
@@ -440,8 +443,9 @@ def validate(cfg: Config) -> Config:
                           f"data.image_size=224")
     if d.kind == "builtin" and d.name == "toy" and d.image_size is not None:
         raise ConfigError("data.image_size", d.image_size, "the toy set is 2-D points, not images; leave it unset (null)")
-    if d.channels is None and d.kind != "builtin":
-        d.channels = 3  # your own images: RGB unless data.channels=1
+    if d.channels is None:  # as stored: the resolved config says what the model sees (and equals earlier runs' 3)
+        d.channels = (3 if d.kind != "builtin" else STORED_CHANNELS.get(d.name) if d.name != "synthetic" else
+                      d.image_shape[2] if d.image_shape[2] in (1, 3) else None)
     if d.channels is not None:
         _choice("data.channels", d.channels, (1, 3))
         if d.kind == "builtin" and d.name == "toy":
@@ -694,7 +698,12 @@ def from_dict(d: dict) -> Config:
     schema = ARCHITECTURES.get(model.get("arch"))
     if schema is None:
         raise ConfigError("model.arch", model.get("arch"), f"choose one of {', '.join(ARCHITECTURES)}")
-    cfg = Config(model=build(schema, model), data=build(DataConfig, d.get("data")),
+    data = dict(d.get("data") or {})
+    shape = list(data.get("image_shape") or [3])
+    if data.get("channels") == 3 and data.get("kind", "builtin") == "builtin" and (
+            data.get("name") == "toy" or (data.get("name") == "synthetic" and shape[-1] not in (1, 3))):
+        data["channels"] = None  # (written when data.channels=3 was the default and left built-in sets as stored)
+    cfg = Config(model=build(schema, model), data=build(DataConfig, data),
                  optimizer=build(OptimizerConfig, d.get("optimizer")), hardware=build(HardwareConfig, d.get("hardware")),
                  trainer=build(TrainerConfig, d.get("trainer")), logger=build(LoggerConfig, d.get("logger")))
     return _freeze(validate(cfg))
