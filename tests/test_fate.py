@@ -208,3 +208,23 @@ def test_a_refused_override_leaves_no_folder_behind(tmp_path):
     r = run_cli(["data=digits", "model=mlp", "optimizer.lr=-1"], cwd=tmp_path)
     assert r.returncode == 2 and "optimizer.lr" in r.stdout + r.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.fast
+def test_a_run_of_an_earlier_version_on_a_gray_built_in_set_still_resumes(tmp_path):
+    """Earlier versions wrote data.channels: 3 (the default) for digits and trained on its stored 1 channel:
+    the checkpoint's own data facts say what was computed."""
+    cfg = _config()
+    assert cfg["data"]["channels"] == 1
+    old = json.loads(json.dumps(cfg))
+    old["data"]["channels"] = 3
+    run = _run(tmp_path / "run", old, steps=(10,))
+    with pytest.raises(fate_lib.Refused, match="data.channels: 3 -> 1"):  # (no data facts to go by)
+        fate_lib.decide(cfg, "auto", run)
+    (run / "checkpoints" / "10" / "meta").mkdir()
+    (run / "checkpoints" / "10" / "meta" / "metadata").write_text(json.dumps({"data": {"shape": [8, 8, 1]}}))
+    assert fate_lib.decide(cfg, "auto", run).kind == "resume"
+    rgb = json.loads(json.dumps(cfg))
+    rgb["data"]["channels"] = 3
+    with pytest.raises(fate_lib.Refused, match="data.channels: 1 -> 3"):  # what it trained on differs
+        fate_lib.decide(rgb, "auto", _run(tmp_path / "new", cfg, steps=(10,)))

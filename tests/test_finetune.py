@@ -20,7 +20,8 @@ from vision_train.config import ConfigError, OptimizerConfig
 from vision_train.records import read_rows
 from vision_train.train import assembly
 from vision_train.train import state as state_lib
-from vision_train.train.loop import Hooks, train
+from vision_train.fate import Fate
+from vision_train.train.loop import Loop, train
 
 from .conftest import FAST_COMPILE, REPO
 from .helpers import FAST, TINY, compose
@@ -38,9 +39,9 @@ def tiny_vit(num_layers=2):
 
 def initial_state(cfg, run_dir):
     """The train state a run of ``cfg`` starts from (assembled, not trained)."""
-    run = assembly.assemble(cfg, run_dir, time.time())
+    run = assembly.assemble(cfg, run_dir, time.time(), Fate("new", run_dir))
     state = jax.device_get(run.state)
-    Hooks(run).close(0)
+    Loop(run, []).close(0)
     return state
 
 
@@ -203,17 +204,17 @@ def test_fine_tune_from_a_timm_file_learns_and_resumes_exactly_after_a_crash(tmp
     np.testing.assert_array_equal(np.asarray(tuned["embed.proj.bias"]), sd["patch_embed.proj.bias"])
     assert not np.allclose(np.asarray(tuned["blocks.0.attn.qkv.kernel"]), sd["blocks.0.attn.qkv.weight"].T)
 
-    after_step = Hooks.after_step
+    after_step = Loop.after_step
 
     def crash_at_13(self, step):
         after_step(self, step)
         if step == 13:  # past the step-10 checkpoint
             raise RuntimeError("the machine went away")
 
-    monkeypatch.setattr(Hooks, "after_step", crash_at_13)
+    monkeypatch.setattr(Loop, "after_step", crash_at_13)
     with pytest.raises(RuntimeError, match="went away"):
         train(compose(job), tmp_path / "run")
-    monkeypatch.setattr(Hooks, "after_step", after_step)
+    monkeypatch.setattr(Loop, "after_step", after_step)
     (tmp_path / "vit.safetensors").unlink()  # a resume reads its own checkpoint, not the file
     caplog.clear()
     with caplog.at_level("INFO", logger="vision_train"):

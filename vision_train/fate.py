@@ -167,6 +167,15 @@ def _read_summary(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _stored_channels(ckpt_dir: Path, step: int) -> int | None:
+    """The channel count a checkpoint's run trained on, from its metadata's data facts (JSON beside the arrays)."""
+    try:
+        meta = json.loads((ckpt_dir / str(step) / "meta" / "metadata").read_text())
+        return int(meta["data"]["shape"][-1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def decide(current: dict, resume: str, run_dir: str | Path, *, checkpoint: bool = True, sweep: bool = False) -> Fate:
     """The fate of a run of config ``current`` (``config.to_dict`` of a validated config) in ``run_dir``.
     ``sweep``: the job of a sweep (the refusal names ``hydra.sweep.dir``)."""
@@ -193,6 +202,8 @@ def decide(current: dict, resume: str, run_dir: str | Path, *, checkpoint: bool 
         return Fate("new", run_dir)
 
     keys = differences(saved, current)
+    if "data.channels" in keys and steps and _stored_channels(ckpt_dir, steps[-1]) == current["data"]["channels"]:
+        keys.remove("data.channels")  # (an earlier version wrote 3, its default, for sets it left as stored)
     if keys:
         state = "a finished run" if summary is not None else f"a run stopped at step {steps[-1]}"
         where = "hydra.sweep.dir" if sweep else "hydra.run.dir"
