@@ -4,7 +4,7 @@
 The data: N CIFAR-sized images (32x32 RGB; smooth random colour fields plus noise, 10 classes), held two ways:
 
   (a) png   a folder of PNG files (``<dir>/train/<class>/<i>.png``, a few in ``test/``) written with PIL, read
-            through ``vision_train.train.feeds.load_data`` exactly as ``data=image_folder`` reads it: decoded
+            through ``vision_train.data.load.load_data`` exactly as ``data=image_folder`` reads it: decoded
             once into the uint8 cache for the device-resident feed (``data.stream=false``), or ``Records``
             decoded on demand in the Grain workers for the streamed one (``data.stream=true``);
   (b) npy   raw uint8 records, the same decoded array in the same order saved as one ``.npy`` file: held in
@@ -159,12 +159,12 @@ def open_sources(root: Path, npy: Path, written: dict) -> dict:
 
     from vision_train.data import files, sources
     from vision_train.data import stream as host
-    from vision_train.train import feeds
+    from vision_train.data.load import load_data
 
     t0 = time.perf_counter()
-    cached, cached_streams = feeds.load_data(data_config(root, stream="false"))
+    cached, cached_streams = load_data(data_config(root, stream="false"))
     decode_s = time.perf_counter() - t0
-    lazy, lazy_streams = feeds.load_data(data_config(root, stream="true"))
+    lazy, lazy_streams = load_data(data_config(root, stream="true"))
     if cached_streams or not lazy_streams or not isinstance(lazy.train.images, host.LazyImages):
         raise SystemExit("load_data did not give the cached and the streamed path this benchmark compares")
     records: files.Records = lazy.train.images.records

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from vision_train.config import DataConfig
-from vision_train.data import files, sources
+from vision_train.data import files
+from vision_train.data.load import load
 from vision_train.errors import ConfigError, DataError
 
 from .conftest import run_cli
@@ -65,7 +66,7 @@ def test_mixed_folder_loads_classes_labels_shapes_and_lists_bad_files(tmp_path, 
     caplog.set_level(logging.INFO, logger="vision_train")
     cfg = folder_cfg(tmp_path, max_bad_fraction=0.2)
 
-    ds = sources.load(cfg)
+    ds = load(cfg)
 
     assert ds.class_names == ("cat", "dog", "fox") and ds.name == tmp_path.name and ds.num_classes == 3
     for split, part in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
@@ -86,7 +87,7 @@ def test_mixed_folder_loads_classes_labels_shapes_and_lists_bad_files(tmp_path, 
         assert f"train/dog/{name}" in line
     assert any("3 files" in m and "ignored" in m for m in lines), lines  # notes.txt, .DS_Store, Thumbs.db
 
-    grey = sources.load(folder_cfg(tmp_path, max_bad_fraction=0.2, channels=1))
+    grey = load(folder_cfg(tmp_path, max_bad_fraction=0.2, channels=1))
     assert grey.train.images.shape == (len(written["train"]), 16, 16, 1) and len(grey.mean) == 1
 
 
@@ -334,7 +335,7 @@ def cache_dirs(root: Path) -> list[str]:
 def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_path, monkeypatch, caplog):
     written = write_image_folder(tmp_path, per_class=4, splits=False)["all"]
     cfg = folder_cfg(tmp_path, val_size=2)
-    first = sources.load(cfg)
+    first = load(cfg)
     (key,) = cache_dirs(tmp_path)
     index = json.loads((tmp_path / ".vision_train_cache" / key / "index.json").read_text())
     assert index["class_names"] == ["cat", "dog", "fox"] and index["splits"] == {"train": 7, "val": 2, "test": 3}
@@ -346,7 +347,7 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_
     monkeypatch.setattr(files, "decode", no_decoding)
     monkeypatch.setattr(files, "check_file", no_decoding)  # the scan's result is kept too
     caplog.set_level(logging.INFO, logger="vision_train")
-    second = sources.load(cfg)
+    second = load(cfg)
     assert any("reading the decoded images" in r.getMessage() and key in r.getMessage() for r in caplog.records)
     for a, b in ((first.train, second.train), (first.val, second.val), (first.test, second.test)):
         np.testing.assert_array_equal(a.images, b.images)
@@ -359,7 +360,7 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_
     rgb[0, 0] = 255 - rgb[0, 0]
     Image.fromarray(rgb).save(path)
     os.utime(path, ns=(1, 1))  # (a new modification time even on coarse clocks)
-    sources.load(cfg)
+    load(cfg)
     assert len(cache_dirs(tmp_path)) == 2  # a new key: decoded again (the old cache stays: first and second read it)
     assert files.open_images(folder_cfg(tmp_path, val_size=2, image_size=12)).key not in cache_dirs(tmp_path)
 
@@ -367,8 +368,8 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_changes_the_key(tmp_
 def test_a_changed_file_removes_the_superseded_cache_once_the_new_one_is_complete(tmp_path, caplog):
     written = write_image_folder(tmp_path, per_class=4, splits=False)["all"]
     cfg, other = folder_cfg(tmp_path, val_size=2), folder_cfg(tmp_path, val_size=2, image_size=12)
-    sources.load(cfg)
-    sources.load(other)  # another setting of the same folder: its cache stays
+    load(cfg)
+    load(other)  # another setting of the same folder: its cache stays
     other_key = files.open_images(other).key
     (old,) = [k for k in cache_dirs(tmp_path) if k != other_key]
     size = sum(f.stat().st_size for f in (tmp_path / ".vision_train_cache" / old).iterdir())
@@ -382,7 +383,7 @@ def test_a_changed_file_removes_the_superseded_cache_once_the_new_one_is_complet
 
     change(0)
     caplog.set_level(logging.INFO, logger="vision_train")
-    ds = sources.load(cfg)
+    ds = load(cfg)
     new = files.open_images(cfg).key
     assert sorted(cache_dirs(tmp_path)) == sorted([new, other_key])
     assert not [p for p in (tmp_path / ".vision_train_cache").iterdir() if p.name.startswith(".")]
@@ -394,14 +395,14 @@ def test_a_changed_file_removes_the_superseded_cache_once_the_new_one_is_complet
     # a cache another process reads (here: this one, through ds) is kept, and removed by a later run
     caplog.clear()
     change(1)
-    ds2 = sources.load(cfg)
+    ds2 = load(cfg)
     assert new in cache_dirs(tmp_path) and len(cache_dirs(tmp_path)) == 3
     assert any("in use by another process" in r.getMessage() for r in caplog.records)
     assert ds.train.images.sum() >= 0  # (still readable)
     del ds
     gc.collect()
     caplog.clear()
-    sources.load(cfg)  # read from the cache; the superseded one is no longer held
+    load(cfg)  # read from the cache; the superseded one is no longer held
     assert sorted(cache_dirs(tmp_path)) == sorted([files.open_images(cfg).key, other_key])
     assert any("removed 1 decoded cache" in r.getMessage() and new in r.getMessage() for r in caplog.records)
     del ds2
@@ -421,7 +422,7 @@ def test_a_decode_killed_half_way_leaves_no_trusted_cache(tmp_path, monkeypatch)
 
     monkeypatch.setattr(files.FileRecords, "read", dies)
     with pytest.raises(KeyboardInterrupt):
-        sources.load(cfg)
+        load(cfg)
     assert os.listdir(tmp_path / ".vision_train_cache") == [f for f in os.listdir(tmp_path / ".vision_train_cache")
                                                             if f.startswith("scan-")]
     monkeypatch.undo()
@@ -430,7 +431,7 @@ def test_a_decode_killed_half_way_leaves_no_trusted_cache(tmp_path, monkeypatch)
     key = files.open_images(cfg).key
     stale = tmp_path / ".vision_train_cache" / f".tmp-{key}-{socket.gethostname()}-999999999-abcdef"
     stale.mkdir()
-    ds = sources.load(cfg)
+    ds = load(cfg)
     assert len(ds.train.labels) + len(ds.test.labels) == 30 and not stale.exists()
     assert cache_dirs(tmp_path) == [key]
 
@@ -703,8 +704,8 @@ def test_cli_bad_folder_is_one_line_and_nonzero_exit(tmp_path, case, expected):
 
 def test_digits_folder_matches_the_builtin_split(tmp_path):
     counts = write_digits_folder(tmp_path)
-    ds = sources.load(folder_cfg(tmp_path, image_size=8, channels=1))
-    builtin = sources.load(DataConfig(name="digits"))
+    ds = load(folder_cfg(tmp_path, image_size=8, channels=1))
+    builtin = load(DataConfig(name="digits"))
     assert counts == {"train": len(builtin.train.labels), "test": len(builtin.test.labels)}
     assert ds.class_names == tuple(str(i) for i in range(10))
     key = lambda x: np.lexsort(x.reshape(len(x), -1).T[::-1])

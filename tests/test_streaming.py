@@ -325,7 +325,8 @@ def test_an_image_damaged_after_the_scan_is_skipped_the_same_way_every_time(tmp_
     from vision_train import parallel
     from vision_train.config import DataConfig
     from vision_train.data import stream
-    from vision_train.train.feeds import Normalize, StreamFeed, load_data
+    from vision_train.data.load import load_data
+    from vision_train.train.feeds import Normalize, StreamFeed
 
     root = tmp_path / "pets"
     write_image_folder(root, per_class={"train": 8, "test": 2}, classes=("cat", "dog"), formats=("png",), size=(12, 12))
@@ -374,7 +375,8 @@ def test_workers_start_in_a_process_whose_start_method_is_lokys(tmp_path):
 
     from vision_train import parallel
     from vision_train.config import DataConfig
-    from vision_train.train.feeds import Normalize, StreamFeed, load_data
+    from vision_train.data.load import load_data
+    from vision_train.train.feeds import Normalize, StreamFeed
 
     root = tmp_path / "pets"
     write_image_folder(root, per_class={"train": 4, "test": 1}, classes=("cat", "dog"), formats=("png",), size=(8, 8))
@@ -401,7 +403,8 @@ def test_a_worker_that_gets_ctrl_c_while_it_starts_lives_on(tmp_path):
 
     from vision_train import parallel
     from vision_train.config import DataConfig
-    from vision_train.train.feeds import Normalize, StreamFeed, load_data
+    from vision_train.data.load import load_data
+    from vision_train.train.feeds import Normalize, StreamFeed
 
     root = tmp_path / "pets"
     write_image_folder(root, per_class={"train": 4, "test": 1}, classes=("cat", "dog"), formats=("png",), size=(8, 8))

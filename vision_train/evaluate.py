@@ -128,7 +128,8 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     from .train import evaluation
     from .train import steps as steps_lib
     from .train.assembly import compute_dtype
-    from .train.feeds import Normalize, input_shape, load_data, make_feed
+    from .data.load import load_data
+    from .train.feeds import Normalize, input_shape, make_feed
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -791,8 +792,6 @@ def open_images(cfg) -> ImageSet:
     """Scan and check ``cfg`` (a DataConfig of kind image_folder or hf): every bad-input error is raised
     here, before anything compiles. Splits, class names and the cache key; statistics on first use."""
     if cfg.channels is None:  # (validate makes it 3; a DataConfig built in Python may leave it unset)
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, channels=3)
     if cfg.kind == "image_folder":
         s = open_folder(cfg)

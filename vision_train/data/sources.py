@@ -221,12 +221,10 @@ def to_channels(split: Split, channels: int, name: str) -> Split:
 
 
 def load(cfg) -> Dataset:
-    """``cfg`` is a ``DataConfig`` (or anything with its fields). Your own images (data.kind=image_folder or
-    hf) are decoded once into a cache and memory-mapped from it (``vision_train.data.files``)."""
+    """A built-in data set; ``cfg`` is a ``DataConfig`` (or anything with its fields). Your own images
+    (data.kind=image_folder or hf) are ``vision_train.data.files``' (``data.load`` picks)."""
     if getattr(cfg, "kind", "builtin") != "builtin":
-        from . import files  # (here: files imports this module)
-
-        return files.load_cached(files.open_images(cfg), cfg)
+        raise ValueError(f"data.kind={cfg.kind}: sources.load reads the built-in sets; use vision_train.data.load")
     name, scale = cfg.name, 1.0 / 255
     if name in STATS:
         train, test, classes = load_torchvision(name, cfg.root, download=cfg.download)

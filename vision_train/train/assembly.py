@@ -25,6 +25,7 @@ from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import models, parallel, perf, records
 from ..data import pipeline, sources
+from ..data.load import load_data
 from ..errors import ConfigError, writing
 from ..fate import Fate
 from ..models import pretrained
@@ -32,7 +33,7 @@ from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
 from . import state as state_lib
 from . import steps as steps_lib
-from .feeds import DeviceFeed, Normalize, StreamFeed, input_shape, load_data, make_feed
+from .feeds import DeviceFeed, Normalize, StreamFeed, input_shape, make_feed
 
 log = logging.getLogger("vision_train")
 

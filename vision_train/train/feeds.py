@@ -261,27 +261,6 @@ def _grain():
     return grain
 
 
-def load_data(d) -> tuple[Dataset, bool]:
-    """The data set of ``d`` (a DataConfig) and whether it streams (``data.stream``, ``data.cache``): built-in
-    sets are in memory (streamed from there with data.stream=true); your own images are decoded once into a
-    cache when they fit, else streamed from their files (``vision_train.data.files``)."""
-    from ..data import sources
-
-    stream = str(d.stream).lower()
-    if d.kind == "builtin":
-        return sources.load(d), stream == "true"
-    from ..data import files  # (your own images: PIL, Hugging Face datasets)
-
-    images = files.open_images(d)
-    if files.plan(d, images) == "cache":
-        return files.load_cached(images, d), False
-    split = lambda records: None if records is None else Split(  # noqa: E731
-        host.LazyImages(records, tuple(images.shape)), np.asarray(records.labels, np.int32))
-    return Dataset(images.name, split(images.splits["train"]), split(images.splits.get("val")),
-                   split(images.splits["test"]), tuple(images.class_names), tuple(images.mean), tuple(images.std),
-                   images.scale), True
-
-
 def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
     """The feed for ``ds``: ``StreamFeed`` (with ``d``'s workers and prefetch) or ``DeviceFeed``, resampling
     batches to the model's input (``input_shape``) where the stored images differ from it."""
