@@ -365,6 +365,46 @@ def test_an_image_damaged_after_the_scan_is_skipped_the_same_way_every_time(tmp_
             assert a[s][1][row] == label
 
 
+def test_a_feed_prepares_each_epoch_once_and_gives_each_step_its_batch_once(tmp_path):
+    """The loop's epoch start (``feed.start_epoch``) reads the streamed epoch's first batch before the epoch's
+    clock starts; the step then takes that batch: each step's rows are put on the devices once, and the
+    batches are those of a feed asked without it. A checkpoint records the streamed pipeline's position and
+    nothing of a device-resident feed (its order is a function of the step)."""
+    from vision_train import parallel
+    from vision_train.config import DataConfig
+    from vision_train.data.load import load_data
+    from vision_train.data.sources import Dataset, Split
+    from vision_train.train.feeds import DeviceFeed, Normalize, StreamFeed
+
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class={"train": 4, "test": 1}, classes=("cat", "dog"), formats=("png",), size=(8, 8))
+    ds, _ = load_data(DataConfig(kind="image_folder", name="", root=str(root), image_size=8, stream="true"))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    common = dict(batch_size=4, normalize=Normalize(ds.scale, ds.mean, ds.std), mesh=mesh, eval_splits=())
+    prepared, plain = StreamFeed(ds, workers=0, **common), StreamFeed(ds, workers=0, **common)
+    put = []
+    glob = prepared._global
+    prepared._global = lambda local, sharding: put.append(len(local)) or glob(local, sharding)
+    try:
+        got = {}
+        for step in range(1, 6):  # resumed at step 1: epochs of 2 steps start at 1 (this process's first), 2, 4
+            if step % 2 == 0 or step == 1:
+                prepared.start_epoch(step)
+                assert prepared.state() == {"next_step": step}
+            got[step] = [np.asarray(a) for a in prepared.train_args(step)]
+        assert put == [4, 4] * 5  # images and labels, once per step
+        for step in range(1, 6):
+            for a, b in zip(got[step], plain.train_args(step)):
+                np.testing.assert_array_equal(a, np.asarray(b))
+        assert prepared.state() == {"next_step": 6}
+    finally:
+        prepared.close()
+        plain.close()
+    in_memory = Dataset(ds.name, Split(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int32)), None, ds.test,
+                        ds.class_names, ds.mean, ds.std)
+    assert DeviceFeed(in_memory, **common).state() == {}
+
+
 def test_workers_start_in_a_process_whose_start_method_is_lokys(tmp_path):
     """The joblib launcher's processes run with loky's start method, which a spawned worker inherits and
     cannot find ("cannot find context for 'loky'"): every worker died, every streamed job of a sweep failed.

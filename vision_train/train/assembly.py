@@ -33,7 +33,7 @@ from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
 from . import state as state_lib
 from . import steps as steps_lib
-from .feeds import DeviceFeed, Normalize, StreamFeed, input_shape, make_feed
+from .feeds import Feed, Normalize, input_shape, make_feed
 
 log = logging.getLogger("vision_train")
 
@@ -68,7 +68,7 @@ class Run:
     is_main: bool
     ds: sources.Dataset
     input_shape: tuple         # the model's input (H, W, C): the data's, or data.image_size for a resampled built-in set
-    feed: DeviceFeed | StreamFeed
+    feed: Feed
     graphdef: Any
     state: Any                 # TrainState (replicated)
     acc: dict                  # the train step's running sums (on the device)
@@ -104,7 +104,7 @@ class Run:
         return {"config": self.resolved, **self.tracker.resume_state(), "param_shapes": self.shapes, "step": step,
                 "data": self.data_facts(), "versions": self.tracker.versions,
                 "best_metric": self.cfg.trainer.best_metric, "loop": self.loop.to_meta(),
-                **({"feed": self.feed.state()} if isinstance(self.feed, StreamFeed) else {})}
+                **({"feed": feed} if (feed := self.feed.state()) else {})}  # (a streamed run's pipeline position)
 
 
 def check_run_dir(cfg, run_dir: Path) -> None:

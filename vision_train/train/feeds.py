@@ -1,7 +1,7 @@
 """Feeds: how training and evaluation batches reach the jitted steps (DESIGN.md, decision 3).
 
-A feed has two sides. On the host, per step, ``train_args(step)`` returns the arguments the jitted train
-step takes after ``(state, acc)``; inside jit, ``train_batch(args, key) -> (x, y)`` turns them into a
+A feed has two sides. On the host, ``start_epoch(step)`` prepares an epoch before its clock starts, and
+per step ``train_args(step)`` returns the arguments the jitted train step takes after ``(state, sums)``; inside jit, ``train_batch(args, key) -> (x, y)`` turns them into a
 prepared (augmented, normalised) batch. Evaluation is the same: ``eval_args(split)`` yields chunks of a
 split on the host, and inside jit ``eval_batches(args) -> (fixed, items)`` gives what a scan runs over and
 ``eval_batch(fixed, item) -> (x, y, mask)`` one batch of it. The order of the training examples is a pure
@@ -53,15 +53,26 @@ class Normalize:
 
 
 class Feed(Protocol):
-    steps_per_epoch: int
-    splits: dict[str, Split]   # host copies of the evaluation splits (labels, sample images for media)
+    """What the loop, the steps, the hooks, evaluation and the checkpoints ask of a feed (``DeviceFeed``,
+    ``StreamFeed``)."""
+    batch_size: int
+    steps_per_epoch: int           # the last partial batch of an epoch is dropped
+    splits: dict[str, Split]       # host copies of the evaluation splits (labels, sample images for media)
+    sharding: NamedSharding        # replicated over the mesh (the eval sums, fetchable from any process)
+    normalize: Normalize           # stored values -> the model's input (prediction normalises with it too)
+    size: tuple[int, int] | None   # the model's input (H, W) where the stored images differ (resampled in jit)
 
+    def start_epoch(self, step: int) -> None:
+        """Before step ``step`` (0-based) when it opens an epoch or is this process's first: what the epoch's
+        steps need (the permutation; the pipeline at ``step``), prepared before the epoch's clock starts."""
     def train_args(self, step: int) -> tuple: ...
     def train_batch(self, args: tuple, key) -> tuple: ...
     def eval_args(self, split: str) -> Iterator[tuple]: ...
     def eval_batches(self, args: tuple) -> tuple: ...
     def eval_batch(self, fixed, item) -> tuple: ...
     def valid(self, split: str) -> np.ndarray: ...
+    def state(self) -> dict:
+        """What a checkpoint's metadata records of the feed ({}: nothing, the order is a function of the step)."""
     def close(self) -> None: ...
 
 
@@ -90,12 +101,16 @@ class DeviceFeed:
         self._permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(2,), out_shardings=self._replicated)
         self._perm_epoch, self._perm = None, None
 
+    def start_epoch(self, step: int) -> None:
+        """The epoch's permutation: computed once per epoch (compiled once per run), dispatched asynchronously."""
+        epoch = step // self.steps_per_epoch
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, self._permutation(self.seed, epoch, len(self.ds.train.labels))
+
     def train_args(self, step: int) -> tuple:
         """Step ``step`` (0-based) of the run: the data, the epoch's permutation and the batch's index in it."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:  # once per epoch, dispatched asynchronously
-            self._perm_epoch, self._perm = epoch, self._permutation(self.seed, epoch, len(self.ds.train.labels))
-        return (*self._train, self._perm, index)
+        self.start_epoch(step)  # (the permutation already there unless the caller skipped start_epoch)
+        return (*self._train, self._perm, step % self.steps_per_epoch)
 
     def train_batch(self, args: tuple, key):
         images, labels, perm, index = args
@@ -120,6 +135,9 @@ class DeviceFeed:
     def valid(self, split: str) -> np.ndarray:
         """Which of the eval step's predictions (flattened, padding included) are real examples."""
         return np.asarray(self._eval[split][3]).reshape(-1)
+
+    def state(self) -> dict:
+        return {}  # the order is a pure function of (seed, epoch): resuming at a step needs nothing else
 
     def close(self) -> None:
         pass
@@ -154,7 +172,7 @@ class StreamFeed:
         self._eval = {name: host.EvalBatches(split.images, split.labels, batch_size=eb, rows=host.host_rows(eb, pi, pc))
                       for name, split in self.splits.items()}
         self._chunk = {name: min(eval_chunk, e.num_batches) for name, e in self._eval.items()}
-        self._it, self._next, self._last, self._ahead = None, None, None, None
+        self._it, self._next, self._ahead = None, None, None
 
     # ------------------------------------------------------------------ training
     def _open(self, step: int) -> None:
@@ -178,10 +196,16 @@ class StreamFeed:
         else:
             self._it = iter(it)
 
+    def start_epoch(self, step: int) -> None:
+        """The pipeline at ``step`` (opened there, its workers started, when it is elsewhere) and the epoch's
+        first batch read, before the epoch's clock starts."""
+        if self._it is None or self._next != step:
+            self._open(step)
+        if self._ahead is None:
+            self._ahead = next(self._it)
+
     def train_args(self, step: int) -> tuple:
         """Step ``step``'s batch on the devices: (images uint8, labels), each host's rows read by its pipeline."""
-        if self._last is not None and self._last[0] == step:  # (asked twice: the epoch's start, then its step)
-            return self._last[1]
         if self._it is None or self._next != step:
             self._open(step)
         item, self._ahead = self._ahead if self._ahead is not None else next(self._it), None
@@ -192,9 +216,7 @@ class StreamFeed:
         # may alias host memory it is given, and must not alias memory that is about to be unmapped).
         images, labels = np.array(item["images"]), np.array(item["labels"])
         del item
-        args = (self._global(images, self._batch), self._global(labels, self._batch))
-        self._last = (step, args)
-        return args
+        return self._global(images, self._batch), self._global(labels, self._batch)
 
     def _global(self, local: np.ndarray, sharding) -> jax.Array:
         """This host's rows -> the global array (every host contributes its rows; no host holds the whole)."""
@@ -245,7 +267,7 @@ class StreamFeed:
 
     def close(self) -> None:
         """Stops the worker processes (also at garbage collection; this makes it prompt)."""
-        it, self._it, self._last, self._ahead = self._it, None, None, None
+        it, self._it, self._ahead = self._it, None, None
         if it is not None and hasattr(it, "close"):
             it.close()
 

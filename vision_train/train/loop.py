@@ -93,7 +93,7 @@ class Loop:
         epoch, index = divmod(step, run.steps_per_epoch)
         if index == 0:  # a fresh epoch (resumed mid-epoch: the sums so far come from the checkpoint)
             run.loop.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        run.feed.train_args(step)  # the epoch's order (the permutation: compiled once) before its clock starts
+        run.feed.start_epoch(step)  # the epoch's order (or the pipeline's first batch) before its clock starts
         self.chrono.epoch_start()
         self.progress.epoch(run.steps_per_epoch, f"epoch {epoch + 1}/{run.cfg.trainer.epochs}", initial=index)
         if step == run.start_step and self.profiler is not None and self.profiler.begin == step:
