@@ -257,9 +257,10 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
 
     # ---------------------------------------------------------------- tracking
     resolved = config_lib.to_dict(cfg)
-    if is_main:
-        _write_yaml(run_dir / "config.yaml", resolved, _pretrained_note(pretrained_info))
     run_meta = run_metadata(run_dir, devices, n_params) if is_main else {}
+    if is_main:
+        _write_yaml(run_dir / "config.yaml", resolved,
+                    _versions_note(run_meta["versions"]) + _pretrained_note(pretrained_info))
     if parent:
         run_meta["parent"] = parent
     if pretrained_info:
@@ -330,6 +331,14 @@ def _set_aside_after(run_dir: Path, ckpt_dir: Path, step: int) -> None:
         shutil.copy2(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
     log.info("resuming from step %d: the later checkpoints (%s) and the records after it were set aside in %s",
              step, ", ".join(p.name for p in later), dest)
+
+
+def _versions_note(versions: dict) -> str:
+    """config.yaml's record of the packages a run ran with (W&B's config has them too), as comments: its keys
+    are compared with a re-run's (vision_train.fate), and other versions are no reason to refuse one."""
+    import platform
+
+    return "".join(f"# version {name}=={v}\n" for name, v in {"python": platform.python_version(), **versions}.items())
 
 
 def _pretrained_note(info: dict | None) -> str:
