@@ -148,8 +148,10 @@ def _header(path: Path) -> str:
         text = line.lstrip("#").strip()
         if text.startswith("@package"):
             continue
-        if not text and out:
-            break
+        if not text:
+            if out:
+                break  # (the first paragraph only)
+            continue
         out.append(text)
     return " ".join(out)
 
@@ -238,10 +240,10 @@ def render() -> str:
         if group == "model":
             out += ["The keys depend on the architecture (`model.arch`, set by the preset); each architecture's "
                     "schema is registered in `vision_train.models.ARCHITECTURES`.", ""]
-            for arch, schema in config_lib.ARCHITECTURES.items():
-                doc = inspect.getdoc(schema) or ""
-                if doc.startswith(f"{schema.__name__}(") or doc == inspect.getdoc(config_lib.ModelConfig):
-                    doc = ""  # (dataclasses' generated signature; the base's docstring)
+            for arch, schema in sorted(config_lib.ARCHITECTURES.items()):  # (in any registration order)
+                doc = inspect.cleandoc(schema.__dict__.get("__doc__") or "")  # (its own, not a base's)
+                if doc.startswith(f"{schema.__name__}("):
+                    doc = ""  # (the signature dataclasses write where there is no docstring)
                 out += [f"### model.arch={arch}", ""] + ([doc, ""] if doc else [])
                 out += _table(keys(schema, "model.")) + [""]
                 out += _preset_table_arch(arch)
