@@ -43,7 +43,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
     ``fate``: the run's fate as the caller decided it (``vision_train.fate.decide``); decided here when not given.
     A finished run returns its summary and changes nothing; a run directory holding another computation is
     refused (``fate.Refused``) before anything is built."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # (Orbax needs an absolute path; the Python API may give a relative one)
     check_run_dir(cfg, run_dir)
     if fate is None:
         fate = fate_lib.decide(config_lib.to_dict(cfg), cfg.trainer.resume, run_dir)
