@@ -233,7 +233,7 @@ def row_recipe(args) -> dict:
     dev, dtype, info = _jax_setup(args)
     graphdef, tx, state, n_params = _jax_model(args, dtype)
     update = jax.jit(steps_lib.make_update(graphdef, tx), donate_argnums=(0, 1))
-    carry = [jax.device_put(state, dev), jax.device_put(steps_lib.new_accumulator(), dev)]
+    carry = [jax.device_put(state, dev), jax.device_put(steps_lib.new_train_sums(), dev)]
     pending = [first]
 
     def run(k):
@@ -285,7 +285,7 @@ def row_step(args) -> dict:
     graphdef, tx, state, n_params = _jax_model(args, dtype)
     step = jax.jit(steps_lib.make_train_step(graphdef, tx, feed.train_batch), donate_argnums=(0, 1))
     replicated = parallel.replicated(mesh)
-    carry = [jax.device_put(state, replicated), jax.device_put(steps_lib.new_accumulator(), replicated)]
+    carry = [jax.device_put(state, replicated), jax.device_put(steps_lib.new_train_sums(), replicated)]
     taken = [0]
 
     def run(k):

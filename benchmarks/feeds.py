@@ -391,7 +391,7 @@ def bench_model(name, args, mesh, device_feeds, stream_feeds, feed_alone, decode
 
     def fresh():  # own buffers: the steps donate them
         return (jax.device_put(jax.tree.map(jnp.copy, state0), replicated),
-                jax.device_put(steps_lib.new_accumulator(), replicated))
+                jax.device_put(steps_lib.new_train_sums(), replicated))
 
     # ---- compile all three outside any timing; the step alone's batch: the device feed's step 0
     traces = steps_lib.TRACES["train_step"]
@@ -423,14 +423,14 @@ def bench_model(name, args, mesh, device_feeds, stream_feeds, feed_alone, decode
     def window(step_fn, args_at) -> float:
         """``warm`` untimed steps, block, then ``steps`` timed ones (the feed's host side each step, as the
         run's loop calls it), blocking at the end of the window."""
-        st, acc = fresh()
+        st, sums = fresh()
         for i in range(warm):
-            st, acc = step_fn(st, acc, *args_at(i))
-        jax.block_until_ready((st, acc))
+            st, sums = step_fn(st, sums, *args_at(i))
+        jax.block_until_ready((st, sums))
         t0 = time.perf_counter()
         for i in range(warm, warm + steps):
-            st, acc = step_fn(st, acc, *args_at(i))
-        jax.block_until_ready((st, acc))
+            st, sums = step_fn(st, sums, *args_at(i))
+        jax.block_until_ready((st, sums))
         return time.perf_counter() - t0
 
     def row(data, feed, workers, dt, **extra):

@@ -5,7 +5,7 @@ For each model preset, on a CIFAR-sized synthetic data set (32x32x3 uint8, 10 cl
 
   (a) pipeline   the real train step as the run assembles it (``vision_train.train.assembly``):
                  ``steps.make_train_step`` over a ``feeds.DeviceFeed``'s ``train_batch``, jitted donating
-                 state and accumulator, called with ``feed.train_args(step)``: gather the batch from the
+                 state and running sums, called with ``feed.train_args(step)``: gather the batch from the
                  device-resident set by permutation + step index, augment (flip + random-resized-crop, as
                  the CIFAR presets), normalise, forward/backward/update;
   (b) step alone ``steps.make_update``, the train step's own forward/backward/update, on the *same*
@@ -379,19 +379,19 @@ def bench_model(name: str, ctx: dict) -> dict:
     jax.block_until_ready(batches)
 
     def timed(side):
-        st, acc = runs[side]
+        st, sums = runs[side]
         st = jax.block_until_ready(at_step(st, 0))
         t0 = time.perf_counter()
         if side == "alone":
             for x, y in batches:
-                st, acc = alone_step(st, acc, x, y)
+                st, sums = alone_step(st, sums, x, y)
         else:
             fn = pipe_step if side == "pipeline" else noaug_step
             for i in range(steps):  # the feed's host side each step, as the run's loop calls it
-                st, acc = fn(st, acc, *feed.train_args(i))
-        jax.block_until_ready((st, acc))
+                st, sums = fn(st, sums, *feed.train_args(i))
+        jax.block_until_ready((st, sums))
         dt = time.perf_counter() - t0
-        runs[side] = [st, acc]
+        runs[side] = [st, sums]
         return dt
 
     times = {side: [] for side in runs}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from vision_train import checkpoint as ckpt_lib
+from vision_train.train.hooks import Hook
 from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
@@ -20,6 +22,18 @@ from .test_tracking import by_type, records
 
 # 700 training images, batch 32: 21 steps/epoch, 63 steps; checkpoints every 10 steps and every epoch.
 JOB = [*KILLABLE, "data.augment.flip=true", "trainer.epochs=3", *FAST]
+
+
+class Stopped(Exception):
+    pass
+
+
+def stop_at(step: int) -> Hook:
+    """A user hook that ends a run with an error after ``step`` (and its checkpoint): a run to resume."""
+    def stop(s, run, results):
+        raise Stopped(f"stopped after step {s}")
+
+    return Hook("stop", every=step, run=stop)
 
 
 def start(run_dir, extra=()):
@@ -107,7 +121,8 @@ def test_checkpoints_restore_across_device_counts(tmp_path):
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
     run_dir = tmp_path / "run"
-    train(compose([*TINY, "trainer.epochs=1"]), run_dir)
+    with pytest.raises(Stopped):  # (after its epoch-1 checkpoint: a run to resume)
+        train(compose([*TINY, "trainer.epochs=2"]), run_dir, hooks=[stop_at(DIGITS_STEPS_PER_EPOCH)])
     ckpts = run_dir / "checkpoints"
     latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     # What a process killed while writing step latest+50 leaves behind: Orbax's temporary directory.
@@ -117,6 +132,24 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     summary = train(compose([*TINY, "trainer.epochs=2"]), run_dir)
     assert summary["step"] == 2 * DIGITS_STEPS_PER_EPOCH  # resumed from `latest`, not from the half-written one
     assert latest + 50 not in ckpt_lib.Checkpointer(ckpts, best_metric=None, read_only=True).steps()
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_its_running_sums(tmp_path):
+    """Earlier versions kept the train step's running sums in a checkpoint's loop state as "acc" (now
+    "train_sums"): a run resumed from such a checkpoint between two log steps logs what the uninterrupted run
+    logged (the sums of the steps before the checkpoint count in the next log step's train metrics)."""
+    job = [*TINY, "trainer.epochs=1", "trainer.log_every_steps=5", "trainer.checkpoint_every_steps=7",
+           "trainer.keep_checkpoints=5"]
+    train(compose(job), tmp_path / "full")
+    old = tmp_path / "old" / "checkpoints"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "7", old / "7")
+    meta_file = old / "7" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["loop"]["train_sums"]["count"] == 2 * 64  # steps 6 and 7, since the log at step 5
+    meta["loop"]["acc"] = meta["loop"].pop("train_sums")  # as an earlier version wrote it
+    meta_file.write_text(json.dumps(meta))
+    train(compose([*job, f"trainer.resume={old / '7'}"]), tmp_path / "resumed")
+    assert rows(tmp_path / "resumed") == [r for r in rows(tmp_path / "full") if r["step"] > 7]
 
 
 def test_resuming_into_other_model_shapes_names_what_differs(tmp_path):

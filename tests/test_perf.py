@@ -111,13 +111,13 @@ def test_a_run_logs_per_device_throughput_tflops_and_mfu_against_hardware_peak_t
     peak given, and measured on training alone (an evaluation every 5 steps, made to take 2 s, is left out);
     the FLOPs and the peak in W&B's config; a profiler trace of steps 2-3 in <run dir>/profile, said in one line
     and logged to W&B as an artifact of type "profile"."""
-    slow_eval = hooks_lib.evaluation.evaluate
+    slow_eval = hooks_lib.evaluation.run_split
 
-    def evaluate(*args, **kwargs):
+    def run_split(*args, **kwargs):
         time.sleep(2.0)
         return slow_eval(*args, **kwargs)
 
-    monkeypatch.setattr(hooks_lib.evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(hooks_lib.evaluation, "run_split", run_split)
     peak = 0.05
     cfg = compose([*DIGITS, "logger.mode=offline", "logger.media=false", "trainer.progress_bar=false", "hardware=cpu",
                    "hardware.num_devices=2", "trainer.epochs=1", "trainer.log_every_steps=5", "data.val_size=128",

@@ -95,7 +95,7 @@ def test_eval_counts_every_example_exactly_once():
     from vision_train.train import evaluation
 
     _, eval_step, state, feed, split, model = _tiny_setup(8, 48)
-    out = evaluation.evaluate(eval_step, state.params, state.other, feed, "test", [str(i) for i in range(10)])
+    out = evaluation.run_split(eval_step, state.params, state.other, feed, "test", [str(i) for i in range(10)])
     assert sum(out.confusion.ravel()) == 100 and len(out.preds) == 100
     logits = model(pipeline.normalize(jnp.asarray(split.images), 1 / 255, (0.5,) * 3, (0.25,) * 3, jnp.float32), train=False)
     reference = np.asarray(jnp.argmax(logits, -1))
@@ -108,8 +108,8 @@ def test_batch_work_is_split_across_devices_not_replicated():
     flops = {}
     for n in (1, 8):
         train_step, _, state, feed, _, _ = _tiny_setup(n, 64)
-        acc = jax.device_put(steps.new_accumulator(), feed.sharding)
-        cost = train_step.lower(state, acc, *feed.train_args(0)).compile().cost_analysis()
+        sums = jax.device_put(steps.new_train_sums(), feed.sharding)
+        cost = train_step.lower(state, sums, *feed.train_args(0)).compile().cost_analysis()
         flops[n] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert flops[8] < flops[1] / 4, flops
 

@@ -33,7 +33,7 @@ from .config import UnknownKey, register_configs, schema_at, to_dict, to_run_con
 from .errors import (ConfigError, DiskFull, Preempted, UserError, disk_full_error,  # noqa: E402
                      install_background_error_handling, writing)
 from .fate import Refused, decide  # noqa: E402
-from .host_devices import configure_host_devices  # noqa: E402
+from .host_devices import configure_host_devices, is_main_process, on_lost_process, wants_distributed  # noqa: E402
 from .records import set_aside_run  # noqa: E402
 
 log = logging.getLogger("vision_train")
@@ -76,6 +76,8 @@ class Job:
         process["jobs"] += 1
         self.accepted = False
         self.objective = str(cfg.trainer.objective)
+        self.several = False  # one of several processes of one run (hardware.distributed)
+        self.writes = True    # this process writes the run's records (process 0 of several)
 
     def run(self) -> float | None:
         if self.multirun:
@@ -85,12 +87,16 @@ class Job:
         if self.multirun:
             sweep.check_direction("best/val/acc" if self.objective == "auto" else self.objective, self.hc.sweeper)
             self._needs_objective(self.objective, run_cfg)
-        if not run_cfg.hardware.distributed:  # (the processes of a multi-host run share the directory)
+        self.several = wants_distributed(run_cfg.hardware.distributed)
+        self.writes = is_main_process(run_cfg.hardware.distributed)
+        if not self.several:  # (the processes of a run of several share the directory)
             sweep.check_not_running(self.run_dir, sweep=self.multirun)
         fate = decide(to_dict(run_cfg), run_cfg.trainer.resume, self.run_dir, sweep=self.multirun)
         if fate.kind == "finished":  # nothing is touched, W&B not started
             return self._finished(fate.summary)
         self._accept(fate)
+        if self.several:  # another process lost: the run's final record says which (vision_train.parallel)
+            on_lost_process(self._lost)
         configure_host_devices(run_cfg.hardware.platform, run_cfg.hardware.num_devices)
         # JAX starts here. The command line imports nothing that imports JAX before configure_host_devices has set
         # XLA_FLAGS / JAX_PLATFORMS for hardware.* (read when JAX is imported and starts); these are the only
@@ -105,17 +111,22 @@ class Job:
         self.objective = summary.get("objective", self.objective)
         self._needs_objective(self.objective, run_cfg)
         value = _objective(summary, self.objective)
-        sweep.end_record(self.run_dir, "finished", value=value, objective=self.objective)
+        if self.writes:
+            sweep.end_record(self.run_dir, "finished", value=value, objective=self.objective)
         return value
 
     def _accept(self, fate) -> None:
         """The attempt goes ahead: from here on it writes into the run directory. Hydra's files (.hydra/) and the
-        log held so far are written, the earlier run's files set aside where it starts over, the job recorded."""
+        log held so far are written, the earlier run's files set aside where it starts over, the job recorded. The
+        other processes of a run of several write none of these (process 0 does)."""
+        if not self.writes:
+            self.accepted = True
+            return
         logfile.accept()
         _save_hydra_files(self.run_dir, self.cfg, self.hc)
         if self.multirun:
             sweep.clear_refused(self.run_dir)
-        if fate.start_over and not self.cfg.hardware.distributed:
+        if fate.start_over and not self.several:
             moved = set_aside_run(self.run_dir, include_job_record=True)
             if moved:
                 log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
@@ -142,10 +153,17 @@ class Job:
     def record(self, status: str, **kw) -> None:
         """The end of an attempt in job.json. Only an accepted attempt writes into its run directory; a sweep's
         job refused before it started is recorded where the directory holds no earlier job (the table shows it)."""
+        if not self.writes:
+            return
         if self.accepted:
             sweep.end_record(self.run_dir, status, **kw)
         elif self.multirun and sweep.read_record(self.run_dir) is None:
             sweep.record_unstarted(self.run_dir, self.overrides, self.objective, status, **kw)
+
+    def _lost(self, line: str, lost: int, me: int) -> None:
+        """Another process of the run was lost: process 0 records it (process 1 where 0 was the one lost)."""
+        if self.accepted and (me == 0 or (lost == 0 and me == 1)):
+            sweep.end_record(self.run_dir, "failed", error=line)
 
     def failed(self, e: UserError) -> float | None:
         if isinstance(e, Preempted):  # checkpoint saved; a re-run (or submitit's requeue) resumes
@@ -157,7 +175,7 @@ class Job:
                 return None  # one SLURM job preempted: the others go on, the table says "interrupted"
             interrupts.stop(e.signum)  # Ctrl-C: 130, SIGTERM: 143; the sweep stops too
         message = str(e)
-        if isinstance(e, Refused) and self.multirun:
+        if isinstance(e, Refused) and self.multirun and self.writes:
             sweep.mark_refused(self.run_dir, message)  # (beside the directory: nothing inside it changes)
         elif not isinstance(e, (Refused, sweep.JobConflict)):
             try:

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 from .errors import ConfigError, UserError
 from .errors import check_choice as _choice
 from .errors import check_positive as _positive
+from .host_devices import distributed_setting
 
 # The model schemas are part of the schema (their home is the model registry).
 from .models import ARCHITECTURES, MISSING, CNNConfig, MixerConfig, MLPConfig, ModelConfig, ViTConfig  # noqa: F401
@@ -225,7 +226,9 @@ class HardwareConfig(_Freezable):
     platform: str = "auto"             # auto | cpu | gpu | tpu
     num_devices: int = 0               # 0: all; on cpu, simulates this many devices
     precision: str = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
-    distributed: bool = False          # jax.distributed.initialize() for multi-host runs
+    # Several processes, one run (jax.distributed; docs/launchers.md): auto joins one where SLURM (a job step of more
+    # than one task), Open MPI, a TPU pod or JAX_COORDINATOR_ADDRESS says there are several processes:
+    distributed: str = "auto"          # auto | true (insist: fail if none is found) | false (never)
     # JAX's persistent compilation cache, shared by every run and sweep job on this machine: a job whose
     # programs were compiled before (same model, shapes, devices, flags, versions) skips XLA compilation.
     # auto: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/vision_train/jax; null: off; or a directory.
@@ -505,6 +508,7 @@ def validate(cfg: Config) -> Config:
     _choice("hardware.platform", h.platform, ("auto", "cpu", "gpu", "tpu"))
     _choice("hardware.precision", h.precision, ("float32", "bfloat16"))
     _positive("hardware.num_devices", h.num_devices, allow_zero=True)
+    h.distributed = distributed_setting(h.distributed)  # (true/false given as booleans, too)
     if h.peak_tflops is not None:
         _positive("hardware.peak_tflops", h.peak_tflops)
 

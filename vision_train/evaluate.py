@@ -8,7 +8,7 @@ predictions; writes ``eval.json``, ``media/*.png``, ``metrics.jsonl`` and ``eval
 run directory, and logs a W&B run with ``job_type="eval"`` in the training run's project whose config
 links back to the training run (``train_wandb_run_id``, ``train_run_dir``).
 
-``evaluate(...)`` is importable without Hydra.
+``evaluate_checkpoint(...)`` is importable without Hydra.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def _names(names, k: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
-def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = frozenset(),
-             data_preset: bool = False) -> dict:
+def evaluate_checkpoint(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = frozenset(),
+                        data_preset: bool = False) -> dict:
     """Evaluate ``ec.checkpoint``; write ``eval.json`` and media into ``run_dir``; return the report.
 
     ``data_preset``: ``ec.data`` was chosen (``data=<preset>``) and replaces the checkpoint's data config;
@@ -145,8 +145,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     config_lib.validate(config_lib.Config(model=config_lib.CNNConfig(), logger=ec.logger))
 
     # ---------------------------------------------------------------- devices and the model
-    if hw.distributed:
-        parallel.initialize_distributed()
+    parallel.initialize_distributed(hw.distributed, hw.platform)  # (auto: where several processes run)
     devices = parallel.select_devices(hw.platform, hw.num_devices)
     mesh = parallel.make_mesh(devices)
     replicated = parallel.replicated(mesh)
@@ -202,7 +201,7 @@ def evaluate(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = fro
     eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
                                                  label_smoothing=train_cfg.optimizer.label_smoothing),
                         out_shardings=replicated)
-    result = evaluation.evaluate(eval_step, params, other, feed, ec.split, classes)
+    result = evaluation.run_split(eval_step, params, other, feed, ec.split, classes)
     preds, confidence = result.preds.astype(np.int64), result.confidence.astype(np.float64)
     predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
     sample_idx = np.arange(min(max(ec.num_samples, ec.logger.num_samples if ec.logger.media else 0), n))
@@ -304,8 +303,8 @@ def _main():
             require_checkpoint(cfg)
             ec = OmegaConf.to_object(cfg)
             configure_host_devices(ec.hardware.platform, ec.hardware.num_devices)
-            report = evaluate(ec, hc.runtime.output_dir, given=command_line_keys(hc.overrides.task),
-                              data_preset=hc.runtime.choices.get("data") is not None)
+            report = evaluate_checkpoint(ec, hc.runtime.output_dir, given=command_line_keys(hc.overrides.task),
+                                         data_preset=hc.runtime.choices.get("data") is not None)
             return report[f"{ec.split}/acc"]
 
     main()

@@ -1,15 +1,25 @@
-"""Devices and the data-parallel mesh (DESIGN.md, decision 1: jit + NamedSharding, not pmap).
+"""Devices and the data-parallel mesh (DESIGN.md, decision 1: jit + NamedSharding, not pmap), and several
+processes as one run (``jax.distributed``; docs/launchers.md).
 
-Imports JAX: what must happen before JAX starts (``XLA_FLAGS``, ``JAX_PLATFORMS``) is ``vision_train.host_devices``.
+Imports JAX: what must happen before JAX starts (``XLA_FLAGS``, ``JAX_PLATFORMS``, whether this process is one of
+several) is ``vision_train.host_devices``.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
+import selectors
+import socket
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
+from jax._src import distributed as _dist
 from jax.experimental.compilation_cache import compilation_cache as cc
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -18,34 +28,297 @@ from .errors import ConfigError
 
 # Its home before; callers that run before JAX starts import it from host_devices, which does not import JAX.
 from .host_devices import configure_host_devices  # noqa: F401
+from .host_devices import (detect_processes, distributed_setting, local_device_ids, lost_process_handlers,
+                           visible_gpus)
+
+log = logging.getLogger("vision_train")
+
+# JAX's coordination service counts a process lost when it has sent no heartbeat for this long, and then ends every
+# other process (its own lines, "Terminating process because the JAX distributed service detected fatal errors").
+# That is the fallback for a host that vanishes without closing its connections; a process that dies (kill -9, a
+# crash) closes them, and the lifeline below says so within a second.
+HEARTBEAT_TIMEOUT_S = 90
+# The lifeline's own silence limit (below the heartbeat's, so its one line comes first): a process that has sent
+# nothing for this long, its connection open, is lost.
+SILENCE_S = 60
+PING_S = 5
+_KV = "vision_train"
 
 
-def initialize_distributed() -> None:
-    """Multi-host: jax.distributed auto-detects TPU pods, SLURM and Open MPI; otherwise set
-    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
-    if jax.distributed.is_initialized():  # must run before anything initialises the XLA backend
-        return
-    kwargs = {}
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+def initialize_distributed(setting="auto", platform: str = "auto") -> bool:
+    """Join the run's other processes (``jax.distributed.initialize``), before anything starts JAX's backend.
+
+    ``setting`` is ``hardware.distributed``: auto joins where SLURM (a job step of more than one task), Open MPI,
+    a TPU pod or JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID) says there are several
+    processes; true insists (an error where nothing says where the others are); false never joins. On GPUs each
+    process takes its share of the GPUs it sees (``host_devices.local_device_ids``: one process per GPU, or
+    one per node). Returns whether this process is one of several."""
+    setting = distributed_setting(setting)
+    if jax.distributed.is_initialized():
+        return True
+    if setting == "false":
+        return False
+    found = detect_processes()
+    if setting == "auto" and not ((found is not None and found.several) or _tpu_pod()):
+        return False
+    kwargs: dict = {}
+    if found is not None and found.source == "JAX_COORDINATOR_ADDRESS":
+        if found.count is None or found.index is None:
+            raise ConfigError("hardware.distributed", setting, "JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES "
+                              "(how many processes) and JAX_PROCESS_ID (this one's, from 0) too")
+        kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=found.count,
+                      process_id=found.index)
+    if platform in ("auto", "gpu") and not os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        ids = local_device_ids(found, visible_gpus())
+        if ids is not None:
+            kwargs["local_device_ids"] = ids
+    if platform == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **kwargs)
+    except ValueError as e:
+        if found is None:
+            raise ConfigError("hardware.distributed", setting,
+                              "no SLURM job step, Open MPI job or TPU pod found here, and JAX_COORDINATOR_ADDRESS is "
+                              "unset: start the processes with srun or mpirun, or set JAX_COORDINATOR_ADDRESS, "
+                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID; or use hardware.distributed=auto") from None
+        raise
+    _Run.start(found)
+    return True
+
+
+def _tpu_pod() -> bool:
+    """A Cloud TPU VM of a pod (several hosts), as JAX's own detection sees it (its metadata server)."""
+    try:
+        from jax._src import clusters
+
+        for env in clusters.ClusterEnv._cluster_types:
+            if "Tpu" in env.__name__ and env.is_env_present():
+                return env.get_process_count() > 1
+    except Exception:  # noqa: BLE001 (JAX's private API moved: no pod found)
+        return False
+    return False
+
+
+class _Run:
+    """This process's place in a run of several: who the others are (host, pid, the launcher's name for them),
+    the start-up line, and the lifeline that ends it when another process is lost."""
+
+    current: "_Run | None" = None
+
+    def __init__(self, found, client, index: int, count: int):
+        self.found, self.client, self.index, self.count = found, client, index, count
+        self.coordinator = _dist.global_state.coordinator_address
+        self.peers: dict[int, dict] = {}
+        self.said_start = False
+        self.lifeline: _Lifeline | None = None
+
+    @classmethod
+    def start(cls, found) -> None:
+        state = _dist.global_state
+        run = cls(found, state.client, state.process_id, state.num_processes)
+        cls.current = run
+        if run.index != 0:  # process 0 logs; the others say warnings and errors only
+            log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+        if run.client is None or run.count < 2:
+            return
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "task": _launcher_name(found, run.index)}
+        run.client.key_value_set(f"{_KV}/proc/{run.index}", json.dumps(me))
+        for i in range(run.count):
+            try:
+                run.peers[i] = json.loads(run.client.blocking_key_value_get(f"{_KV}/proc/{i}", 300_000))
+            except Exception:  # noqa: BLE001 (a process that never said: named by its index only)
+                run.peers[i] = {}
+        run.lifeline = _Lifeline(run)
+        run.lifeline.start()
+
+    def name(self, i: int) -> str:
+        p = self.peers.get(i) or {}
+        where = ", ".join(x for x in (p.get("host"), f"pid {p['pid']}" if "pid" in p else None, p.get("task")) if x)
+        return f"process {i} of {self.count}" + (f" ({where})" if where else "")
+
+    def start_line(self, mesh) -> str:
+        hosts = sorted({p.get("host", "?") for p in self.peers.values()}) or [socket.gethostname()]
+        local = jax.local_devices()
+        per = f"{len(local)} {local[0].platform} device{'s' if len(local) > 1 else ''} per process"
+        shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+        via = f" ({self.found.where})" if self.found is not None and self.found.where else ""
+        host_list = ", ".join(hosts[:4]) + (f", ... ({len(hosts)} in all)" if len(hosts) > 4 else "")
+        return (f"distributed: {self.count} processes on {len(hosts)} host{'s' if len(hosts) > 1 else ''} "
+                f"({host_list}), {per}, mesh {shape} ({mesh.size} devices), coordinator {self.coordinator}{via}")
+
+    def lost(self, i: int, how: str) -> None:
+        """Another process is lost: one line, the handlers (the run's final record), and this process ends."""
+        line = (f"error: {self.name(i)} was lost ({how}); every process of the run stops (this is process "
+                f"{self.index}). Run the same command again to resume from the last checkpoint")
+        try:
+            log.error("%s", line)
+            for handler in lost_process_handlers():
+                try:
+                    handler(line, i, self.index)
+                except Exception as e:  # noqa: BLE001
+                    print(f"error: while recording the lost process: {e}", file=sys.stderr)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001
+                    pass
+            logging.shutdown()
+            os._exit(LOST_EXIT)
+
+
+LOST_EXIT = 1  # the exit status of a process ended because another was lost
+
+
+def _launcher_name(found, index: int) -> str | None:
+    if found is None:
+        return None
+    return {"SLURM": f"SLURM task {index}", "Open MPI": f"MPI rank {index}", "TPU pod": f"TPU worker {index}"}.get(found.source)
+
+
+class _Lifeline:
+    """A TCP connection from every process to process 0. A process that dies (kill -9, a crash, the OOM killer)
+    closes its connection; its peer sees the end at once. Process 0 tells every other process which one was lost;
+    a process that loses process 0's connection knows process 0 was lost. A process leaving normally says "bye"
+    first. Each side pings every PING_S seconds; SILENCE_S without a word from an open connection also counts as
+    lost (a host that hung); JAX's heartbeats are the last resort."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[socket.socket, dict] = {}
+        self.lock = threading.Lock()
+        self.leaving = False      # at exit: no more pings
+        self.said_bye = False     # from here on a closed connection is no loss
+        self.quiet = threading.Event()
+
+    def start(self) -> None:
+        run = self.run
+        key = f"{_KV}/lifeline"
+        if run.index == 0:
+            server = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True) \
+                if socket.has_dualstack_ipv6() else socket.create_server(("", 0))
+            port = server.getsockname()[1]
+            run.client.key_value_set(key, str(port))
+            server.settimeout(300)
+            for _ in range(run.count - 1):
+                conn, _ = server.accept()
+                conn.settimeout(300)
+                peer = int(_read_line(conn))
+                conn.settimeout(None)
+                self._add(conn, peer)
+            server.close()
+        else:
+            port = int(run.client.blocking_key_value_get(key, 300_000))
+            host = run.coordinator.rsplit(":", 1)[0].strip("[]")
+            conn = socket.create_connection((host, port), timeout=300)
+            conn.sendall(f"{run.index}\n".encode())
+            conn.settimeout(None)
+            self._add(conn, 0)
+        atexit.register(self.leave)
+        threading.Thread(target=self._watch, name="vision_train-lifeline", daemon=True).start()
+        threading.Thread(target=self._ping, name="vision_train-lifeline-ping", daemon=True).start()
+
+    def _add(self, conn: socket.socket, peer: int) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.conns[conn] = {"peer": peer, "buf": b"", "heard": time.monotonic(), "bye": False, "open": True}
+        self.sel.register(conn, selectors.EVENT_READ)
+
+    def _send_all(self, message: str) -> None:
+        with self.lock:
+            for conn, c in list(self.conns.items()):
+                if not c["bye"]:
+                    try:
+                        conn.sendall(message.encode())
+                    except OSError:
+                        pass  # (its end is seen by the watcher)
+
+    def _ping(self) -> None:
+        while not self.leaving:
+            self._send_all("ping\n")
+            time.sleep(PING_S)
+
+    def _watch(self) -> None:
+        run = self.run
+        while True:
+            events = self.sel.select(timeout=1.0)
+            now = time.monotonic()
+            for key, _ in events:
+                conn = key.fileobj
+                c = self.conns[conn]
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:  # the other end closed: gone, unless it said bye
+                    self.sel.unregister(conn)
+                    c["open"] = False
+                    if not c["bye"] and not self.said_bye:
+                        self._lost(c["peer"], "killed or crashed: its connection closed")
+                    continue
+                c["heard"] = now
+                c["buf"] += data
+                while b"\n" in c["buf"]:
+                    line, c["buf"] = c["buf"].split(b"\n", 1)
+                    words = line.decode(errors="replace").split()
+                    if words[:1] == ["bye"]:
+                        c["bye"] = True
+                    elif words[:1] == ["lost"] and run.index != 0 and not self.said_bye:
+                        run.lost(int(words[1]), " ".join(words[2:]))
+            for conn, c in list(self.conns.items()):
+                if c["open"] and not c["bye"] and not self.leaving and now - c["heard"] > SILENCE_S:
+                    self._lost(c["peer"], f"nothing heard from it for {SILENCE_S} s")
+            if self.leaving:
+                self.quiet.set()
+
+    def _lost(self, peer: int, how: str) -> None:
+        if self.run.index == 0:  # tell the others which one, then stop
+            self._send_all(f"lost {peer} {how}\n")
+        self.run.lost(peer, how)
+
+    def leave(self) -> None:
+        """At exit (atexit, before JAX's client is shut down): a loss already under way is said first (a
+        collective that failed because a process died ends this one with an error a moment before its closed
+        connection is read), then "bye", so the others do not count this process lost."""
+        if self.leaving:
+            return
+        self.leaving = True
+        self.quiet.clear()
+        self.quiet.wait(3.0)  # the watcher's next turn, after what has arrived until now
+        self._send_all("bye\n")
+        self.said_bye = True
+
+
+def _read_line(conn: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(64)
+        if not chunk:
+            raise ConnectionError("the lifeline closed before the process said its index")
+        data += chunk
+    return data.decode().strip()
 
 
 def select_devices(platform: str, num_devices: int):
-    """The devices to train on: all of the platform's (global, across hosts), or the first ``num_devices``."""
+    """The devices to train on: all of the platform's (global, across processes), or the first ``num_devices``.
+    In a run of several processes ``num_devices`` is per process: on CPU each simulates that many; elsewhere it
+    must be every device a process sees."""
     try:
         devices = jax.devices() if platform == "auto" else jax.devices(platform)
     except RuntimeError as e:
         raise ConfigError("hardware.platform", platform,
                           f"no {platform} devices here ({str(e).splitlines()[0]}); use hardware=auto or hardware=cpu") from None
-    if num_devices and jax.process_count() > 1 and num_devices != len(devices):
-        raise ConfigError("hardware.num_devices", num_devices,
-                          f"a multi-host run uses every device of every host; set hardware.num_devices=0 "
-                          f"({len(devices)} devices over {jax.process_count()} processes)")
+    if jax.process_count() > 1:
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        if num_devices and num_devices != len(local):
+            raise ConfigError("hardware.num_devices", num_devices,
+                              f"a run of several processes uses every device of every process; this one has "
+                              f"{len(local)} ({len(devices)} over {jax.process_count()} processes): set "
+                              f"hardware.num_devices=0 or {len(local)}"
+                              + (" (on CPU, hardware.num_devices=N simulates N per process when JAX starts)"
+                                 if platform == "cpu" else ""))
+        return devices
     if num_devices:
         if num_devices > len(devices):
             hint = (" (simulated CPU devices: hardware=cpu hardware.num_devices=N sets them up)" if platform != "cpu"
@@ -58,7 +331,12 @@ def select_devices(platform: str, num_devices: int):
 
 
 def make_mesh(devices):
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+    run = _Run.current
+    if run is not None and run.index == 0 and run.count > 1 and not run.said_start:
+        run.said_start = True
+        log.info("%s", run.start_line(mesh))
+    return mesh
 
 
 def put_replicated(x, sharding):

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,10 @@ class LoopState:
     best_step: int = -1
     last_val: dict = field(default_factory=dict)  # the latest validation's loss/accuracy (summary.json)
     rows: int = 0                 # rows in metrics.jsonl when saved: a resume cuts the file back to them
-    acc: dict | None = None       # the train step's running sums since the last log step (host numbers)
+    train_sums: dict | None = None  # the train step's running sums since the last log step (host numbers)
+
+    # Keys earlier checkpoints' "loop" metadata wrote under another name.
+    RENAMED: ClassVar[dict[str, str]] = {"acc": "train_sums"}
 
     def to_meta(self) -> dict:
         return copy.deepcopy(dataclasses.asdict(self))  # (the save is written while the loop goes on)
@@ -55,7 +58,11 @@ class LoopState:
     @classmethod
     def from_meta(cls, meta: dict | None) -> LoopState:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**copy.deepcopy({k: v for k, v in (meta or {}).items() if k in names}))
+        meta = dict(meta or {})
+        for old, new in cls.RENAMED.items():
+            if old in meta:
+                meta.setdefault(new, meta.pop(old))
+        return cls(**copy.deepcopy({k: v for k, v in meta.items() if k in names}))
 
 
 @dataclass
@@ -71,12 +78,12 @@ class Run:
     feed: Feed
     graphdef: Any
     state: Any                 # TrainState (replicated)
-    acc: dict                  # the train step's running sums (on the device)
+    train_sums: dict           # the train step's running sums (on the device)
     loop: LoopState
-    train_step: Callable       # jitted (state, acc, *feed.train_args(step)) -> (state, acc), donating both
+    train_step: Callable       # jitted (state, train_sums, *feed.train_args(step)) -> (state, train_sums), both donated
     eval_step: Callable        # jitted (params, other, sums, args) -> (sums, pred, confidence)
     predict: Callable          # jitted (params, other, images) -> probabilities
-    new_acc: Callable
+    new_train_sums: Callable   # (host values or None) -> running sums on the device, from those or zero
     checkpointer: Any          # ckpt_lib.Checkpointer, or None (trainer.checkpoint=false)
     tracker: Tracker
     resolved: dict             # the resolved config (config.yaml, W&B, checkpoints)
@@ -213,7 +220,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
                                                  label_smoothing=o.label_smoothing),
                         out_shardings=replicated)  # (fetchable from any process)
     predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
-    new_acc = lambda values=None: jax.device_put(steps_lib.new_accumulator(values), replicated)  # noqa: E731
+    new_train_sums = lambda values=None: jax.device_put(steps_lib.new_train_sums(values), replicated)  # noqa: E731
 
     # ---------------------------------------------------------------- checkpoints, resume
     ckpt_dir = run_dir / "checkpoints"
@@ -228,7 +235,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
         _set_aside_after(run_dir, ckpt_dir, fate.step)  # resuming from an earlier step of this run
     checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
                                           best_mode=t.best_mode) if t.checkpoint else None)
-    acc = new_acc()
+    train_sums = new_train_sums()
     meta: dict = {}
     parent = None
     if source is not None:
@@ -237,11 +244,11 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
             ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
         src_step = reader.resolve_step(src_step)
         ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
-        state, acc, meta = _restore(reader, src_step, state, acc, replicated)
+        state, train_sums, meta = _restore(reader, src_step, state, train_sums, replicated)
         # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
         state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
-        if acc is None:  # the running sums, kept in the loop state (earlier checkpoints: as arrays)
-            acc = new_acc(meta.get("loop", {}).get("acc"))
+        if train_sums is None:  # the running sums, kept in the loop state (earlier checkpoints: as arrays)
+            train_sums = new_train_sums(LoopState.from_meta(meta.get("loop")).train_sums)
         log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
         if not own:  # another run's checkpoint: this is a new run (new tracking runs) that names its parent
             parent = {"checkpoint": str(src_dir / str(src_step)), "step": src_step,
@@ -279,18 +286,19 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
              len(devices), devices[0].platform, B, steps_per_epoch, t.epochs)
     log.info(perf.describe(flops, peak, devices[0], cfg.hardware.precision, cfg.hardware.peak_tflops is not None))
     return Run(cfg=cfg, run_dir=run_dir, devices=devices, mesh=mesh, is_main=is_main, ds=ds, input_shape=in_shape, feed=feed,
-               graphdef=graphdef, state=state, acc=acc, loop=loop, train_step=train_step, eval_step=eval_step,
-               predict=predict, new_acc=new_acc, checkpointer=checkpointer, tracker=tracker,
+               graphdef=graphdef, state=state, train_sums=train_sums, loop=loop, train_step=train_step,
+               eval_step=eval_step, predict=predict, new_train_sums=new_train_sums, checkpointer=checkpointer,
+               tracker=tracker,
                resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own,
                flops_per_example=flops, peak_tflops=peak)
 
 
-def _restore(reader, step: int, state, acc, sharding):
+def _restore(reader, step: int, state, train_sums, sharding):
     """Restore a checkpoint onto this run's state (placed with ``sharding``). Fields are matched by name:
     one this run does not keep (None, e.g. no moving average) is read and dropped, or skipped where the
     checkpoint has none either; so checkpoints written before a field existed restore. Returns
-    (state, acc or None, meta): acc from checkpoints that kept the running sums as arrays."""
+    (state, train sums or None, meta): the sums from checkpoints that kept them as arrays (an item "acc")."""
     saved = ckpt_lib.saved_tree(reader, step)
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     missing = [k for k, v in fields.items() if v is not None and saved["state"].get(k) is None]
@@ -302,8 +310,8 @@ def _restore(reader, step: int, state, acc, sharding):
     as_saved = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)  # noqa: E731
     target = {"state": {k: (None if v is None else ckpt_lib.abstract_like(fields[k], sharding)
                             if fields.get(k) is not None else as_saved(v)) for k, v in saved["state"].items()}}
-    if "acc" in saved:
-        target["acc"] = ckpt_lib.abstract_like(acc, sharding)
+    if "acc" in saved:  # (the running sums' item, in checkpoints written before they moved into the loop state)
+        target["acc"] = ckpt_lib.abstract_like(train_sums, sharding)
     items, meta = reader.restore(step, target)
     restored = {k: items["state"].get(k) for k in fields}
     if missing:

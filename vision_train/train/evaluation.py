@@ -1,5 +1,5 @@
 """The one evaluation: the training loop's periodic and final evaluations, ``python -m vision_train.evaluate``
-and the values a sweep ranks jobs by (summary.json) all come from ``evaluate`` and ``scalars`` here.
+and the values a sweep ranks jobs by (summary.json) all come from ``run_split`` and ``scalars`` here.
 
 An evaluation runs the jitted eval step over every chunk of a split the feed gives, adding to one set of
 sums on the device (loss, hits, count, confusion counts, calibration bins), then fetches them once.
@@ -35,7 +35,7 @@ def scalars(prefix: str, sums: dict, class_names) -> tuple[dict, dict]:
     return out, cal
 
 
-def evaluate(eval_step, params, other, feed, split: str, class_names, *, prefix: str | None = None) -> EvalResult:
+def run_split(eval_step, params, other, feed, split: str, class_names, *, prefix: str | None = None) -> EvalResult:
     """One pass over ``split`` of ``feed`` with ``params``; every example counted once (padding masked).
     ``prefix``: the metrics' name (default: the split's; e.g. ``val_ema`` for the moving average)."""
     sums = jax.device_put(new_eval_sums(len(class_names)), feed.sharding)

@@ -1,10 +1,11 @@
 """Feeds: how training and evaluation batches reach the jitted steps (DESIGN.md, decision 3).
 
-A feed has two sides. On the host, ``start_epoch(step)`` prepares an epoch before its clock starts, and
-per step ``train_args(step)`` returns the arguments the jitted train step takes after ``(state, sums)``; inside jit, ``train_batch(args, key) -> (x, y)`` turns them into a
-prepared (augmented, normalised) batch. Evaluation is the same: ``eval_args(split)`` yields chunks of a
-split on the host, and inside jit ``eval_batches(args) -> (fixed, items)`` gives what a scan runs over and
-``eval_batch(fixed, item) -> (x, y, mask)`` one batch of it. The order of the training examples is a pure
+A feed has two sides. On the host, ``start_epoch(step)`` prepares an epoch before its clock starts, and per
+step ``train_args(step)`` returns the arguments the jitted train step takes after ``(state, train_sums)``;
+inside jit, ``train_batch(args, key) -> (x, y)`` turns them into a prepared (augmented, normalised) batch.
+Evaluation is the same: ``eval_args(split)`` yields chunks of a split on the host, and inside jit
+``eval_batches(args) -> (fixed, items)`` gives what a scan runs over and ``eval_batch(fixed, item) -> (x, y,
+mask)`` one batch of it. The order of the training examples is a pure
 function of (seed, epoch), so resuming at step s needs no other state.
 
 ``DeviceFeed``: the data sets live on every device as uint8; a step gathers its batch by index from the

@@ -146,8 +146,8 @@ def log_train(chrono: Chrono, progress: Progress) -> Callable:
     """Fetch the running sums (the only per-interval device fetch), stop on NaN, the train metrics into the row."""
 
     def log_train(step: int, run, results: Results) -> None:
-        host = jax.device_get(run.acc)
-        run.acc = run.new_acc()
+        host = jax.device_get(run.train_sums)
+        run.train_sums = run.new_train_sums()
         if int(host["nan_step"]) >= 0:
             bad = int(host["nan_step"])
             raise TrainingError(
@@ -169,14 +169,14 @@ def log_train(chrono: Chrono, progress: Progress) -> Callable:
     return log_train
 
 
-def evaluate_split(run, split: str, step: int, chrono: Chrono) -> dict:
-    """One evaluation of ``split`` (and of the moving average, when kept): scalars now, figures on the media
+def evaluate_run(run, split: str, step: int, chrono: Chrono) -> dict:
+    """The run's evaluation of ``split`` (and of the moving average, when kept): scalars now, figures on the media
     thread from the same counts."""
     t0 = time.time()
-    out = evaluation.evaluate(run.eval_step, run.state.params, run.state.other, run.feed, split, run.ds.class_names)
+    out = evaluation.run_split(run.eval_step, run.state.params, run.state.other, run.feed, split, run.ds.class_names)
     values = dict(out.scalars)
     if run.state.ema is not None:
-        ema = evaluation.evaluate(run.eval_step, run.state.ema, run.state.other, run.feed, split, run.ds.class_names,
+        ema = evaluation.run_split(run.eval_step, run.state.ema, run.state.other, run.feed, split, run.ds.class_names,
                                   prefix=f"{split}_ema")
         values.update({k: v for k, v in ema.scalars.items() if k.endswith(("/loss", "/acc"))})
     t1 = time.time()
@@ -191,7 +191,7 @@ def validate(chrono: Chrono) -> Callable:
     """The validation split, with the parameters and (trainer.ema_decay) their moving average; the best so far."""
 
     def validate(step: int, run, results: Results) -> None:
-        values = evaluate_split(run, "val", step, chrono)
+        values = evaluate_run(run, "val", step, chrono)
         if values["val/acc"] > run.loop.best_val:
             run.loop.best_val, run.loop.best_step = values["val/acc"], step
         # best/val/acc over time too: a W&B Sweep's early termination (Hyperband) reads its metric from the
@@ -231,7 +231,7 @@ def record(step: int, run, results: Results) -> None:
 def checkpoint(chrono: Chrono) -> Callable:
     def checkpoint(step: int, run, results: Results) -> None:
         run.loop.rows = run.tracker.rows
-        run.loop.acc = {k: float(v) for k, v in jax.device_get(run.acc).items()}
+        run.loop.train_sums = {k: float(v) for k, v in jax.device_get(run.train_sums).items()}
         metrics = {**(results.val or {}), **(results.epoch or {})}
         t0 = time.time()
         run.checkpointer.save(step, {"state": run.state}, run.checkpoint_meta(step),
@@ -322,7 +322,7 @@ class Profiler:
     def stop(self) -> None:
         if not self.active:
             return
-        jax.block_until_ready((self.run.state, self.run.acc))  # step b's work, not only its dispatch, in the trace
+        jax.block_until_ready((self.run.state, self.run.train_sums))  # step b's work, not its dispatch alone, traced
         jax.profiler.stop_trace()
         self.active = False
         run = self.run

@@ -60,7 +60,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         for step in range(run.start_step, run.total_steps):
             if step % run.steps_per_epoch == 0 or step == run.start_step:
                 loop.epoch_start(step)
-            run.state, run.acc = run.train_step(run.state, run.acc, *run.feed.train_args(step))
+            run.state, run.train_sums = run.train_step(run.state, run.train_sums, *run.feed.train_args(step))
             loop.after_step(step + 1)
         summary = loop.end()
         exit_code = 0
@@ -70,8 +70,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
 
 
 def parallel_setup(cfg) -> None:
-    if cfg.hardware.distributed:
-        parallel.initialize_distributed()
+    parallel.initialize_distributed(cfg.hardware.distributed, cfg.hardware.platform)  # (auto: where several run)
     parallel.enable_compilation_cache(cfg.hardware.compilation_cache)
 
 
@@ -105,12 +104,12 @@ class Loop:
         self.progress.update()
         self.chrono.images += run.cfg.trainer.batch_size
         if step == run.start_step + 1:  # leave compilation out of images/s (one extra sync, once per run)
-            jax.block_until_ready(run.acc)
+            jax.block_until_ready(run.train_sums)
             log.info("first step done %.1fs after start (imports, data, compilation)", self.chrono.first_step_done())
         due = [h for h in self.hooks if h.due(step, run.total_steps)]
         if not due:
             return
-        jax.block_until_ready(run.acc)  # the steps before the hooks finish first: their time is training time
+        jax.block_until_ready(run.train_sums)  # the steps before the hooks finish first: their time is training time
         results = hooks_lib.Results()
         for hook in due:
             with self.chrono.paused(None if hook.name in BUILTIN else "hooks_s"):
@@ -122,8 +121,8 @@ class Loop:
             run.checkpointer.wait()
             run.tracker.log_checkpoints(run.checkpointer.directory,
                                         {"best": run.checkpointer.best(), "latest": run.checkpointer.latest()})
-        jax.block_until_ready(run.acc)
-        values = hooks_lib.evaluate_split(run, "test", step, self.chrono)
+        jax.block_until_ready(run.train_sums)
+        values = hooks_lib.evaluate_run(run, "test", step, self.chrono)
         run.tracker.log(values, step)
         run.tracker.log_curves()
         test = {k: values[k] for k in SUMMARY_METRICS if k in values}

@@ -27,17 +27,17 @@ CALIBRATION_BINS = 15
 TRACES: collections.Counter = collections.Counter()
 
 # The train step's running sums, fetched (and reset) on log steps; a checkpoint keeps them (loop state).
-ACCUMULATOR_KEYS = ("loss", "correct", "count", "grad_norm", "steps")
+TRAIN_SUM_KEYS = ("loss", "correct", "count", "grad_norm", "steps")
 
 
-def new_accumulator(values: dict | None = None) -> dict:
+def new_train_sums(values: dict | None = None) -> dict:
     """Running sums the train step adds to. ``values``: host numbers to start from (a checkpoint's); a key
     it lacks starts at zero, so a sum added later does not break earlier checkpoints."""
     values = values or {}
-    acc = {k: jnp.asarray(values.get(k, 0.0), jnp.float32) for k in ACCUMULATOR_KEYS}
-    acc["nan_step"] = jnp.asarray(values.get("nan_step", -1), jnp.int32)  # 1-based step of the first NaN loss
-    acc["lr"] = jnp.asarray(values.get("lr", 0.0), jnp.float32)  # the learning rate the latest step applied
-    return acc
+    sums = {k: jnp.asarray(values.get(k, 0.0), jnp.float32) for k in TRAIN_SUM_KEYS}
+    sums["nan_step"] = jnp.asarray(values.get("nan_step", -1), jnp.int32)  # 1-based step of the first NaN loss
+    sums["lr"] = jnp.asarray(values.get("lr", 0.0), jnp.float32)  # the learning rate the latest step applied
+    return sums
 
 
 def forward(graphdef, params, other, x, *, train: bool, key=None):
@@ -62,7 +62,7 @@ def step_key(state: TrainState) -> jax.Array:
 
 def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
                 accum_steps: int = 1, ema_decay: float = 0.0, lr_shape: Callable | None = None) -> Callable:
-    """``update(state, acc, x, y) -> (state, acc)``: forward, backward, optimizer update, the parameters'
+    """``update(state, sums, x, y) -> (state, sums)``: forward, backward, optimizer update, the parameters'
     moving average and the running sums, on a prepared batch (the train step after its input pipeline).
 
     ``accum_steps`` > 1: the batch is split into that many micro-batches, run one after another in a
@@ -79,7 +79,7 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
         (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return loss, jnp.sum(jnp.argmax(logits, -1) == y), grads
 
-    def update(state: TrainState, acc: dict, x, y):
+    def update(state: TrainState, sums: dict, x, y):
         _, k_drop = jax.random.split(step_key(state))
         batch = y.shape[0]
         if accum_steps == 1:
@@ -104,18 +104,18 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
         if ema_decay:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(jnp.float32), ema, params)
         bad = ~jnp.isfinite(loss)
-        acc = {
-            "loss": acc["loss"] + loss * batch,
-            "correct": acc["correct"] + correct,
-            "count": acc["count"] + batch,
-            "grad_norm": acc["grad_norm"] + optax.global_norm(grads),
-            "steps": acc["steps"] + 1,
+        sums = {
+            "loss": sums["loss"] + loss * batch,
+            "correct": sums["correct"] + correct,
+            "count": sums["count"] + batch,
+            "grad_norm": sums["grad_norm"] + optax.global_norm(grads),
+            "steps": sums["steps"] + 1,
             # 1-based, like the step numbers in metrics.jsonl and W&B
-            "nan_step": jnp.where(bad & (acc["nan_step"] < 0), state.step + 1, acc["nan_step"]),
-            "lr": acc["lr"] if lr_shape is None else
+            "nan_step": jnp.where(bad & (sums["nan_step"] < 0), state.step + 1, sums["nan_step"]),
+            "lr": sums["lr"] if lr_shape is None else
             (state.opt_state.hyperparams["learning_rate"] * lr_shape(state.step)).astype(jnp.float32),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), acc
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), sums
 
     return update
 
@@ -123,16 +123,16 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_batch: Callable, *,
                     label_smoothing: float = 0.0, accum_steps: int = 1, ema_decay: float = 0.0,
                     lr_shape: Callable | None = None) -> Callable:
-    """``train_step(state, acc, *args) -> (state, acc)``: the feed's batch for ``args``
+    """``train_step(state, sums, *args) -> (state, sums)``: the feed's batch for ``args``
     (``train_batch(args, key) -> (x, y)``, traced here), then ``make_update``'s update."""
     update = make_update(graphdef, tx, label_smoothing=label_smoothing, accum_steps=accum_steps,
                          ema_decay=ema_decay, lr_shape=lr_shape)
 
-    def train_step(state: TrainState, acc: dict, *args):
+    def train_step(state: TrainState, sums: dict, *args):
         TRACES["train_step"] += 1
         k_aug, _ = jax.random.split(step_key(state))
         x, y = train_batch(args, k_aug)
-        return update(state, acc, x, y)
+        return update(state, sums, x, y)
 
     return train_step
 
