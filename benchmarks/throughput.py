@@ -312,7 +312,7 @@ def bench_model(name: str, ctx: dict) -> dict:
         return jax.device_put(jax.tree.map(jnp.copy, state0), replicated)  # own buffers (they get donated)
 
     def fresh_acc():
-        return jax.device_put(steps_lib.new_accumulator(), replicated)
+        return jax.device_put(steps_lib.new_train_sums(), replicated)
 
     def at_step(st, step):  # every repeat sees the same batches, augmentations and dropout masks
         return st.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), replicated))
