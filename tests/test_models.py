@@ -125,17 +125,58 @@ def test_presets_build_on_cifar(preset, params):
 
 def test_every_registered_architecture_has_a_model_taking_exactly_its_config_keys_and_a_preset():
     """The registry is the one list: each schema's keys are its Model's keyword arguments (none ignored,
-    none missing), and each architecture has a preset in conf/model that composes to its schema."""
-    presets = {}
-    for f in sorted(os.listdir(os.path.join(CONF, "model"))):
-        cfg = compose([f"model={f[:-5]}"]).model
-        assert type(cfg) is models.ARCHITECTURES[cfg.arch]
-        presets.setdefault(cfg.arch, f)
+    none missing), and each architecture has a preset in conf/model that composes to its schema (and that
+    ``models.presets()``, which scripts read without Hydra, reads as Hydra composes it)."""
+    presets, read = {}, models.presets()
+    assert set(read) == {f[:-5] for f in os.listdir(os.path.join(CONF, "model")) if f.endswith(".yaml")}
+    for name in sorted(read):
+        cfg = compose([f"model={name}"]).model
+        assert type(cfg) is models.ARCHITECTURES[cfg.arch] is type(read[name])
+        assert cfg.kwargs() == read[name].kwargs(), name
+        presets.setdefault(cfg.arch, name)
     assert set(presets) == set(models.ARCHITECTURES)
     for arch, schema in models.ARCHITECTURES.items():
-        params = inspect.signature(importlib.import_module(f"vision_train.models.{arch}").Model.__init__).parameters
+        params = inspect.signature(models.architecture(arch).network().Model.__init__).parameters
         keyword = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"dtype", "rngs"}
         assert keyword == set(schema().kwargs()), arch
+
+
+@pytest.mark.fast
+def test_an_architecture_is_its_module_and_its_presets_and_nothing_else_names_it():
+    """Adding a model is models/<arch>.py and conf/model/<name>.yaml: the module declares its schema, network,
+    FLOPs (and pretrained mapping) and the registry finds it; no file of the package outside models/ names an
+    architecture in a string (the FLOPs, the loader, training, the config all ask the registry)."""
+    import ast
+
+    from vision_train import perf
+
+    assert list(models.REGISTRY) == sorted(models.ARCHITECTURES) and len(models.REGISTRY) >= 4
+    presets = {cfg.arch for cfg in models.presets().values()}
+    for name, a in models.REGISTRY.items():
+        module = importlib.import_module(f"vision_train.models.{name}")
+        assert module.ARCHITECTURE is a and a.name == a.schema.arch == name
+        assert dataclasses.is_dataclass(a.schema) and issubclass(a.schema, models.ModelConfig)
+        assert getattr(models, a.schema.__name__) is a.schema  # (models.ViTConfig, ... as before)
+        assert issubclass(a.network().Model, nnx.Module)
+        flops = a.forward_flops(a.schema(), (32, 32, 3), 10, None)
+        assert flops > 0 and perf.forward_flops(a.schema(), (32, 32, 3), 10) == flops
+        assert a.weights is None or (a.weights.formats and a.weights.input_kernel), name
+        assert name in presets, f"no conf/model/*.yaml preset of model.arch={name}"
+    assert {f.name for a in models.REGISTRY.values() if a.weights for f in a.weights.formats} >= {
+        "timm ViT", "big_vision ViT", "vision_transformer ViT", "timm Mixer", "big_vision Mixer"}
+
+    package = os.path.dirname(os.path.dirname(models.__file__))
+    named = []
+    for folder, _, files in os.walk(package):
+        if os.path.samefile(folder, os.path.dirname(models.__file__)) or "__pycache__" in folder:
+            continue
+        for f in [f for f in files if f.endswith(".py")]:
+            path = os.path.join(folder, f)
+            with open(path) as source:
+                tree = ast.parse(source.read(), path)
+            named += [f"{os.path.relpath(path, package)}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and node.value in models.REGISTRY]
+    assert not named, f"architecture names outside vision_train/models/ (ask the registry instead): {named}"
 
 
 @pytest.mark.parametrize("cfg,message", [
@@ -188,7 +229,7 @@ def test_attention_equals_the_reference_formula_and_padding_changes_nothing():
     from vision_train.models import vit
 
     assert vit.attention_implementation("auto", 64, jnp.bfloat16) == "xla"  # (no GPU here)
-    attn = vit.Attention(16, 2, dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    attn = vit.network().Attention(16, 2, dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 7, 16))
     mask = (jnp.arange(7) < 5)[None, None, None, :]
     q, k, v = jnp.split(attn.qkv(x).reshape(3, 7, 6, 8), 3, axis=2)

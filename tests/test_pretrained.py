@@ -544,11 +544,12 @@ def test_presets_have_timms_parameter_names_and_shapes(preset, timm_name):
     """model=<preset> and no other model key holds exactly what timm's model holds (after the mapping)."""
     with torch.device("meta"):  # (shapes only: nothing allocated)
         sd = timm.create_model(timm_name, pretrained=False).state_dict()
-    theirs = {k: v.shape for k, v in pretrained._timm({k: np.broadcast_to(np.float32(0), v.shape)
-                                                         for k, v in sd.items()}).items()}
+    mapped, arch, fmt = pretrained._to_ours({k: np.broadcast_to(np.float32(0), v.shape) for k, v in sd.items()},
+                                            "torch", timm_name)
+    theirs = {k: v.shape for k, v in mapped.items()}
     cfg = compose([f"model={preset}"]).model
     want = {k: tuple(v.shape) for k, v in pretrained.expected_params(cfg, (224, 224, 3), 1000).items()}
-    assert theirs == want
+    assert theirs == want and arch == cfg.arch and fmt.startswith("timm ")
     assert cfg.gelu == "exact" and cfg.layer_norm_eps == 1e-6
 
 

@@ -5,9 +5,9 @@ convolution (patch embeddings, qkv/out projections, MLPs, token mixing, heads) p
 matmuls (QK^T and AV, 2 x T^2 x D each per example). Left out: biases, softmax, LayerNorm, GELU/ReLU,
 pooling, residual adds, position embeddings. XLA's cost analysis counts those elementwise ops too, so its
 figure is a few percent above this one for the model sizes people train (tests/test_perf.py checks each
-architecture against it). A convolution counts the taps that land on the image, not on its zero padding
-(as XLA counts them). A ViT counts every token the blocks compute, padding tokens
-(``model.pad_tokens_to_multiple``) and the class token included: they cost the device the same.
+architecture against it). Each architecture's module counts its own (``forward_flops`` in
+``models/<arch>.py``, found through the model registry): a convolution counts the taps that land on the image,
+not on its zero padding (as XLA counts them); every token a model computes counts, padding included.
 
 A training step is 3 x the forward (``train_flops``): the backward is 2 x the forward (one matmul for the
 activations' gradient, one for the weights'), the usual convention for MFU (PaLM, big_vision). Rematerialised
@@ -19,13 +19,13 @@ Peaks (``PEAK_TFLOPS``) are dense (no 2:4 sparsity) TFLOP/s per JAX device in th
 compute the figure is what JAX's default matmul precision runs at: TF32 tensor cores on NVIDIA Ampere and later,
 one bfloat16 pass on TPUs (the bfloat16 peak there).
 
-Imports JAX only inside ``xla_flops`` (its argument already is a JAX object); no Hydra, no W&B.
+Imports JAX only inside ``xla_flops`` (its argument already is a JAX object) and where an architecture's count
+asks which kernel this backend runs (given a compute dtype); no Hydra, no W&B.
 """
 
 from __future__ import annotations
 
-import itertools
-
+from . import models
 from .errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------- peaks
@@ -82,68 +82,16 @@ def peak_tflops(device, precision: str, override: float | None = None) -> float 
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-def _conv_taps(n: int, k: int, stride: int = 1, pad: int = 0) -> int:
-    """Kernel positions that land on the input, summed over one dimension's outputs (zero padding excluded)."""
-    out = (n + 2 * pad - k) // stride + 1
-    return sum(min(i * stride - pad + k, n) - max(i * stride - pad, 0) for i in range(out))
-
-
-def _vit(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
-    p, d = m.patch_size, m.hidden_size
-    patches = (h // p) * (w // p)
-    tokens = patches + (m.classifier == "token")
-    mult = max(1, m.pad_tokens_to_multiple)
-    if dtype is not None and mult == 1 and getattr(m, "attention", "xla") != "xla":
-        from .models.vit import attention_implementation  # (JAX: which kernel this backend runs)
-
-        if attention_implementation(m.attention, d // m.num_heads, dtype) == "cudnn":
-            mult = 8  # as models/vit.py pads for cuDNN's fused kernel
-    t = -(-tokens // mult) * mult  # as models/vit.py pads: every padded token is computed
-    embed = 2 * patches * p * p * c * d
-    dense = 2 * t * d * (3 * d + d + 2 * m.mlp_dim)  # qkv, out, fc1 + fc2
-    attention = 2 * 2 * t * t * d                     # QK^T and AV over all heads
-    head_in = m.representation_size or d
-    head = 2 * d * m.representation_size if m.representation_size else 0
-    return embed + m.num_layers * (dense + attention) + head + 2 * head_in * k
-
-
-def _mixer(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
-    p, d = m.patch_size, m.hidden_dim
-    s = (h // p) * (w // p)
-    embed = 2 * s * p * p * c * d
-    tokens = 2 * d * 2 * s * m.tokens_mlp_dim      # per channel: tokens -> tokens_mlp_dim -> tokens
-    channels = 2 * s * 2 * d * m.channels_mlp_dim  # per token: dim -> channels_mlp_dim -> dim
-    return embed + m.num_blocks * (tokens + channels) + 2 * d * k
-
-
-def _cnn(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
-    total, chans = 0, [c, *m.features]
-    for a, b in itertools.pairwise(chans):  # 3x3 SAME convolutions, then 2x2 average pooling
-        total += 2 * _conv_taps(h, 3, pad=1) * _conv_taps(w, 3, pad=1) * a * b
-        h, w = h // 2, w // 2
-    flat = h * w * chans[-1]
-    return total + 2 * flat * m.dense_dim + 2 * m.dense_dim * k
-
-
-def _mlp(m, h: int, w: int, c: int, k: int, dtype=None) -> float:
-    dims = [h * w * c] + [m.hidden_dim] * m.hidden_layers + [k]
-    return sum(2 * a * b for a, b in itertools.pairwise(dims))
-
-
-_FORWARD = {"vit": _vit, "mixer": _mixer, "cnn": _cnn, "mlp": _mlp}
-
-
 def forward_flops(model_cfg, input_shape, num_classes: int, *, dtype=None) -> float:
     """FLOPs of one example's forward pass through the model ``model_cfg`` (a ``models`` schema) on images of
     ``input_shape`` (H, W, C) with ``num_classes`` outputs: 2 x the multiply-adds of every matmul and
-    convolution, plus attention's QK^T and AV (the module docstring says what is left out). ``dtype``: the
-    compute dtype, where it changes what the model computes (a ViT with ``model.attention=auto`` on a GPU in
-    bfloat16 pads its tokens to a multiple of 8 for cuDNN's kernel); None: as in float32."""
-    count = _FORWARD.get(model_cfg.arch)
-    if count is None:
-        raise ValueError(f"no FLOP count for model.arch={model_cfg.arch!r}; add one to vision_train/perf.py")
+    convolution, plus attention's QK^T and AV (the module docstring says what is left out), as the
+    architecture's module counts them (``models.Architecture.forward_flops``). ``dtype``: the compute dtype,
+    where it changes what the model computes (a ViT with ``model.attention=auto`` on a GPU in bfloat16 pads its
+    tokens to a multiple of 8 for cuDNN's kernel); None: as in float32."""
     h, w, c = (int(x) for x in input_shape)
-    return float(count(model_cfg, h, w, c, int(num_classes), dtype=dtype))
+    count = models.architecture(model_cfg.arch).forward_flops
+    return float(count(model_cfg, (h, w, c), int(num_classes), dtype))
 
 
 def train_flops(model_cfg, input_shape, num_classes: int, *, dtype=None) -> float:

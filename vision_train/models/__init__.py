@@ -1,28 +1,38 @@
-"""The model registry: every architecture, its config schema and its module, in one place.
+"""The model registry: every architecture, found here, one module each.
 
-An architecture is
-- a module ``vision_train/models/<arch>.py`` exporting ``Model(input_shape, num_classes, *, <the keys of its
-  schema>, dtype, rngs)`` with ``__call__(x, *, train)`` on NHWC images of any size and channel count;
-- its schema here: a dataclass of the ``model.*`` keys with their defaults and their checks, listed in
-  ``ARCHITECTURES``;
-- its presets, ``conf/model/<name>.yaml`` (``defaults: [/schema/model/<arch>@_here_, _self_]``).
-Nothing else names architectures: the config (Hydra's schema, validation, unknown keys, the config a
-checkpoint carries), training, evaluation and prediction read them from here.
+An architecture is one module ``vision_train/models/<arch>.py`` and its presets ``conf/model/<name>.yaml``
+(``defaults: [/schema/model/<arch>@_here_, _self_]``). The module holds everything about it and declares it as
+``ARCHITECTURE = Architecture(...)``:
+- its schema: a ``ModelConfig`` dataclass of the ``model.*`` keys with their defaults and checks;
+- its network: ``Model(input_shape, num_classes, *, <the keys of its schema>, dtype, rngs)`` with
+  ``__call__(x, *, train)`` on NHWC images of any size and channel count;
+- its analytic FLOPs: ``forward_flops(cfg, input_shape, num_classes, dtype)`` (``vision_train.perf``'s rules);
+- its pretrained-weight mapping, if it loads any (``Weights``: the file layouts and what they say about the
+  model; ``models/pretrained.py`` reads, checks and fits the files).
+This module finds the architecture modules (every module here but the shared ones) when it is imported, so
+adding a model is its module and its YAML. No file of the package outside ``models/`` names an architecture: the
+config (Hydra's schema, validation, unknown keys, the config a checkpoint carries), training, FLOPs, the
+pretrained-weight loader, evaluation and prediction ask the registry (``REGISTRY``, ``architecture(name)``), and
+scripts read the presets through ``presets()``.
 
-This module imports neither JAX nor Hydra (DESIGN.md, decision 10; the config reads it before the command
-line sets ``XLA_FLAGS``): an architecture's module, which imports JAX, is loaded when its model is built.
+Neither this module nor an architecture module's top level imports JAX or Hydra (DESIGN.md, decision 10; the
+config reads the schemas before the command line sets ``JAX_PLATFORMS`` and ``XLA_FLAGS``): an architecture's
+network is defined by its ``network()``, which imports JAX, when a model is first built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass, field
-from typing import ClassVar, List, Optional
+import pkgutil
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from ..errors import ConfigError, check_choice, check_positive
 
 MISSING = "???"  # OmegaConf's marker for a value that must be given
+SHARED = ("layers", "pretrained")  # the modules here that are not architectures (they import JAX)
 
 
 class Freezable:
@@ -53,31 +63,26 @@ class ModelConfig(Freezable):
     # hf-hub:<repo id>[/<file>] or an https URL; read into a new run before step 1 (a resume restores its own).
     init_from: Optional[str] = None
     reset_head: str = "auto"           # auto: a new head when the class count differs | true | false
-    # Only these architectures have weight mappings (models/pretrained.py).
-    loads_pretrained: ClassVar[bool] = False
 
     def check(self) -> None:
         """Impossible values, each a ``ConfigError`` naming the key, the value and the fix."""
         if self.num_classes is not None:
             check_positive("model.num_classes", self.num_classes)
         check_choice("model.reset_head", str(self.reset_head).lower(), RESET_HEAD)
-        if self.init_from is not None and not self.loads_pretrained:
-            loadable = [a for a, s in ARCHITECTURES.items() if s.loads_pretrained]
-            raise ConfigError("model.init_from", self.init_from,
-                              f"model={self.arch} cannot load pretrained weights; use one of the "
-                              f"{'/'.join(loadable)} presets (e.g. model=vit_b) or leave model.init_from unset")
+        if self.init_from is not None and not loads_weights(self.arch):
+            raise ConfigError("model.init_from", self.init_from, cannot_load(self.arch))
 
     def check_input(self, shape: tuple[int, int, int], data: str) -> None:
         """Values impossible for images of ``shape`` (H, W, C) of the data set named ``data``."""
 
     def kwargs(self) -> dict:
         """The architecture's keys as ``Model``'s keyword arguments (lists as tuples)."""
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in ("arch", "num_classes", "init_from", "reset_head")}
+        common = {f.name for f in dataclasses.fields(ModelConfig)}
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in common}
         return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
 
 
-class _Patches:
+class Patches:
     """For schemas with ``patch_size``: it must tile the images exactly."""
 
     def check_input(self, shape, data: str) -> None:
@@ -87,112 +92,134 @@ class _Patches:
                               f"does not divide the {h}x{w} {data} images; use one of {valid_patch_sizes(h, w)}")
 
 
-def _all_positive(schema: ModelConfig, *names: str) -> None:
+def all_positive(schema: ModelConfig, *names: str) -> None:
     for name in names:
         check_positive(f"model.{name}", getattr(schema, name))
 
 
-@dataclass
-class MLPConfig(ModelConfig):
-    arch: str = "mlp"
-    hidden_layers: int = 1
-    hidden_dim: int = 10
-
-    def check(self) -> None:
-        super().check()
-        _all_positive(self, "hidden_dim")
-        check_positive("model.hidden_layers", self.hidden_layers, allow_zero=True)
-
-
-@dataclass
-class CNNConfig(ModelConfig):
-    arch: str = "cnn"
-    features: List[int] = field(default_factory=lambda: [32, 64])
-    dense_dim: int = 256
-
-    def check(self) -> None:
-        super().check()
-        _all_positive(self, "dense_dim")
-        if not self.features or any(f <= 0 for f in self.features):
-            raise ConfigError("model.features", list(self.features),
-                              "give one or more channel counts, all > 0, e.g. [32,64]")
+# ------------------------------------------------------------------------------- pretrained weights
+@dataclass(frozen=True)
+class WeightFormat:
+    """One file layout an architecture's pretrained weights come in (``models/pretrained.py`` reads the file:
+    .safetensors, PyTorch .bin/.pth or .npz; a training state's ``params/`` or ``opt/target/`` prefix and
+    ``module.`` are taken off first)."""
+    name: str                          # what the file is, as the run's metadata says it, e.g. "timm ViT"
+    marker: str                        # an array name only this layout has: it tells the layout
+    to_ours: Callable[[dict], dict]    # the file's arrays by name -> ours by dotted path (blocks.0.attn.qkv.kernel)
+    gelu: str = "exact"                # the GELU the code that wrote it computes: exact (PyTorch) | tanh (Flax)
+    pytorch: bool = False              # PyTorch layouts (OIHW, (out, in), LayerNorm weight): made Flax's first
+    matches: Optional[Callable[[dict], bool]] = None  # a finer test than the marker, for layouts sharing one
 
 
-@dataclass
-class MixerConfig(_Patches, ModelConfig):
-    arch: str = "mixer"
-    patch_size: int = 4
-    num_blocks: int = 8
-    hidden_dim: int = 192
-    tokens_mlp_dim: int = 96
-    channels_mlp_dim: int = 768
-    gelu: str = "tanh"               # tanh | exact (timm's checkpoints)
-    layer_norm_eps: float = 1e-6
-    loads_pretrained: ClassVar[bool] = True
+class Weights:
+    """An architecture's pretrained-weight mapping. ``models/pretrained.py`` reads the file, finds its layout
+    among every architecture's ``formats``, checks names and shapes against the model, handles the head and
+    says what fits; what only this architecture knows is here. Subclass it in the architecture's module."""
+    formats: tuple[WeightFormat, ...] = ()
+    input_kernel: str = ""  # our path of the first layer's HWIO kernel: the patch size and the image channels
 
-    def check(self) -> None:
-        super().check()
-        _all_positive(self, "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim",
-                      "layer_norm_eps")
-        check_choice("model.gelu", self.gelu, GELU)
+    def file_keys(self, ours: dict) -> dict:
+        """The ``model.*`` keys the file's arrays (by our paths) determine, e.g. {"patch_size": 16, ...}."""
+        raise NotImplementedError
 
+    def check(self, ours: dict, keys: dict, cfg: ModelConfig, source: str) -> tuple[dict, Optional[str]]:
+        """Before names and shapes are compared: the arrays as the model ``cfg`` names them, and why the file
+        cannot fit ``cfg`` where its names and shapes would not say it (None: they will)."""
+        return ours, None
 
-@dataclass
-class ViTConfig(_Patches, ModelConfig):
-    arch: str = "vit"
-    patch_size: int = 4
-    hidden_size: int = 128
-    num_layers: int = 6
-    num_heads: int = 8
-    mlp_dim: int = 256
-    classifier: str = "token"        # token | gap
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
-    pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
-    # auto: cuDNN's fused attention on a GPU in bfloat16/float16 where it applies (head dim <= 128, a multiple
-    # of 8; a class-token sequence is padded to a multiple of 8 for it), XLA elsewhere | xla | cudnn
-    attention: str = "auto"
-    # What pretrained checkpoints need (the defaults compute what seed 004 did):
-    gelu: str = "tanh"               # tanh | exact (timm's checkpoints; big_vision's use tanh)
-    qkv_bias: bool = True
-    layer_norm_eps: float = 1e-6
-    fc_norm: bool = False            # the final LayerNorm after pooling, not before (timm's global_pool='avg')
-    representation_size: Optional[int] = None  # a Dense+tanh before the head (big_vision's pre_logits)
-    loads_pretrained: ClassVar[bool] = True
+    def fit(self, ours: dict, cfg: ModelConfig, input_shape, source: str) -> str:
+        """Fit the arrays to images of ``input_shape`` in place (e.g. resample position embeddings); returns
+        what was done, for the run's metadata."""
+        return "as saved"
 
-    def check(self) -> None:
-        super().check()
-        _all_positive(self, "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "layer_norm_eps")
-        check_choice("model.classifier", self.classifier, ("token", "gap"))
-        check_choice("model.gelu", self.gelu, GELU)
-        if self.representation_size is not None:
-            check_positive("model.representation_size", self.representation_size)
-        if self.hidden_size % self.num_heads:
-            raise ConfigError("model.num_heads", self.num_heads, f"must divide model.hidden_size={self.hidden_size}")
-        for name in ("dropout", "attention_dropout", "stochastic_depth"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name}", getattr(self, name), "must be in [0, 1)")
-        check_positive("model.pad_tokens_to_multiple", self.pad_tokens_to_multiple)
-        check_choice("model.attention", self.attention, ("auto", "xla", "cudnn"))
+    def mismatch(self, wrong: list[str], ours: dict, want: dict, keys: dict) -> Optional[str]:
+        """A clearer line than the list of names whose shapes differ (``wrong``), or None."""
+        return None
 
 
-# The registry: architecture name (``model.arch``, and the module ``vision_train.models.<arch>``) -> its schema.
-ARCHITECTURES: dict[str, type[ModelConfig]] = {schema.arch: schema for schema in
-                                                (MLPConfig, CNNConfig, MixerConfig, ViTConfig)}
+# -------------------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture, as its module ``models/<name>.py`` declares it (``ARCHITECTURE = Architecture(...)``)."""
+    schema: type[ModelConfig]             # its model.* keys; schema.arch is its name and its module's
+    network: Callable[[], Any]            # -> its classes, ``.Model`` the nnx model (imports JAX: when one is built)
+    forward_flops: Callable[..., float]   # (cfg, input_shape, num_classes, dtype) -> FLOPs of one example's forward
+    weights: Optional[Weights] = None     # its pretrained-weight mapping; None: it loads none
+
+    @property
+    def name(self) -> str:
+        return self.schema.arch
+
+
+def _discover() -> dict[str, Architecture]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in SHARED or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        arch = getattr(module, "ARCHITECTURE", None)
+        if not isinstance(arch, Architecture) or arch.name != info.name:
+            raise TypeError(f"{module.__name__} must declare ARCHITECTURE = Architecture(schema=..., ...) with "
+                            f"schema.arch == {info.name!r} (or be listed in models.SHARED)")
+        found[arch.name] = arch
+    return found
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture ``model.arch=<name>`` selects."""
+    found = REGISTRY.get(name)
+    if found is None:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {tuple(REGISTRY)}")
+    return found
+
+
+def loads_weights(name: str) -> bool:
+    return name in REGISTRY and REGISTRY[name].weights is not None
+
+
+def cannot_load(name: str) -> str:
+    """Why ``model.init_from`` is refused for ``model=<name>``, and which presets load weights."""
+    loadable = [a for a in REGISTRY if loads_weights(a)]
+    choices = [p for p, cfg in presets().items() if cfg.arch in loadable]
+    return (f"model={name} cannot load pretrained weights; use a preset of {' or '.join(loadable)} "
+            f"({', '.join(choices) or 'conf/model/'}) or leave model.init_from unset")
+
+
+def presets() -> dict[str, ModelConfig]:
+    """The model presets, ``conf/model/<name>.yaml``, read without Hydra: name -> its config (the schema's
+    defaults under the file's keys), for scripts that compose no config (benchmarks). A run composes them with
+    Hydra (tests/test_models.py checks that both give the same keys)."""
+    from pathlib import Path
+
+    import yaml  # (PyYAML: only here)
+
+    from ..api import CONF
+
+    out = {}
+    for path in sorted(Path(CONF, "model").glob("*.yaml")):
+        keys = yaml.safe_load(path.read_text()) or {}
+        arch = None
+        for entry in keys.pop("defaults", None) or []:
+            m = re.fullmatch(r"/?schema/model/(\w+)@_here_", str(entry))
+            arch = m.group(1) if m else arch
+        if arch in REGISTRY:
+            out[path.stem] = REGISTRY[arch].schema(**keys)
+    return out
+
+
+REGISTRY: dict[str, Architecture] = _discover()
+# model.arch -> its schema (the config's view of the registry)
+ARCHITECTURES: dict[str, type[ModelConfig]] = {name: a.schema for name, a in REGISTRY.items()}
+globals().update({a.schema.__name__: a.schema for a in REGISTRY.values()})  # models.ViTConfig, ...: for importers
 
 
 # ------------------------------------------------------------------------------------------- models
 def create(arch: str | ModelConfig, input_shape, num_classes: int, *, rngs, **kwargs):
     """``arch``'s ``Model``: ``arch`` a name (keys not given take the schema's defaults) or a model config
     (its keys; ``kwargs`` override them, e.g. ``dtype``)."""
-    schema = arch if isinstance(arch, ModelConfig) else ARCHITECTURES.get(arch)
-    if schema is None:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {tuple(ARCHITECTURES)}")
-    if not isinstance(schema, ModelConfig):
-        schema = schema()
-    module = importlib.import_module(f"{__name__}.{schema.arch}")  # (JAX: only when a model is built)
-    return module.Model(tuple(input_shape), num_classes, rngs=rngs, **{**schema.kwargs(), **kwargs})
+    schema = arch if isinstance(arch, ModelConfig) else architecture(arch).schema()
+    model = architecture(schema.arch).network().Model  # (JAX: only when a model is built)
+    return model(tuple(input_shape), num_classes, rngs=rngs, **{**schema.kwargs(), **kwargs})
 
 
 def build(cfg: ModelConfig, input_shape, data_classes: int, *, rngs, dtype, data: str = "the data"):

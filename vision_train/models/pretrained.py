@@ -1,27 +1,17 @@
-"""Pretrained weights for ViT and Mixer: timm state dicts and big_vision / vision_transformer ``.npz`` files,
-mapped onto this package's modules (DESIGN.md, decision 9).
+"""Pretrained weights: timm state dicts (.safetensors, PyTorch .bin/.pth) and big_vision / vision_transformer
+``.npz`` files, mapped onto this package's modules (DESIGN.md, decision 9).
 
     pre = load("vit_b16.safetensors", cfg.model, input_shape=(224, 224, 3), num_classes=10)
     state = state.replace(params=merge(state.params, pre))
 
-``load`` reads the file (numpy; torch only for ``.bin``/``.pth``), renames and transposes its arrays to the
-model's parameter paths (``blocks.3.attn.qkv.kernel``), checks every name and shape against the model
-``cfg`` builds, drops the head when it is to be re-initialised and resamples the position embeddings when
-the patch grid differs (as big_vision's ``resample_posemb``). Whatever does not fit is one ``ConfigError``
-naming ``model.init_from`` (or ``model.reset_head``) and what would fit, before anything compiles.
-
-The layouts, from the code that writes them:
-- timm (``VisionTransformer``, ``MlpMixer``): PyTorch names and layouts (``patch_embed.proj.weight`` OIHW,
-  ``blocks.0.attn.qkv.weight`` (3D, D), ``head.weight`` (K, D)); the .safetensors the Hugging Face hub serves.
-- big_vision ``models/vit.py``: ``embedding/kernel`` HWIO, ``pos_embedding`` (1, N, D) added before the class
-  token ``cls`` joins, ``Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0/{query,
-  key,value}/kernel (D, H, D/H), LayerNorm_1, MlpBlock_0/Dense_{0,1}}``, ``Transformer/encoder_norm``,
-  ``pre_logits``, ``head``; scanned checkpoints stack the blocks as ``Transformer/encoderblock/...``.
-- vision_transformer ``vit_jax/models_vit.py`` (the ViT paper's checkpoints): the same but
-  ``Transformer/posembed_input/pos_embedding`` (1, 1 + N, D) added after the class token, and
-  ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``, ``MlpBlock_3``.
-- Mixer (vit_jax ``models_mixer.py``, big_vision ``mlp_mixer.py``): ``stem``, ``MixerBlock_{i}/{LayerNorm_0,
-  token_mixing/Dense_{0,1}, LayerNorm_1, channel_mixing/Dense_{0,1}}``, ``pre_head_layer_norm``, ``head``.
+``load`` reads the file (numpy; torch only for ``.bin``/``.pth``), finds its layout among the registered
+architectures' (``models.Weights.formats``: a name only that layout has), makes PyTorch's layouts Flax's
+(OIHW -> HWIO, (out, in) -> (in, out)), has the architecture rename its arrays to the model's parameter paths
+(``blocks.3.attn.qkv.kernel``), checks every name and shape against the model ``cfg`` builds, drops the head
+when it is to be re-initialised and lets the architecture fit the rest to the images (e.g. a ViT resamples its
+position embeddings when the patch grid differs, as big_vision's ``resample_posemb``). Whatever does not fit
+is one ``ConfigError`` naming ``model.init_from`` (or ``model.reset_head``) and what would fit (a preset of
+conf/model, or the keys), before anything compiles. Each architecture's module describes the layouts it reads.
 Flax's GELU is the tanh approximation and timm's the exact one (``model.gelu``): the presets follow timm.
 """
 
@@ -46,16 +36,13 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from ..errors import ConfigError
-from . import create
+from . import REGISTRY, WeightFormat, cannot_load, create, loads_weights, presets
 
 log = logging.getLogger("vision_train")
 
 KEY = "model.init_from"
 HF_PREFIX = "hf-hub:"
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, in its order
-# The standard sizes and their presets (conf/model): (arch, width, depth, mlp width) -> preset.
-PRESETS = {("vit", 192, 12, 768): "vit_ti", ("vit", 384, 12, 1536): "vit_s", ("vit", 768, 12, 3072): "vit_b",
-           ("mixer", 768, 12, 3072): "mixer_b"}
 
 
 @dataclass
@@ -320,16 +307,11 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------- layouts -> ours
-def _timm(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """timm's names/layouts -> this package's dotted parameter paths (ViT and Mixer alike)."""
-    # (fc_norm, the norm after pooling, keeps its name: the model's is ``norm`` with model.fc_norm=true)
-    renames = [("patch_embed.", "embed."), (".attn.proj.", ".attn.out."), ("cls_token", "cls"),
-               ("pre_logits.fc.", "pre_logits."), (".mlp_tokens.", ".token_mixing."),
-               (".mlp_channels.", ".channel_mixing.")]
+def _from_pytorch(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch's layouts -> Flax's, names kept but for the last part: a convolution's ``weight`` OIHW -> ``kernel``
+    HWIO, a linear layer's (out, in) -> ``kernel`` (in, out), a LayerNorm's ``weight`` -> ``scale``."""
     out = {}
     for name, a in sd.items():
-        for old, new in renames:
-            name = name.replace(old, new)
         if name.endswith(".weight"):
             name = name[: -len("weight")]
             if a.ndim == 4:    # conv OIHW -> HWIO
@@ -342,157 +324,71 @@ def _timm(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _leaf(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
+def _formats() -> list[tuple[str, WeightFormat]]:
+    """Every layout the registered architectures read, as (architecture, format), in the order they are tried."""
+    return [(name, f) for name, a in REGISTRY.items() if a.weights is not None for f in a.weights.formats]
 
 
-def _big_vision_vit(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    old = any("MultiHeadDotProductAttention_1/" in k for k in w)  # vision_transformer's numbering
-    mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if old else \
-        ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
-    blocks = {}  # i -> {name inside the block: array}
-    rest = {}
-    for k, a in w.items():
-        m = re.match(r"Transformer/encoderblock_(\d+)/(.+)$", k)
-        if m:
-            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = a
-        elif k.startswith("Transformer/encoderblock/"):  # scanned: the blocks stacked on a leading axis
-            for i in range(a.shape[0]):
-                blocks.setdefault(i, {})[k[len("Transformer/encoderblock/"):]] = a[i]
-        else:
-            rest[k] = a
-    out = {}
-    for k, a in rest.items():
-        if k.startswith("embedding/"):
-            out["embed.proj." + _leaf(k)] = a
-        elif k in ("pos_embedding", "Transformer/pos_embedding", "Transformer/posembed_input/pos_embedding"):
-            out["pos_embed"] = a
-        elif k == "cls":
-            out["cls"] = a
-        elif k.startswith("Transformer/encoder_norm/"):
-            out["norm." + _leaf(k)] = a
-        elif k.split("/")[0] in ("pre_logits", "head"):
-            out[k.replace("/", ".")] = a
-        else:
-            out["?" + k] = a  # not part of the model: reported as the file's extra names
-    for i, b in blocks.items():
-        p = f"blocks.{i}."
-        qkv = {}
-        for k, a in b.items():
-            if k.startswith(mha + "/"):
-                part, leaf = k.split("/")[1:3]
-                if part == "out":  # (H, D/H, D) -> (D, D)
-                    out[p + "attn.out." + leaf] = a.reshape(-1, a.shape[-1]) if leaf == "kernel" else a
-                else:  # query/key/value: (D, H, D/H) -> (D, D), bias (H, D/H) -> (D,)
-                    qkv[(part, leaf)] = a.reshape(a.shape[0], -1) if leaf == "kernel" else a.reshape(-1)
-            elif k.startswith("LayerNorm_0/"):
-                out[p + "norm1." + _leaf(k)] = a
-            elif k.startswith(ln2 + "/"):
-                out[p + "norm2." + _leaf(k)] = a
-            elif k.startswith(mlp + "/Dense_"):
-                j = int(k.split("/")[1].split("_")[1])
-                out[p + f"mlp.fc{j + 1}." + _leaf(k)] = a
-            else:
-                out["?" + f"Transformer/encoderblock_{i}/{k}"] = a
-        for leaf in ("kernel", "bias"):
-            parts = [qkv.get((n, leaf)) for n in ("query", "key", "value")]
-            if all(x is not None for x in parts):
-                out[p + "attn.qkv." + leaf] = np.concatenate(parts, axis=-1)
-    return out
+def _detect(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[dict, str, WeightFormat]:
+    """-> (the arrays by the names of their layout, the architecture they are, the layout)."""
+    raw = {re.sub(r"^(opt/target/|params/)", "", k): v for k, v in raw.items()}  # big_vision/Flax train states
+    for arch, f in _formats():
+        if f.marker in raw and (f.matches is None or f.matches(raw)):
+            return raw, arch, f
+    names = ", ".join(list(raw)[:4])
+    known = "; ".join(f"{f.name} ({f.marker})" for _, f in _formats() if f.matches is None)
+    raise ConfigError(KEY, source, f"unknown format: a {container} file in none of the layouts this loader reads "
+                      f"({known}); its first names: {names or 'none'}")
 
 
-def _big_vision_mixer(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for k, a in w.items():
-        m = re.match(r"MixerBlock_(\d+)/(.+)$", k)
-        if k.startswith("stem/"):
-            out["stem.proj." + _leaf(k)] = a
-        elif k.startswith("pre_head_layer_norm/"):
-            out["norm." + _leaf(k)] = a
-        elif k.startswith("head/"):
-            out["head." + _leaf(k)] = a
-        elif m:
-            i, rest = m.group(1), m.group(2)
-            rest = (rest.replace("LayerNorm_0", "norm1").replace("LayerNorm_1", "norm2")
-                    .replace("Dense_0", "fc1").replace("Dense_1", "fc2"))
-            out[f"blocks.{i}." + rest.replace("/", ".")] = a
-        else:
-            out["?" + k] = a
-    return out
+def _ours(raw: dict[str, np.ndarray], f: WeightFormat) -> dict[str, np.ndarray]:
+    return f.to_ours(_from_pytorch(raw) if f.pytorch else raw)
 
 
 def _to_ours(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[dict[str, np.ndarray], str, str]:
     """-> (arrays by our dotted path, the architecture they are, a description of the format)."""
-    raw = {re.sub(r"^(opt/target/|params/)", "", k): v for k, v in raw.items()}  # big_vision/Flax train states
-    if "patch_embed.proj.weight" in raw:
-        return _timm(raw), "vit", f"timm ViT ({container})"
-    if "stem.proj.weight" in raw:
-        return _timm(raw), "mixer", f"timm Mixer ({container})"
-    if "embedding/kernel" in raw:
-        old = any("MultiHeadDotProductAttention_1/" in k for k in raw)
-        return _big_vision_vit(raw), "vit", f"{'vision_transformer' if old else 'big_vision'} ViT ({container})"
-    if "stem/kernel" in raw:
-        return _big_vision_mixer(raw), "mixer", f"big_vision Mixer ({container})"
-    names = ", ".join(list(raw)[:4])
-    raise ConfigError(KEY, source, f"unknown format: a {container} file that is neither timm's ViT/Mixer "
-                      f"(patch_embed.proj.weight / stem.proj.weight) nor big_vision's (embedding/kernel / "
-                      f"stem/kernel); its first names: {names or 'none'}")
+    raw, arch, f = _detect(raw, container, source)
+    return _ours(raw, f), arch, f"{f.name} ({container})"
 
 
-def _mapped(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[dict, str, str, dict]:
-    """``_to_ours`` and ``file_keys``: (arrays by our path, architecture, format, the model keys they give). Arrays
-    under the right names but of shapes no ViT/Mixer has (a damaged or foreign file) are one ``ConfigError``."""
+def _mapped(raw: dict[str, np.ndarray], container: str, source: str) -> tuple[dict, str, WeightFormat, dict]:
+    """The arrays by our dotted path and the model keys they give (the architecture's ``file_keys``): (arrays,
+    architecture, layout, keys). Arrays under the right names but of shapes the architecture never has (a
+    damaged or foreign file) are one ``ConfigError``."""
+    raw, arch, f = _detect(raw, container, source)
+    weights = REGISTRY[arch].weights
     try:
-        ours, arch, fmt = _to_ours(raw, container, source)
-        keys = file_keys(ours, arch)
-        kernel = ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"]
+        ours = _ours(raw, f)
+        keys = weights.file_keys(ours)
+        kernel = ours[weights.input_kernel]
         if kernel.ndim != 4:
-            raise ValueError(f"its patch embedding is {tuple(kernel.shape)}, not a 4-D convolution kernel")
-        return ours, arch, fmt, keys
+            raise ValueError(f"its first layer's kernel is {tuple(kernel.shape)}, not a 4-D convolution kernel")
+        return ours, arch, f, keys
     except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(KEY, source, f"its arrays have the names but not the shapes of a ViT/Mixer checkpoint "
+        raise ConfigError(KEY, source, f"its arrays have the names but not the shapes of a {f.name} checkpoint "
                           f"({container}; {_why(e)})") from None
 
 
 # ------------------------------------------------------------------------------------------- fitting
-def file_keys(ours: dict[str, np.ndarray], arch: str) -> dict:
-    """The ``model.*`` keys the file's arrays determine (the head, GELU, epsilon and heads cannot be read)."""
-    depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
-    if arch == "vit":
-        k = ours["embed.proj.kernel"]
-        keys = {"patch_size": int(k.shape[0]), "hidden_size": int(k.shape[-1]), "num_layers": depth}
-        if "blocks.0.mlp.fc1.kernel" in ours:
-            keys["mlp_dim"] = int(ours["blocks.0.mlp.fc1.kernel"].shape[-1])
-        keys["classifier"] = "token" if "cls" in ours else "gap"
-        keys["qkv_bias"] = "blocks.0.attn.qkv.bias" in ours
-        keys["fc_norm"] = "fc_norm.scale" in ours
-        if "pre_logits.kernel" in ours:
-            keys["representation_size"] = int(ours["pre_logits.kernel"].shape[-1])
-        return keys
-    k = ours["stem.proj.kernel"]
-    keys = {"patch_size": int(k.shape[0]), "hidden_dim": int(k.shape[-1]), "num_blocks": depth}
-    if "blocks.0.token_mixing.fc1.kernel" in ours:
-        keys["tokens_mlp_dim"] = int(ours["blocks.0.token_mixing.fc1.kernel"].shape[-1])
-    if "blocks.0.channel_mixing.fc1.kernel" in ours:
-        keys["channels_mlp_dim"] = int(ours["blocks.0.channel_mixing.fc1.kernel"].shape[-1])
-    return keys
+def _what_fits(keys: dict, arch: str, cfg, gelu: str) -> str:
+    """The ``model=`` / ``model.*`` overrides under which ``cfg`` fits a file of architecture ``arch`` whose
+    arrays give ``keys`` and whose code computes ``gelu``: a preset of its sizes (conf/model) where there is one."""
+    def gelu_key(schema_or_cfg) -> str:
+        has = getattr(schema_or_cfg, "gelu", gelu)
+        return "" if has == gelu else f" model.gelu={gelu}"
 
+    def overrides(base) -> str:
+        return " ".join(f"model.{k}={_yaml(v)}" for k, v in keys.items() if getattr(base, k, None) != v)
 
-def _what_fits(keys: dict, arch: str, cfg, flax_gelu: bool) -> str:
-    """The ``model=`` / ``model.*`` overrides under which ``cfg`` fits a file whose arrays give ``keys``."""
-    sizes = ((keys.get("hidden_size"), keys.get("num_layers"), keys.get("mlp_dim")) if arch == "vit" else
-             (keys.get("hidden_dim"), keys.get("num_blocks"), keys.get("channels_mlp_dim")))
-    preset = PRESETS.get((arch, *sizes))
-    plain = arch == "mixer" or (keys["classifier"] == "token" and keys["qkv_bias"] and not keys["fc_norm"]
-                                and "representation_size" not in keys)
-    gelu = " model.gelu=tanh" if flax_gelu else ""
-    if preset and plain and (cfg.arch != arch or any(getattr(cfg, k, None) != v for k, v in keys.items())):
-        return f"model={preset}" + ("" if keys["patch_size"] == 16 else f" model.patch_size={keys['patch_size']}") + gelu
+    if cfg.arch != arch or any(getattr(cfg, k, None) != v for k, v in keys.items()):
+        for name, preset in presets().items():  # (presets of every size but the patches', the file's)
+            if preset.arch == arch and all(getattr(preset, k, None) == v for k, v in keys.items() if k != "patch_size"):
+                return " ".join(filter(None, [f"model={name}", overrides(preset)])) + gelu_key(preset)
     if cfg.arch == arch:
-        differ = {k: v for k, v in keys.items() if getattr(cfg, k, None) != v}
-        heads = " (and the file's model.num_heads)" if "hidden_size" in differ else ""
-        return " ".join(f"model.{k}={_yaml(v)}" for k, v in differ.items()) + heads + gelu
-    return f"model={arch} " + " ".join(f"model.{k}={_yaml(v)}" for k, v in keys.items()) + gelu
+        differ = "hidden_size" in keys and getattr(cfg, "hidden_size", None) != keys["hidden_size"]
+        heads = " (and the file's model.num_heads)" if differ else ""
+        return overrides(cfg) + heads + gelu_key(cfg)
+    return f"model={arch} {overrides(None)}" + gelu_key(REGISTRY[arch].schema())
 
 
 def _yaml(v) -> str:
@@ -532,34 +428,8 @@ def resample_posemb(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _in_channels(ours: dict, arch: str) -> int:
-    """The image channels the file's patch embedding (an HWIO kernel) takes."""
-    return int(ours["embed.proj.kernel" if arch == "vit" else "stem.proj.kernel"].shape[2])
-
-
-def _posemb(ours: dict, model_cfg, input_shape, source: str) -> str:
-    """Fit the file's position embeddings to the model's token grid (in place); returns what was done."""
-    pe = ours.get("pos_embed")
-    if pe is None or pe.ndim != 3:
-        return "as saved"
-    token = model_cfg.classifier == "token"
-    n = pe.shape[1]
-    has_cls = math.isqrt(n) ** 2 != n and math.isqrt(n - 1) ** 2 == n - 1  # vision_transformer/timm: cls first
-    tok, grid = (pe[:, :1], pe[:, 1:]) if has_cls else (np.zeros_like(pe[:, :1]), pe)
-    gs = math.isqrt(grid.shape[1])
-    if gs * gs != grid.shape[1]:
-        raise ConfigError(KEY, source, f"its position embeddings ({n} tokens) are not a square grid"
-                          f"{' plus a class token' if has_cls else ''}; this loader reads square grids only")
-    p = model_cfg.patch_size
-    hw = (input_shape[0] // p, input_shape[1] // p)
-    done = "as saved"
-    if (gs, gs) != hw:
-        grid = resample_posemb(grid, hw)
-        done = f"resampled {gs}x{gs} -> {hw[0]}x{hw[1]}"
-    # big_vision adds them before the class token joins: its entry is 0 here (the same sums)
-    ours["pos_embed"] = np.concatenate([tok, grid], axis=1) if token else grid
-    if not token and has_cls:
-        ours["?pos_embed of the class token"] = tok
-    return done
+    """The image channels the file's first layer (an HWIO kernel) takes."""
+    return int(ours[REGISTRY[arch].weights.input_kernel].shape[2])
 
 
 def describe(source: str) -> dict:
@@ -567,8 +437,8 @@ def describe(source: str) -> dict:
     in_channels, keys: the ``model.*`` keys it determines}. E.g. to build a model that keeps its head."""
     path = resolve(source)
     raw, container = read(path)
-    ours, arch, fmt, keys = _mapped(raw, container, source)
-    return {"path": str(path), "format": fmt, "arch": arch,
+    ours, arch, f, keys = _mapped(raw, container, source)
+    return {"path": str(path), "format": f"{f.name} ({container})", "arch": arch,
             "num_classes": int(ours["head.bias"].shape[0]) if "head.bias" in ours else None,
             "in_channels": _in_channels(ours, arch), "keys": keys}
 
@@ -582,38 +452,30 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
     reset_head = str(reset_head).lower()
     if reset_head not in ("auto", "true", "false"):
         raise ConfigError("model.reset_head", reset_head, "choose one of auto, true, false")
-    if model_cfg.arch not in ("vit", "mixer"):
-        raise ConfigError(KEY, source, f"model={model_cfg.arch} cannot load pretrained weights; use a vit or mixer "
-                          f"preset (e.g. model=vit_b)")
+    if not loads_weights(model_cfg.arch):
+        raise ConfigError(KEY, source, cannot_load(model_cfg.arch))
     path = resolve(source)
     raw, container = read(path)
-    ours, arch, fmt, keys = _mapped(raw, container, source)
+    ours, arch, layout, keys = _mapped(raw, container, source)
     del raw
-    flax_gelu = not fmt.startswith("timm")  # Flax's nn.gelu: the tanh approximation
+    weights, fmt, file_gelu = REGISTRY[arch].weights, f"{layout.name} ({container})", layout.gelu
     if arch != model_cfg.arch:
         raise ConfigError(KEY, source, f"the file holds a {fmt}, not a {model_cfg.arch}; use "
-                          f"{_what_fits(keys, arch, model_cfg, flax_gelu)}")
-    if keys["patch_size"] != model_cfg.patch_size:
+                          f"{_what_fits(keys, arch, model_cfg, file_gelu)}")
+    if "patch_size" in keys and keys["patch_size"] != model_cfg.patch_size:
         raise ConfigError(KEY, source, f"the file's patches are {keys['patch_size']}x{keys['patch_size']} but "
                           f"model.patch_size={model_cfg.patch_size}; set model.patch_size={keys['patch_size']} "
                           f"(resampling patch kernels is not supported) and size the images to fit (data.image_size)")
     have, want_c = _in_channels(ours, arch), int(input_shape[-1])
     if have != want_c:
         fix = {3: "set data.channels=3 (gray images repeated to RGB)",
-               1: "set data.channels=1 (RGB images converted to gray)"}.get(have, "its patch embedding fits no other "
+               1: "set data.channels=1 (RGB images converted to gray)"}.get(have, "its first layer fits no other "
                                                                           "channel count")
         raise ConfigError(KEY, source, f"the file's {fmt} was trained on {have}-channel images, the data have "
                           f"{want_c}; {fix}")
-    if arch == "vit" and keys["fc_norm"]:
-        if keys["classifier"] == "token":
-            raise ConfigError(KEY, source, "the file normalises after pooling and has a class token (timm's "
-                              "global_pool='avg' with class_token=True, e.g. MAE/BEiT fine-tunes): average pooling "
-                              "beside a class token is not supported here")
-        ours = {("norm." + k.split(".", 1)[1] if k.startswith("fc_norm.") else k): v for k, v in ours.items()}
-    if arch == "vit" and keys["fc_norm"] != model_cfg.fc_norm:  # (the same names either way: said here)
-        raise ConfigError(KEY, source, f"the file's final norm comes {'after' if keys['fc_norm'] else 'before'} "
-                          f"pooling, model.fc_norm={_yaml(model_cfg.fc_norm)}; it fits "
-                          f"{_what_fits(keys, arch, model_cfg, flax_gelu and model_cfg.gelu != 'tanh')}")
+    ours, why_not = weights.check(ours, keys, model_cfg, source)
+    if why_not:  # (the same names either way: said here)
+        raise ConfigError(KEY, source, f"{why_not}; it fits {_what_fits(keys, arch, model_cfg, file_gelu)}")
     want = (expected_params(model_cfg, input_shape, num_classes) if like is None else
             _flatten(like.to_pure_dict() if hasattr(like, "to_pure_dict") else like))
 
@@ -638,29 +500,24 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
     else:
         head = "loaded"
 
-    posemb = _posemb(ours, model_cfg, input_shape, source) if arch == "vit" else "as saved"
+    posemb = weights.fit(ours, model_cfg, input_shape, source)
     skip = {k for k in want if k.startswith("head.")} if reset else set()
     missing = [k for k in want if k not in ours and k not in skip]
     extra = [k.lstrip("?") for k in ours if k not in want]
     wrong = [k for k in want if k in ours and tuple(ours[k].shape) != tuple(want[k].shape)]
     if missing or extra or wrong:
-        if arch == "mixer" and wrong and all("token_mixing.fc1" in k or "token_mixing.fc2" in k for k in wrong):
-            n = ours["blocks.0.token_mixing.fc1.kernel"].shape[0]
-            g = math.isqrt(n)
-            raise ConfigError(KEY, source, f"the file's Mixer mixes {n} tokens ({g}x{g} patches of "
-                              f"{keys['patch_size']}: {g * keys['patch_size']}x{g * keys['patch_size']} images), the "
-                              f"model {want['blocks.0.token_mixing.fc1.kernel'].shape[0]}; a Mixer's token-mixing "
-                              f"weights fit one image size: train at {g * keys['patch_size']}x{g * keys['patch_size']}")
+        if clearer := weights.mismatch(wrong, ours, want, keys):
+            raise ConfigError(KEY, source, clearer)
         shown = [f"{k} {tuple(ours[k].shape)} in the file, {tuple(want[k].shape)} in the model" for k in wrong[:3]]
         shown += [f"{k} missing from the file" for k in missing[:3]] + [f"{k} not in the model" for k in extra[:3]]
         more = len(wrong) + len(missing) + len(extra) - len(shown)
-        fits = _what_fits(keys, arch, model_cfg, flax_gelu and model_cfg.gelu != 'tanh')
+        fits = _what_fits(keys, arch, model_cfg, file_gelu)
         raise ConfigError(KEY, source, f"the file's {fmt} does not fit model={model_cfg.arch} as configured: "
                           f"{'; '.join(shown)}{f' (and {more} more)' if more > 0 else ''}"
                           f"{f'; it fits {fits}' if fits.strip() else ''}")
-    if model_cfg.gelu != ("tanh" if flax_gelu else "exact"):  # (cannot be read from the weights: said here)
+    if getattr(model_cfg, "gelu", file_gelu) != file_gelu:  # (cannot be read from the weights: said here)
         log.warning("warning: %s was trained with %s GELU, and model.gelu=%s; set model.gelu=%s to compute what it "
-                    "computed", fmt, "tanh" if flax_gelu else "exact", model_cfg.gelu, "tanh" if flax_gelu else "exact")
+                    "computed", fmt, file_gelu, model_cfg.gelu, file_gelu)
     params = _nest({k: np.asarray(v, np.float32) for k, v in ours.items()})
     info = {"path": str(path.resolve()), "sha256": sha256(path), "format": fmt, "head": head, "posemb": posemb}
     if source != str(path):
