@@ -54,45 +54,37 @@ MEAN, STD = (0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.261
 LR, WEIGHT_DECAY = 1e-3, 0.05
 
 
-def _preset(name: str) -> dict:
-    """A model preset's keys, read from conf/model/<name>.yaml (so the seeds' sizes are the trainer's own)."""
-    import yaml
+def models_table(smoke: bool) -> dict:
+    """name -> vision_train's model config (the ``model.*`` schema): the trainer's own presets (conf/model, read by
+    ``vision_train.models.presets()``) and the seed ViT at the standard widths; --smoke: tiny sizes of the same
+    shapes of model."""
+    from dataclasses import replace
 
-    keys = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
-    keys.pop("defaults", None)
-    return keys
+    from vision_train import models
 
-
-def models_table(smoke: bool) -> dict[str, tuple[str, dict]]:
-    """name -> (architecture, the model's keys); --smoke: tiny sizes of the same shapes of model."""
-    vit = _preset("vit")
+    presets = models.presets()
+    vit = presets["vit"]
     table = {
-        "vit": ("vit", vit),                                                  # seed 004: 128 wide, 6 deep, 65 tokens
-        "vit_s4": ("vit", {**vit, "hidden_size": 384, "num_layers": 12, "num_heads": 6, "mlp_dim": 1536,
-                           "dropout": 0.0}),                                  # ViT-S/4
-        "vit_b4": ("vit", {**vit, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072,
-                           "dropout": 0.0}),                                  # ViT-B/4
-        "mixer": ("mixer", _preset("mixer")),                                 # seed 000
-        "cnn": ("cnn", _preset("cnn")),                                       # seed 002
+        "vit": vit,                                                                   # seed 004: 128 wide, 6 deep, 65 tokens
+        "vit_s4": replace(vit, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536, dropout=0.0),   # ViT-S/4
+        "vit_b4": replace(vit, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, dropout=0.0),  # ViT-B/4
+        "mixer": presets["mixer"],                                                    # seed 000
+        "cnn": presets["cnn"],                                                        # seed 002
     }
     if smoke:
-        tiny_vit = {"patch_size": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
-        table = {"vit": ("vit", {**vit, **tiny_vit}),
-                 "vit_s4": ("vit", {**vit, **tiny_vit, "num_layers": 2, "dropout": 0.0}),
-                 "vit_b4": ("vit", {**vit, **tiny_vit, "hidden_size": 32, "num_heads": 4, "mlp_dim": 64,
-                                    "dropout": 0.0}),
-                 "mixer": ("mixer", {**table["mixer"][1], "patch_size": 8, "num_blocks": 1, "hidden_dim": 16,
-                                     "tokens_mlp_dim": 8, "channels_mlp_dim": 64}),
-                 "cnn": ("cnn", {"features": [4, 8], "dense_dim": 16})}
+        tiny_vit = replace(vit, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)
+        table = {"vit": tiny_vit,
+                 "vit_s4": replace(tiny_vit, num_layers=2, dropout=0.0),
+                 "vit_b4": replace(tiny_vit, hidden_size=32, num_heads=4, mlp_dim=64, dropout=0.0),
+                 "mixer": replace(table["mixer"], patch_size=8, num_blocks=1, hidden_dim=16, tokens_mlp_dim=8,
+                                  channels_mlp_dim=64),
+                 "cnn": replace(table["cnn"], features=[4, 8], dense_dim=16)}
     return table
 
 
 def model_config(name: str, smoke: bool):
     """vision_train's model config (the ``model.*`` schema) for ``name``."""
-    from vision_train import models
-
-    arch, keys = models_table(smoke)[name]
-    return models.ARCHITECTURES[arch](**keys)
+    return models_table(smoke)[name]
 
 
 def parse_args(argv=None):
@@ -367,8 +359,8 @@ def torch_model(name: str, smoke: bool):
     from timm.models.vision_transformer import VisionTransformer
     from torch import nn
 
-    arch = models_table(smoke)[name][0]
     cfg = model_config(name, smoke)
+    arch = cfg.arch
     if arch == "cnn":
         return torch_cnn(SHAPE, NUM_CLASSES, list(cfg.features), cfg.dense_dim)
     act = functools.partial(nn.GELU, approximate="tanh" if cfg.gelu == "tanh" else "none")
@@ -410,7 +402,8 @@ def row_torch(args) -> dict:
     torch.backends.cudnn.benchmark = True
     model = torch_model(args.model, args.smoke).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
-    channels_last = models_table(args.smoke)[args.model][0] == "cnn"  # convolutions throughout: NHWC kernels
+    arch = model_config(args.model, args.smoke).arch
+    channels_last = arch == "cnn"  # convolutions throughout: NHWC kernels
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=cuda)
@@ -438,8 +431,7 @@ def row_torch(args) -> dict:
         return time.perf_counter() - t0
 
     name = torch.cuda.get_device_name(device) + " (cuda)" if cuda else "cpu"
-    what = ("timm VisionTransformer" if models_table(args.smoke)[args.model][0] == "vit" else
-            "timm MlpMixer" if models_table(args.smoke)[args.model][0] == "mixer" else "torch CNN")
+    what = "timm VisionTransformer" if arch == "vit" else "timm MlpMixer" if arch == "mixer" else "torch CNN"
     setup = ", ".join([what, "torch.compile" if args.compile else "eager", "bf16 autocast" if bf16 else "fp32 (TF32)",
                        "fused AdamW" if cuda else "AdamW", "fixed device batch"]
                       + (["channels_last"] if channels_last else []))
@@ -574,7 +566,8 @@ def main(argv=None) -> int:
                 "batch_sizes": args.batch_sizes, "precision": args.precision, "time_budget_s": args.time_budget,
                 "repeats": args.repeats, "workers": args.workers, "torch_compile": args.compile, "smoke": args.smoke,
                 "cpu_count": os.cpu_count(), "total_s": total,
-                "model_keys": {m: models_table(args.smoke)[m] for m in args.models}}
+                "model_keys": {m: (cfg.arch, cfg.kwargs()) for m, cfg in models_table(args.smoke).items()
+                               if m in args.models}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2))
         print(f"wrote {args.json}")

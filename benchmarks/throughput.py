@@ -16,10 +16,13 @@ Before timing, one step of (a) and one of (b) from the same initial state must g
 gradient norm, so (b) really is (a) minus the input pipeline. Each side then runs ``--steps`` timed steps per
 repeat, synchronised with ``block_until_ready`` at the end of each timed loop; the repeats alternate the
 order (a b | b a | a b ...) so drift and noise on a shared machine hit both sides alike, and the table
-reports medians. The train step must be traced once (a warning says so otherwise). ``--time-budget`` shrinks steps, repeats and warm-up for slow models (a CPU run of all five
-presets takes about four minutes on 2 cores). FLOPs per step come from XLA's cost analysis of the compiled
-step alone; MFU divides the achieved FLOP/s by a peak (``--peak-tflops``, or a built-in figure for known
-accelerators; n/a on CPU unless given).
+reports medians. The train step must be traced once (a warning says so otherwise). ``--time-budget`` shrinks steps, repeats and warm-up for slow models (a CPU run of the five
+seed presets takes about four minutes on 2 cores). FLOPs per step come from XLA's cost analysis of the compiled
+step alone; MFU divides the achieved FLOP/s by a peak (``--peak-tflops``, or ``vision_train.perf.peak_tflops``'
+figure for the device kind and precision, as a run's perf/mfu; n/a on CPU unless given).
+
+The models are the trainer's presets, ``conf/model/<name>.yaml`` (``vision_train.models.presets()``: read without
+Hydra): any of them by name.
 
 No Hydra, no W&B:  python benchmarks/throughput.py [--models mlp,cnn] [--steps 20] [--json out.json]
 (``benchmarks/compare_trees.py`` runs this against another checkout's own copy, interleaved.)
@@ -37,41 +40,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# Model presets, as conf/model/*.yaml (kept here so the script needs no Hydra).
-PRESETS = {
-    "mlp": ("mlp", dict(hidden_layers=1, hidden_dim=10)),
-    "cnn": ("cnn", dict(features=(32, 64), dense_dim=256)),
-    "mixer": ("mixer", dict(patch_size=4, num_blocks=8, hidden_dim=192, tokens_mlp_dim=96, channels_mlp_dim=768)),
-    "mixer_small": ("mixer", dict(patch_size=4, num_blocks=2, hidden_dim=64, tokens_mlp_dim=32, channels_mlp_dim=256)),
-    "vit": ("vit", dict(patch_size=4, hidden_size=128, num_layers=6, num_heads=8, mlp_dim=256, classifier="token",
-                        dropout=0.1, attention_dropout=0.0, stochastic_depth=0.0, pad_tokens_to_multiple=1)),
-}
+from vision_train import models  # noqa: E402 (no JAX: the registry and its presets)
 
-# Dense peak TFLOP/s per device, (float32, bfloat16), matched in order against ``device.device_kind``
-# (lower case). Vendor data-sheet figures without sparsity. float32 is the non-tensor-core FP32 figure;
-# note that XLA on NVIDIA GPUs may run float32 matmuls as TF32 by default, so float32 MFU against this
-# figure can exceed 100%: pass --peak-tflops (e.g. 494 for H100/H200 TF32) to compare against TF32.
-# None: unknown, give --peak-tflops. CPUs have no entry: MFU prints n/a unless --peak-tflops is given.
-PEAK_TFLOPS = [
-    ("h100 pcie", (51.0, 756.0)),
-    ("h100", (67.0, 989.0)),       # SXM
-    ("h200", (67.0, 989.0)),
-    ("gh200", (67.0, 989.0)),
-    ("a100", (19.5, 312.0)),
-    ("l4", (30.3, 121.0)),
-    ("tpu v4", (None, 275.0)),
-    ("tpu v5 lite", (None, 197.0)),  # v5e
-    ("tpu v5e", (None, 197.0)),
-    ("tpu v5p", (None, 459.0)),
-    ("tpu v5", (None, 459.0)),
-    ("tpu v6", (None, 918.0)),       # Trillium (v6e)
-]
+# The seeds' presets (the standard sizes, vit_b and the like, take minutes a step on a CPU: name them).
+DEFAULT_MODELS = "mlp,cnn,mixer,mixer_small,vit"
 
 
 def parse_args(argv=None):
+    known = models.presets()  # (conf/model/*.yaml)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(PRESETS), help=f"comma-separated, from {', '.join(PRESETS)}")
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, from {', '.join(known)}")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (split across devices)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per repeat and side (at most; see --time-budget)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side after compilation")
@@ -85,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
     p.add_argument("--num-devices", type=int, default=0, help="0: all (on cpu: simulate this many)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (default: "
+                                                                       "vision_train.perf's for the device kind)")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     p.add_argument("--grad-accum-steps", type=int, default=1,
                    help="micro-batches per step, as trainer.grad_accum_steps (1: off)")
@@ -99,9 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in PRESETS]
+    unknown = [m for m in args.models if m not in known]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {', '.join(PRESETS)}")
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(known)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --repeats, --warmup and --batch-size must be >= 1")
     if args.grad_accum_steps < 1 or args.batch_size % args.grad_accum_steps:
@@ -109,16 +89,6 @@ def parse_args(argv=None):
     if not 0.0 <= args.ema_decay < 1.0:
         p.error("--ema-decay must be in [0, 1)")
     return args
-
-
-def default_peak(device_kind: str, platform: str, precision: str):
-    kind = device_kind.lower()
-    if platform == "cpu":
-        return None
-    for pattern, (fp32, bf16) in PEAK_TFLOPS:
-        if pattern in kind:
-            return bf16 if precision == "bfloat16" else fp32
-    return None
 
 
 def flops_of(compiled) -> float:
@@ -157,6 +127,7 @@ def main(argv=None) -> int:
     import optax
 
     import vision_train
+    from vision_train import perf
     from vision_train.data import pipeline, sources
     from vision_train.train.feeds import DeviceFeed, Normalize
 
@@ -167,8 +138,8 @@ def main(argv=None) -> int:
     mesh = parallel.make_mesh(devices)
     replicated = parallel.replicated(mesh)
     dev = devices[0]
-    peak = args.peak_tflops if args.peak_tflops else default_peak(dev.device_kind, dev.platform, args.precision)
-    peak_src = "--peak-tflops" if args.peak_tflops else ("built-in table" if peak else None)
+    peak = perf.peak_tflops(dev, args.precision, args.peak_tflops or None)  # (as a run's perf/mfu)
+    peak_src = "--peak-tflops" if args.peak_tflops else ("vision_train.perf.PEAK_TFLOPS" if peak else None)
 
     print(f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__} "
           f"| backend {jax.default_backend()} | {nd} x {dev.device_kind} ({dev.platform}) "
@@ -200,7 +171,7 @@ def main(argv=None) -> int:
 
     ctx = dict(args=args, shape=shape, num_classes=num_classes, B=B, dtype=dtype, feed=feed,
                n_examples=len(split.labels), replicated=replicated, batch_sharding=parallel.batch_sharded(mesh),
-               peak=peak)
+               peak=peak, presets=models.presets())
     results, failed = [], []
     for name in args.models:
         try:
@@ -276,14 +247,14 @@ def bench_model(name: str, ctx: dict) -> dict:
     args = ctx["args"]
     B, dtype, feed = ctx["B"], ctx["dtype"], ctx["feed"]
     replicated, batch_sharding = ctx["replicated"], ctx["batch_sharding"]
-    arch, kwargs = PRESETS[name]
+    model_cfg = ctx["presets"][name]
     t_model = time.perf_counter()
     timings = {}
 
     opt_cfg = config_lib.OptimizerConfig(name=args.optimizer)
     tx = state_lib.make_optimizer(opt_cfg, lr_shape=state_lib.lr_schedule(opt_cfg.schedule, 1.0, 10_000, 0, 0.0))
-    model = models.create(arch, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
-                                 dtype=dtype, **kwargs)
+    model = models.create(model_cfg, ctx["shape"], ctx["num_classes"], rngs=nnx.Rngs(params=0, dropout=1),
+                          dtype=dtype)
     graphdef, state0 = state_lib.create(model, tx, seed=0, ema=args.ema_decay > 0)
     del model
     n_params = state_lib.param_count(state0.params)
@@ -413,7 +384,7 @@ def bench_model(name: str, ctx: dict) -> dict:
     achieved = flops_step / step_s  # per device
     peak = ctx["peak"]
     res = {
-        "model": name, "arch": arch, "model_kwargs": kwargs, "params": n_params, "batch": B,
+        "model": name, "arch": model_cfg.arch, "model_kwargs": model_cfg.kwargs(), "params": n_params, "batch": B,
         "steps": steps, "repeats": repeats, "warmup": warmup,
         "images_per_s_pipeline": ips["pipeline"], "images_per_s_step": ips["alone"],
         "ratio": ips["pipeline"] / ips["alone"],
