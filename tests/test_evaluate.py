@@ -127,11 +127,11 @@ def _model_predictions(train_dir, images):
     import jax
     import jax.numpy as jnp
 
-    from vision_train.checkpoint import restore_model
     from vision_train.data import pipeline
+    from vision_train.train.build import read_checkpoint, restore_model
 
-    restored = restore_model(train_dir)
-    model, facts = restored.model, restored.data
+    restored = restore_model(read_checkpoint(train_dir))
+    model, facts = restored.model, restored.checkpoint.data
     x = pipeline.normalize(jnp.asarray(images), facts["scale"], facts["mean"], facts["std"], jnp.float32)
     return np.asarray(jax.nn.softmax(model(x, train=False).astype(jnp.float32)))
 

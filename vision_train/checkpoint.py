@@ -21,17 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
-from . import config as config_lib
-from . import models
 from .errors import DiskFull, UserError, disk_full_reason, one_line, remove_quietly
 
 log = logging.getLogger("vision_train")
@@ -243,82 +239,64 @@ def abstract_like(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
-def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
-    """Read a checkpoint's metadata and parameters (plus the model's other state) without its optimizer
-    state: ``{"config": dict, "meta": dict, "params": ..., "other": ..., "step": int, "directory": Path}``.
-
-    The caller rebuilds the model from ``config`` (``vision_train.config`` + ``vision_train.models``) and
-    merges ``params``/``other`` into its graphdef. ``sharding``: where to put the arrays (default: the
-    first device, replicated)."""
+def read_meta(path: str | Path) -> tuple[Path, int, dict]:
+    """A run dir, its checkpoints dir or one step's dir -> (the checkpoints dir, the step (the latest unless one
+    is named), that step's JSON metadata). No array is read."""
     directory, step = find(path)
     ckpt = Checkpointer(directory, best_metric=None, read_only=True)
     try:
         step = ckpt.resolve_step(step)
-        meta = ckpt.read_meta(step)
+        return directory, step, ckpt.read_meta(step)
+    finally:
+        ckpt.close()
+
+
+def read_params(directory: str | Path, step: int, sharding=None) -> dict[str, Any]:
+    """One checkpoint's parameters, their moving average (None unless kept) and the model's other state, as
+    Orbax returns them (``pure`` makes them NNX pure dicts): ``{"params": ..., "other": ..., "ema": ...}``.
+    The optimizer state, often twice the parameters' size, is not read (Orbax's partial restore of the item).
+    ``sharding``: where to put the arrays (default: the first device)."""
+    directory = Path(directory)
+    ckpt = Checkpointer(directory, best_metric=None, read_only=True)
+    try:
         try:
             tree = ckpt.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001
             raise ckpt.damaged(step, f"its array metadata cannot be read ({_why(e)})") from None
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        # The parameters (and their moving average, if kept) and the model's other state only: the optimizer
-        # state, often twice the parameters' size, is not read (Orbax's partial restore of the item).
         keys = [k for k in ("params", "other", "ema") if tree["state"].get(k) is not None]
         wanted = {"state": {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                                             tree["state"][k]) for k in keys}}
         try:
             with ocp.PyTreeCheckpointer() as reader:
                 out = reader.restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-                    item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True))
+                    item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                    partial_restore=True))
         except Exception as e:  # noqa: BLE001
             raise ckpt.damaged(step, f"it could not be restored ({_why(e)})") from None
     finally:
         ckpt.close()
-    return {"config": meta.get("config", {}), "meta": meta, "params": out["state"]["params"],
-            "other": out["state"]["other"], "ema": out["state"].get("ema"), "step": step, "directory": directory}
+    state = out["state"]
+    return {"params": state["params"], "other": state["other"], "ema": state.get("ema")}
 
 
-def _pure(tree):
+def load_for_inference(path: str | Path, sharding=None) -> dict[str, Any]:
+    """A checkpoint's metadata and parameters (plus the model's other state) without its optimizer state:
+    ``{"config": dict, "meta": dict, "params": ..., "other": ..., "ema": ..., "step": int, "directory": Path}``.
+    A checkpoint knows no models: ``vision_train.train.build.restore_model`` rebuilds one from ``config``."""
+    directory, step, meta = read_meta(path)
+    return {"config": meta.get("config", {}), "meta": meta, **read_params(directory, step, sharding), "step": step,
+            "directory": directory}
+
+
+def pure(tree):
     """Orbax returns each NNX Variable as {"value": array}; NNX's pure dicts hold the arrays themselves."""
     if isinstance(tree, dict):
         if set(tree) == {"value"} and not isinstance(tree["value"], dict):
             return tree["value"]
-        return {k: _pure(v) for k, v in tree.items()}
+        return {k: pure(v) for k, v in tree.items()}
     return tree
-
-
-class Restored(NamedTuple):
-    model: Any        # the NNX model with its trained parameters
-    config: Any       # the RunConfig it was trained with
-    data: dict        # {"shape", "class_names", "mean", "std", "scale"} of its training data set
-    step: int
-    meta: dict        # the checkpoint's whole JSON metadata (W&B run id, versions, ...)
-    directory: Path   # the checkpoints directory
-
-
-def restore_model(path: str | Path, sharding=None) -> Restored:
-    """A checkpoint -> the trained model and what is needed to feed it inputs exactly as in training."""
-    loaded = load_for_inference(path, sharding)
-    try:
-        cfg = config_lib.from_dict(loaded["config"])
-        data = loaded["meta"]["data"]
-    except (KeyError, TypeError, UserError) as e:
-        raise CheckpointError(f"{loaded['directory']} is not a vision_train checkpoint (its metadata: {e})") from None
-    dtype = jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
-    num_classes = cfg.model.num_classes or len(data["class_names"])
-
-    def build():
-        return models.create(cfg.model, tuple(data["shape"]), num_classes, rngs=nnx.Rngs(params=0, dropout=1),
-                             dtype=dtype)
-
-    abstract = nnx.eval_shape(build)
-    graphdef, params, other = nnx.split(abstract, nnx.Param, ...)
-    # replace_by_pure_dict does not check shapes: do it here, naming what differs.
-    check_compatible(loaded["meta"], param_shapes(params), loaded["directory"] / str(loaded["step"]))
-    nnx.replace_by_pure_dict(params, _pure(loaded["params"]))
-    if loaded["other"]:
-        nnx.replace_by_pure_dict(other, _pure(loaded["other"]))
-    return Restored(nnx.merge(graphdef, params, other), cfg, data, loaded["step"], loaded["meta"], loaded["directory"])
 
 
 def saved_tree(ckpt: Checkpointer, step: int) -> dict:

@@ -13,7 +13,8 @@ links back to the training run (``train_wandb_run_id``, ``train_run_dir``).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ import numpy as np
 
 from . import config as config_lib
 from .config import MISSING, DataConfig, HardwareConfig, LoggerConfig
-from .errors import ConfigError, UserError, exit_on_user_error, install_background_error_handling, write_text
+from .errors import (ConfigError, UserError, check_choice, check_positive, exit_on_user_error,
+                     install_background_error_handling, write_text)
 from .host_devices import configure_host_devices
+from .tracking import Tracker, media, run_metadata
 
 log = logging.getLogger("vision_train")
 
@@ -86,13 +89,14 @@ def confusion_text(cm: np.ndarray, class_names, max_classes: int = 20) -> str:
     return "\n".join(lines)
 
 
-def load_checkpoint(path: str, sharding=None):
-    """``checkpoint.restore_model``, with every failure one ``CheckpointError`` naming ``checkpoint=`` and
-    what to give instead."""
+@contextlib.contextmanager
+def reading_checkpoint(path: str):
+    """Around reading ``checkpoint=`` (``train.build.read_checkpoint``, ``restore_model``): every failure is one
+    ``CheckpointError`` naming ``checkpoint=`` and what to give instead."""
     from . import checkpoint as ckpt_lib  # (imports JAX: after the command line set XLA_FLAGS)
 
     try:
-        restored = ckpt_lib.restore_model(path, sharding=sharding)
+        yield
     except ckpt_lib.DamagedCheckpoint as e:  # names the earlier steps to give instead
         raise e.for_key("checkpoint") from None
     except ckpt_lib.CheckpointError as e:
@@ -103,7 +107,6 @@ def load_checkpoint(path: str, sharding=None):
         raise ckpt_lib.CheckpointError(
             f"checkpoint={path}: its parameters do not fit the model in its own config ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); the checkpoint is damaged or was written by another version") from None
-    return restored
 
 
 def _names(names, k: int = 4) -> str:
@@ -111,172 +114,186 @@ def _names(names, k: int = 4) -> str:
     return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
 
 
+def check_keys(ec: EvalConfig) -> None:
+    """This command's own keys (the rest are validated with the checkpoint's config: ``eval_config``)."""
+    check_choice("split", ec.split, SPLITS)
+    check_positive("batch_size", ec.batch_size)
+    check_positive("num_samples", ec.num_samples, allow_zero=True)
+    if not ec.checkpoint or ec.checkpoint == MISSING:
+        raise ConfigError("checkpoint", ec.checkpoint, CHECKPOINT_FIX)
+
+
+def eval_config(ec: EvalConfig, trained: config_lib.Config, given: frozenset[str], data_preset: bool):
+    """What this evaluation runs, as one validated ``Config``: the checkpoint's own (its model's real schema), with
+    this command's hardware and logger, and its data: ``data=<preset>`` (``data_preset``), or the checkpoint's
+    data config with the ``data.<key>`` in ``given`` taken from ``ec.data``. ``logger.project``/``.entity``/
+    ``.group`` follow the training run unless in ``given``."""
+    train_dict, mine = config_lib.to_dict(trained), config_lib.to_dict(ec.data)
+    data = mine if data_preset else copy.deepcopy(train_dict["data"])
+    if not data_preset:
+        for key in (k for k in given if k.startswith("data.")):
+            node, src, parts = data, mine, key.split(".")[1:]
+            for part in parts[:-1]:
+                node[part] = dict(node.get(part) or {})
+                node, src = node[part], src[part]
+            node[parts[-1]] = src[parts[-1]]
+    logger = {**config_lib.to_dict(ec.logger), **{k: train_dict["logger"][k] for k in ("project", "entity", "group")
+                                                  if f"logger.{k}" not in given}}
+    return config_lib.from_dict({**train_dict, "data": data, "hardware": config_lib.to_dict(ec.hardware),
+                                 "logger": logger})
+
+
+def check_fits(ds, in_shape: tuple, cfg: config_lib.Config, ck) -> tuple[str, ...]:
+    """The data must be what the checkpoint's model takes (its input shape and classes): its class names."""
+    trained_on, shape, classes = ck.config.data.name, tuple(ck.data["shape"]), tuple(ck.data["class_names"])
+    if in_shape != shape or tuple(ds.class_names) != classes:
+        raise ConfigError(
+            "data", cfg.data.name,
+            f"its images are {'x'.join(map(str, in_shape))} with {ds.num_classes} classes ({_names(ds.class_names)}), "
+            f"but the checkpoint's model was trained on {trained_on}: {'x'.join(map(str, shape))} images, "
+            f"{len(classes)} classes ({_names(classes)}). Leave data= out to evaluate on {trained_on}, or give a data "
+            f"set with the same image shape and classes")
+    return classes
+
+
 # ---------------------------------------------------------------------------------------- main
 def evaluate_checkpoint(ec: EvalConfig, run_dir: str | Path, *, given: frozenset[str] = frozenset(),
                         data_preset: bool = False) -> dict:
     """Evaluate ``ec.checkpoint``; write ``eval.json`` and media into ``run_dir``; return the report.
 
-    ``data_preset``: ``ec.data`` was chosen (``data=<preset>``) and replaces the checkpoint's data config;
-    otherwise the checkpoint's data config is used with the keys in ``given`` (``data.<key>``) taken from
-    ``ec.data``. ``logger.project``/``.entity``/``.group`` follow the training run unless in ``given``."""
+    Built as training builds its evaluation (``train.build``): the devices and mesh, the data and its feed, the
+    checkpoint's model and its training run's eval step. ``data_preset``, ``given``: see ``eval_config``."""
+    check_keys(ec)
     # JAX starts here, not when this module is imported: the command line sets XLA_FLAGS (hardware.*) first.
-    import jax
-    from flax import nnx
-
-    from . import parallel
-    from .tracking import Tracker, media, run_metadata
-    from .train import evaluation
-    from .train import steps as steps_lib
-    from .train.assembly import compute_dtype
-    from .data.load import load_data
-    from .train.feeds import Normalize, input_shape, make_feed
+    from .train import build, evaluation
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ec.split not in SPLITS:
-        raise ConfigError("split", ec.split, f"choose one of {', '.join(SPLITS)}")
-    if ec.batch_size <= 0:
-        raise ConfigError("batch_size", ec.batch_size, "must be > 0")
-    if ec.num_samples < 0:
-        raise ConfigError("num_samples", ec.num_samples, "must be >= 0")
-    if not ec.checkpoint or ec.checkpoint == MISSING:
-        raise ConfigError("checkpoint", ec.checkpoint, CHECKPOINT_FIX)
-    hw = config_lib.to_run_config(config_lib.Config(model=config_lib.CNNConfig(), hardware=ec.hardware)).hardware
-    config_lib.validate(config_lib.Config(model=config_lib.CNNConfig(), logger=ec.logger))
 
-    # ---------------------------------------------------------------- devices and the model
-    parallel.initialize_distributed(hw.distributed, hw.platform)  # (auto: where several processes run)
-    devices = parallel.select_devices(hw.platform, hw.num_devices)
-    mesh = parallel.make_mesh(devices)
-    replicated = parallel.replicated(mesh)
-    is_main = jax.process_index() == 0
-
-    model, train_cfg, facts, step, meta, ckpt_dir = load_checkpoint(ec.checkpoint, sharding=replicated)
-    step_dir, train_dir = ckpt_dir / str(step), train_run_dir(ckpt_dir)
-    train_id = Tracker.run_ids_from_meta(meta).get("wandb")  # the training run's W&B run, if it had one
-    train_dict = config_lib.to_dict(train_cfg)
+    # ---------------------------------------------------------------- the checkpoint, the devices
+    build.join_processes(ec.hardware)  # (reading a checkpoint starts JAX's backend: the processes join first)
+    with reading_checkpoint(ec.checkpoint):
+        ck = build.read_checkpoint(ec.checkpoint)
+    cfg, train_cfg = eval_config(ec, ck.config, given, data_preset), ck.config
+    hw = build.hardware(cfg.hardware)
+    with reading_checkpoint(ec.checkpoint):
+        trained = build.restore_model(ck, hw.replicated)
 
     # ---------------------------------------------------------------- data
-    if data_preset:
-        data_dict = config_lib.to_dict(ec.data)
-    else:
-        data_dict = dict(train_dict["data"])
-        mine = config_lib.to_dict(ec.data)
-        for key in given:
-            if key.startswith("data."):
-                node, parts = data_dict, key.split(".")[1:]
-                src = mine
-                for p in parts[:-1]:
-                    node[p] = dict(node.get(p) or {})
-                    node, src = node[p], src[p]
-                node[parts[-1]] = src[parts[-1]]
-    data_cfg = config_lib.from_dict({**train_dict, "data": data_dict}).data  # validated
-    ds, streamed = load_data(data_cfg)
-    trained_on = train_cfg.data.name
-    shape, classes = tuple(facts["shape"]), tuple(facts["class_names"])
-    in_shape = input_shape(ds, data_cfg)  # (a built-in set resampled to data.image_size inside jit)
-    if in_shape != shape or tuple(ds.class_names) != classes:
-        what = "x".join(map(str, in_shape))
-        raise ConfigError(
-            "data", data_cfg.name,
-            f"its images are {what} with {ds.num_classes} classes ({_names(ds.class_names)}), but the "
-            f"checkpoint's model was trained on {trained_on}: {'x'.join(map(str, shape))} images, {len(classes)} "
-            f"classes ({_names(classes)}). Leave data= out to evaluate on {trained_on}, or give a data "
-            f"set with the same image shape and classes")
+    ds, streamed, in_shape = build.data(cfg.data)
+    classes = check_fits(ds, in_shape, cfg, ck)
     split = {"train": ds.train, "val": ds.val, "test": ds.test}[ec.split]
     if split is None or len(split.labels) == 0:
-        raise ConfigError("split", ec.split, f"{data_cfg.name} has no {ec.split} split here (data.val_size="
-                          f"{data_cfg.val_size}); use split=test, or set data.val_size > 0")
-    n = len(split.labels)
+        raise ConfigError("split", ec.split, f"{cfg.data.name} has no {ec.split} split here (data.val_size="
+                          f"{cfg.data.val_size}); use split=test, or set data.val_size > 0")
 
     # ---------------------------------------------------------------- the evaluation (the training run's own)
-    nd = len(devices)
+    nd = len(hw.devices)
     B = -(-ec.batch_size // nd) * nd
     if B != ec.batch_size:
         log.info("batch_size=%d rounded up to %d: a multiple of the %d devices", ec.batch_size, B, nd)
-    graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    feed = make_feed(ds, streamed, data_cfg, batch_size=B, mesh=mesh, train=False, eval_splits=(ec.split,),
-                     normalize=Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]),
-                                         compute_dtype(train_cfg)))
-    eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
-                                                 label_smoothing=train_cfg.optimizer.label_smoothing),
-                        out_shardings=replicated)
-    result = evaluation.run_split(eval_step, params, other, feed, ec.split, classes)
-    preds, confidence = result.preds.astype(np.int64), result.confidence.astype(np.float64)
-    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
-    sample_idx = np.arange(min(max(ec.num_samples, ec.logger.num_samples if ec.logger.media else 0), n))
-    probs = (np.asarray(predict(params, other, split.images[sample_idx])) if len(sample_idx)
+    facts = ck.data
+    feed = build.feed(ds, streamed, cfg.data, batch_size=B, mesh=hw.mesh, train=False, eval_splits=(ec.split,),
+                      normalize=build.normalize(facts["scale"], facts["mean"], facts["std"],
+                                                train_cfg.hardware.precision))
+    try:
+        eval_step = build.eval_step(trained.graphdef, feed, label_smoothing=train_cfg.optimizer.label_smoothing,
+                                    sharding=hw.replicated)
+        result = evaluation.run_split(eval_step, trained.params, trained.other, feed, ec.split, classes)
+    finally:
+        feed.close()
+    predict = build.predict_fn(trained.graphdef, feed.normalize, feed.size)
+    sample_idx = np.arange(min(max(ec.num_samples, cfg.logger.num_samples if cfg.logger.media else 0),
+                               len(split.labels)))
+    probs = (np.asarray(predict(trained.params, trained.other, split.images[sample_idx])) if len(sample_idx)
              else np.zeros((0, len(classes))))
 
-    # ---------------------------------------------------------------- report
-    cm, cal = result.confusion.astype(np.int64), result.calibration  # the eval step's counts, as in training
+    # ---------------------------------------------------------------- report, files and W&B
+    where = {"num_devices": nd, "platform": hw.devices[0].platform, "batch_size": B}
+    report = make_report(ec, cfg, ck, split, result, sample_idx, probs, where)
+    if hw.is_main:
+        for block in report_text(report, result):
+            log.info("%s", block)
+    record(run_dir, cfg, ck, report, result, split, sample_idx, probs, hw, trained)
+    return report
+
+
+def make_report(ec: EvalConfig, cfg, ck, split, result, sample_idx, probs, where: dict) -> dict:
+    """eval.json's content: what was evaluated, where, and every metric (the eval step's counts, as in training)."""
+    train_cfg, classes, s = ck.config, list(ck.data["class_names"]), ec.split
+    cm = result.confusion.astype(np.int64)
     per_class = {c: (None if np.isnan(a) else float(a)) for c, a in zip(classes, media.per_class_accuracy(cm))}
-    s = ec.split
-    metrics = result.scalars
-    acc, loss = metrics[f"{s}/acc"], metrics[f"{s}/loss"]
     samples = [{"index": int(i), "true": classes[int(split.labels[i])], "pred": classes[int(p.argmax())],
                 "confidence": float(p.max())} for i, p in zip(sample_idx[:ec.num_samples], probs[:ec.num_samples])]
-    report = {
-        "checkpoint": str(step_dir), "step": step, "train_run_dir": str(train_dir) if train_dir else None,
-        "train_wandb_run_id": train_id, "model": train_cfg.model.arch, "trained_on": trained_on,
-        "data": data_cfg.name, "split": s, "num_examples": n, "num_devices": nd, "platform": devices[0].platform,
-        "batch_size": B, "precision": train_cfg.hardware.precision,
+    train_dir = train_run_dir(ck.directory)
+    return {
+        "checkpoint": str(ck.path), "step": ck.step, "train_run_dir": str(train_dir) if train_dir else None,
+        "train_wandb_run_id": Tracker.run_ids_from_meta(ck.meta).get("wandb"),  # (the training run's, if it had one)
+        "model": train_cfg.model.arch, "trained_on": train_cfg.data.name, "data": cfg.data.name, "split": s,
+        "num_examples": len(split.labels), **where, "precision": train_cfg.hardware.precision,
         "label_smoothing": train_cfg.optimizer.label_smoothing,
-        **metrics, "per_class_acc": per_class, "class_names": list(classes), "confusion_matrix": cm.tolist(),
+        **result.scalars, "per_class_acc": per_class, "class_names": classes, "confusion_matrix": cm.tolist(),
         "samples": samples,
     }
 
-    text = [f"checkpoint {step_dir} (step {step}; {train_cfg.model.arch} trained on {trained_on})",
-            f"{data_cfg.name} {s}: {n} examples on {nd} x {devices[0].platform}, batch {B}",
-            f"{s}/acc {acc:.4f}  {s}/loss {loss:.4f}  {s}/ece {cal['ece']:.4f}",
-            confusion_text(cm, classes),
+
+def report_text(r: dict, result) -> list[str]:
+    """The report as the console shows it."""
+    s, per_class = r["split"], r["per_class_acc"]
+    text = [f"checkpoint {r['checkpoint']} (step {r['step']}; {r['model']} trained on {r['trained_on']})",
+            f"{r['data']} {s}: {r['num_examples']} examples on {r['num_devices']} x {r['platform']}, batch "
+            f"{r['batch_size']}",
+            f"{s}/acc {r[f'{s}/acc']:.4f}  {s}/loss {r[f'{s}/loss']:.4f}  {s}/ece {result.calibration['ece']:.4f}",
+            confusion_text(np.asarray(r["confusion_matrix"]), r["class_names"]),
             "per-class accuracy: " + "  ".join(f"{c} {a:.3f}" if a is not None else f"{c} -"
                                                for c, a in list(per_class.items())[:20])
             + ("  ..." if len(per_class) > 20 else "")]
-    if samples:
+    if r["samples"]:
         text.append("sample predictions (index: true -> predicted, confidence):")
-        text += [f"  {r['index']:>5}: {r['true']} -> {r['pred']} {r['confidence']:.3f}"
-                 + ("" if r["true"] == r["pred"] else "  x") for r in samples]
-    if is_main:
-        for block in text:
-            log.info("%s", block)
+        text += [f"  {x['index']:>5}: {x['true']} -> {x['pred']} {x['confidence']:.3f}"
+                 + ("" if x["true"] == x["pred"] else "  x") for x in r["samples"]]
+    return text
 
-    # ---------------------------------------------------------------- files and W&B
-    lg = ec.logger
-    changes = {k: getattr(train_cfg.logger, k) for k in ("project", "entity", "group") if f"logger.{k}" not in given}
-    lg = dataclasses.replace(lg, **changes)
+
+def record(run_dir: Path, cfg, ck, report: dict, result, split, sample_idx, probs, hw, trained) -> None:
+    """The evaluation's records: metrics.jsonl, media and eval.json in ``run_dir``, and a W&B run of job type
+    "eval" in the training run's project whose config links back to it."""
+    import jax  # (already started by the caller)
+
+    train_cfg, train_dict, lg, s = ck.config, config_lib.to_dict(ck.config), cfg.logger, report["split"]
+    train_id = report["train_wandb_run_id"]
     train_path = "/".join(x for x in (train_cfg.logger.entity, train_cfg.logger.project, train_id) if x) \
         if train_id else None
+    n_params = sum(x.size for x in jax.tree.leaves(trained.params))
     wandb_config = {
-        "job": "eval", "checkpoint": str(step_dir), "checkpoint_step": step,
-        "train_run_dir": str(train_dir) if train_dir else None, "train_wandb_run_id": train_id,
-        "train_wandb_run_path": train_path,
-        "split": s, "batch_size": B, "data": config_lib.to_dict(data_cfg),
-        "model": train_dict["model"], "train_config": train_dict, "hardware": config_lib.to_dict(hw),
-        "meta": run_metadata(run_dir, devices, sum(x.size for x in jax.tree.leaves(params))) if is_main else {},
+        "job": "eval", "checkpoint": report["checkpoint"], "checkpoint_step": ck.step,
+        "train_run_dir": report["train_run_dir"], "train_wandb_run_id": train_id, "train_wandb_run_path": train_path,
+        "split": s, "batch_size": report["batch_size"], "data": config_lib.to_dict(cfg.data),
+        "model": train_dict["model"], "train_config": train_dict, "hardware": config_lib.to_dict(cfg.hardware),
+        "meta": run_metadata(run_dir, hw.devices, n_params) if hw.is_main else {},
     }
-    name = lg.name or f"eval {train_cfg.model.arch}-{data_cfg.name} {s}" + (
-        f" (train {train_id})" if train_id else "")
-    tracker = Tracker(run_dir, wandb_config, lg, is_main=is_main, name=name[:128], job_type="eval")
+    name = lg.name or f"eval {train_cfg.model.arch}-{cfg.data.name} {s}" + (f" (train {train_id})" if train_id else "")
+    tracker = Tracker(run_dir, wandb_config, lg, is_main=hw.is_main, name=name[:128], job_type="eval")
+    metrics, classes = result.scalars, report["class_names"]
     exit_code = 1
     try:
-        tracker.log(metrics, step)
-        if lg.media and is_main:
+        tracker.log(metrics, ck.step)
+        if lg.media and hw.is_main:
             figures = tracker.log_eval(
-                s, step, labels=split.labels, preds=preds, confidence=confidence, class_names=classes,
-                images=split.images, sample={"index": sample_idx[:lg.num_samples], "probs": probs[:lg.num_samples]},
-                confusion=cm, cal=cal)
+                s, ck.step, labels=split.labels, preds=result.preds.astype(np.int64),
+                confidence=result.confidence.astype(np.float64), class_names=classes, images=split.images,
+                sample={"index": sample_idx[:lg.num_samples], "probs": probs[:lg.num_samples]},
+                confusion=result.confusion.astype(np.int64), cal=result.calibration)
             made = figures.result() if figures is not None else None
             if made:
                 report["media"] = {k: str(v) for k, v in made["files"].items()}
-        tracker.summary({**metrics, "num_examples": n, "checkpoint_step": step})
-        if is_main:
+        tracker.summary({**metrics, "num_examples": report["num_examples"], "checkpoint_step": ck.step})
+        if hw.is_main:
             write_text(run_dir / "eval.json", json.dumps(report, indent=2), "the evaluation report")
             log.info("wrote %s", run_dir / "eval.json")
         exit_code = 0
     finally:
         tracker.finish(exit_code)
-    return report
 
 
 def require_checkpoint(cfg) -> None:

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from . import models
 from .config import MISSING, HardwareConfig, ModelConfig
 from .config import register_configs as register_training_configs
 from .errors import ConfigError, UserError, check_positive, exit_on_user_error, write_text, writing
-from .evaluate import CHECKPOINT_FIX, load_checkpoint, quiet_libraries
+from .evaluate import CHECKPOINT_FIX, quiet_libraries, reading_checkpoint
 from .host_devices import configure_host_devices
 
 log = logging.getLogger("vision_train")
@@ -97,8 +99,6 @@ def expand_inputs(inputs) -> list[Path]:
 
 def read_image(path: Path, height: int, width: int, channels: int) -> tuple[np.ndarray, dict]:
     """An image file -> (H, W, C) uint8 at the model's size and channel count, and what was done to it."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.exists():
         raise Unreadable("no such file")
     if not path.is_file():
@@ -150,7 +150,7 @@ class Classifier:
     graphdef: Any
     params: Any
     other: Any
-    normalize: Any          # feeds.Normalize
+    normalize: Any          # train.build.normalize's: stored values -> the model's input
     shape: tuple            # (H, W, C) the model takes
     classes: list
     about: dict             # the JSON's description of the model
@@ -159,12 +159,13 @@ class Classifier:
 
 def _from_checkpoint(pc: PredictConfig, device) -> Classifier:
     import jax  # (after the command line set XLA_FLAGS)
-    from flax import nnx
 
-    from .train.assembly import compute_dtype
-    from .train.feeds import Normalize
+    from .train import build
 
-    model, cfg, facts, step, _, ckpt_dir = load_checkpoint(pc.checkpoint, jax.sharding.SingleDeviceSharding(device))
+    with reading_checkpoint(pc.checkpoint):
+        ck = build.read_checkpoint(pc.checkpoint)
+        trained = build.restore_model(ck, jax.sharding.SingleDeviceSharding(device))
+    cfg, facts = ck.config, ck.data
     h, w, c = facts["shape"]
     if c not in (1, 3) or facts["scale"] == 1.0:
         raise ConfigError("checkpoint", pc.checkpoint,
@@ -172,11 +173,10 @@ def _from_checkpoint(pc: PredictConfig, device) -> Classifier:
                           f"predict works with image models (trained on 1- or 3-channel image data)")
     if pc.class_names:
         raise ConfigError("class_names", pc.class_names, "is for weights=; a checkpoint has its own class names")
-    graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    return Classifier(graphdef, params, other,
-                      Normalize(facts["scale"], tuple(facts["mean"]), tuple(facts["std"]), compute_dtype(cfg)),
+    return Classifier(trained.graphdef, trained.params, trained.other,
+                      build.normalize(facts["scale"], facts["mean"], facts["std"], cfg.hardware.precision),
                       (h, w, c), list(facts["class_names"]),
-                      {"checkpoint": str(ckpt_dir / str(step)), "step": step, "model": cfg.model.arch,
+                      {"checkpoint": str(ck.path), "step": ck.step, "model": cfg.model.arch,
                        "trained_on": cfg.data.name}, "the size the model was trained on")
 
 
@@ -193,12 +193,10 @@ def _file_head(source: str) -> tuple[int | None, int]:
 
 def _from_weights(pc: PredictConfig, device) -> Classifier:
     import jax  # (after the command line set XLA_FLAGS)
-    import jax.numpy as jnp
     from flax import nnx
 
-    from . import models
     from .models import pretrained
-    from .train.feeds import Normalize
+    from .train import build
 
     m = pc.model
     if not isinstance(m, ModelConfig):
@@ -226,7 +224,7 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         if e.key == pretrained.KEY:
             raise ConfigError("weights", e.value, e.fix.replace("data.image_size", "image_size")) from None
         raise
-    dtype = jnp.bfloat16 if pc.hardware.precision == "bfloat16" else jnp.float32
+    dtype = build.compute_dtype(pc.hardware.precision)
     with jax.default_device(device):
         model = models.build(m, shape, k, rngs=nnx.Rngs(0), dtype=dtype, data=f"the {pc.image_size}x{pc.image_size} "
                              f"images (image_size)")
@@ -234,7 +232,7 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         params = pretrained.merge(params, pre)
     log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
              pre.info["head"], pre.info["posemb"])
-    return Classifier(graphdef, params, other, Normalize(1 / 255, tuple(pc.mean), tuple(pc.std), dtype), shape,
+    return Classifier(graphdef, params, other, build.normalize(1 / 255, pc.mean, pc.std, pc.hardware.precision), shape,
                       names, {"weights": pre.info["path"], "sha256": pre.info["sha256"], "format": pre.info["format"],
                               "model": m.arch, "mean": list(pc.mean), "std": list(pc.std)},
                       "the model's input size (image_size)")
@@ -272,7 +270,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     import jax
 
     from . import parallel
-    from .train.steps import make_predict
+    from .train import build
 
     device = parallel.select_devices(pc.hardware.platform, 0)[0]  # one device is plenty
     source = _from_weights(pc, device) if pc.weights else _from_checkpoint(pc, device)
@@ -303,7 +301,7 @@ def predict(pc: PredictConfig, run_dir: str | Path) -> dict:
     rows = []
     if images:
         params, other = source.params, source.other
-        forward = jax.jit(make_predict(source.graphdef, source.normalize))
+        forward = build.predict_fn(source.graphdef, source.normalize)
         x = np.stack(images)
         B = min(pc.batch_size, len(x))  # one shape: the last chunk is padded
         probs = []

@@ -25,15 +25,15 @@ from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import models, parallel, perf, records
 from ..data import pipeline, sources
-from ..data.load import load_data
 from ..errors import ConfigError, writing
 from ..fate import Fate
 from ..models import pretrained
 from ..rng import stream
 from ..tracking import Tracker, default_run_name, run_metadata
+from . import build
 from . import state as state_lib
 from . import steps as steps_lib
-from .feeds import Feed, Normalize, input_shape, make_feed
+from .feeds import Feed
 
 log = logging.getLogger("vision_train")
 
@@ -121,10 +121,6 @@ def check_run_dir(cfg, run_dir: Path) -> None:
                           "trainer.checkpoint=false")
 
 
-def compute_dtype(cfg):
-    return jnp.bfloat16 if cfg.hardware.precision == "bfloat16" else jnp.float32
-
-
 def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fate) -> Run:
     """Build the run whose fate (new, resume, branch: never finished) was decided before (``vision_train.fate``)."""
     t_start = time.time()
@@ -132,7 +128,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- hardware
-    devices = parallel.select_devices(cfg.hardware.platform, cfg.hardware.num_devices)
+    hw = build.hardware(cfg.hardware)
+    devices, mesh, replicated, is_main = hw.devices, hw.mesh, hw.replicated, hw.is_main
     parallel.check_batch_divisible(t.batch_size, len(devices))
     micro = t.batch_size // t.grad_accum_steps
     if micro % len(devices):
@@ -140,12 +137,9 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
         raise ConfigError("trainer.grad_accum_steps", t.grad_accum_steps,
                           f"its micro-batches of {micro} examples do not divide evenly across the {len(devices)} "
                           f"devices; use trainer.grad_accum_steps={' or '.join(map(str, fits[-3:]))}")
-    mesh = parallel.make_mesh(devices)
-    replicated = parallel.replicated(mesh)
-    is_main = jax.process_index() == 0
 
     # ---------------------------------------------------------------- data
-    ds, streamed = load_data(cfg.data)
+    ds, streamed, in_shape = build.data(cfg.data)  # (in_shape: built-in sets resampled to data.image_size in jit)
     cfg = config_lib.with_data(cfg, has_val=ds.val is not None)  # (auto metrics where only the data could tell)
     t = cfg.trainer
     if line := config_lib.objective_line(cfg):
@@ -159,10 +153,9 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     aug = pipeline.Augment(a.flip, a.random_resized_crop, tuple(a.crop_scale), tuple(a.crop_ratio), a.pad_crop)
     if aug.enabled and ds.train.images.dtype != np.uint8:
         raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
-    dtype = compute_dtype(cfg)
-    in_shape = input_shape(ds, cfg.data)  # the model's input (built-in sets resampled to data.image_size in jit)
-    feed = make_feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
-                     normalize=Normalize(ds.scale, ds.mean, ds.std, dtype))
+    dtype = build.compute_dtype(cfg.hardware.precision)
+    feed = build.feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
+                      normalize=build.normalize(ds.scale, ds.mean, ds.std, cfg.hardware.precision))
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
     perf.check_profile_steps(t.profile_steps, total_steps)
@@ -216,10 +209,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,
         ema_decay=t.ema_decay, lr_shape=shape), donate_argnums=(0, 1))
-    eval_step = jax.jit(steps_lib.make_eval_step(graphdef, feed.eval_batches, feed.eval_batch,
-                                                 label_smoothing=o.label_smoothing),
-                        out_shardings=replicated)  # (fetchable from any process)
-    predict = jax.jit(steps_lib.make_predict(graphdef, feed.normalize, feed.size))
+    eval_step = build.eval_step(graphdef, feed, label_smoothing=o.label_smoothing, sharding=replicated)
+    predict = build.predict_fn(graphdef, feed.normalize, feed.size)
     new_train_sums = lambda values=None: jax.device_put(steps_lib.new_train_sums(values), replicated)  # noqa: E731
 
     # ---------------------------------------------------------------- checkpoints, resume
