@@ -282,7 +282,7 @@ def bench_model(name: str, ctx: dict) -> dict:
     def fresh_state():
         return jax.device_put(jax.tree.map(jnp.copy, state0), replicated)  # own buffers (they get donated)
 
-    def fresh_acc():
+    def fresh_sums():
         return jax.device_put(steps_lib.new_train_sums(), replicated)
 
     def at_step(st, step):  # every repeat sees the same batches, augmentations and dropout masks
@@ -292,20 +292,20 @@ def bench_model(name: str, ctx: dict) -> dict:
     traces_before = steps_lib.TRACES["train_step"]
     x0, y0 = prepare(fresh_state(), feed.train_args(0))
     t0 = time.perf_counter()
-    compiled_alone = alone_step.lower(fresh_state(), fresh_acc(), x0, y0).compile()
+    compiled_alone = alone_step.lower(fresh_state(), fresh_sums(), x0, y0).compile()
     timings["compile_step_alone_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled_pipe = pipe_step.lower(fresh_state(), fresh_acc(), *feed.train_args(0)).compile()
+    compiled_pipe = pipe_step.lower(fresh_state(), fresh_sums(), *feed.train_args(0)).compile()
     timings["compile_pipeline_s"] = time.perf_counter() - t0
     flops_step, flops_pipe = flops_of(compiled_alone), flops_of(compiled_pipe)  # per device
     if noaug_step is not None:
-        noaug_step.lower(fresh_state(), fresh_acc(), *feed.train_args(0)).compile()
+        noaug_step.lower(fresh_state(), fresh_sums(), *feed.train_args(0)).compile()
 
     # ---- equivalence (and first warm-up call of each): one step from the same state agrees
     t0 = time.perf_counter()
-    sa, aa = jax.block_until_ready(pipe_step(fresh_state(), fresh_acc(), *feed.train_args(0)))
+    sa, aa = jax.block_until_ready(pipe_step(fresh_state(), fresh_sums(), *feed.train_args(0)))
     t1 = time.perf_counter()
-    sb, ab = jax.block_until_ready(alone_step(fresh_state(), fresh_acc(), x0, y0))
+    sb, ab = jax.block_until_ready(alone_step(fresh_state(), fresh_sums(), x0, y0))
     est = time.perf_counter() - t1  # rough step time, to size the timed loops
     est_pipe = t1 - t0
     aa, ab = jax.device_get((aa, ab))
@@ -332,9 +332,9 @@ def bench_model(name: str, ctx: dict) -> dict:
         raise ValueError(f"steps x batch = {steps * B} exceeds the {ctx['n_examples']} examples (--num-examples)")
 
     # ---- warm up every side (beyond the check's first call)
-    runs = {"pipeline": [fresh_state(), fresh_acc()], "alone": [fresh_state(), fresh_acc()]}
+    runs = {"pipeline": [fresh_state(), fresh_sums()], "alone": [fresh_state(), fresh_sums()]}
     if noaug_step is not None:
-        runs["noaug"] = [fresh_state(), fresh_acc()]
+        runs["noaug"] = [fresh_state(), fresh_sums()]
     for i in range(max(warmup, 1 if noaug_step is not None else 0)):
         if i >= warmup:  # only the no-augment side still needs its first call
             runs["noaug"] = list(noaug_step(*runs["noaug"], *feed.train_args(i)))

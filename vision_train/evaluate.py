@@ -166,6 +166,7 @@ def evaluate_checkpoint(ec: EvalConfig, run_dir: str | Path, *, given: frozenset
     check_keys(ec)
     # JAX starts here, not when this module is imported: the command line sets XLA_FLAGS (hardware.*) first.
     from .train import build, evaluation
+    from .train.state import param_count
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ def evaluate_checkpoint(ec: EvalConfig, run_dir: str | Path, *, given: frozenset
     if hw.is_main:
         for block in report_text(report, result):
             log.info("%s", block)
-    record(run_dir, cfg, ck, report, result, split, sample_idx, probs, hw, trained)
+    record(run_dir, cfg, ck, report, result, split, sample_idx, probs, hw, param_count(trained.params))
     return report
 
 
@@ -255,16 +256,13 @@ def report_text(r: dict, result) -> list[str]:
     return text
 
 
-def record(run_dir: Path, cfg, ck, report: dict, result, split, sample_idx, probs, hw, trained) -> None:
+def record(run_dir: Path, cfg, ck, report: dict, result, split, sample_idx, probs, hw, n_params: int) -> None:
     """The evaluation's records: metrics.jsonl, media and eval.json in ``run_dir``, and a W&B run of job type
     "eval" in the training run's project whose config links back to it."""
-    import jax  # (already started by the caller)
-
     train_cfg, train_dict, lg, s = ck.config, config_lib.to_dict(ck.config), cfg.logger, report["split"]
     train_id = report["train_wandb_run_id"]
     train_path = "/".join(x for x in (train_cfg.logger.entity, train_cfg.logger.project, train_id) if x) \
         if train_id else None
-    n_params = sum(x.size for x in jax.tree.leaves(trained.params))
     wandb_config = {
         "job": "eval", "checkpoint": report["checkpoint"], "checkpoint_step": ck.step,
         "train_run_dir": report["train_run_dir"], "train_wandb_run_id": train_id, "train_wandb_run_path": train_path,

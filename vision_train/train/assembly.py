@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml  # (PyYAML: a dependency of Hydra's OmegaConf, installed with it)
 from flax import nnx
 
 from .. import checkpoint as ckpt_lib
@@ -220,32 +222,15 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
         moved = records.set_aside_run(run_dir)  # nothing an earlier run wrote is overwritten or deleted
         if moved:
             log.info("trainer.resume=never: the earlier run's files were moved to %s", moved)
-    source = (fate.source, fate.step) if fate.resuming else None
     own = fate.kind == "resume"
     if own and fate.step is not None and is_main:
         _set_aside_after(run_dir, ckpt_dir, fate.step)  # resuming from an earlier step of this run
     checkpointer = (ckpt_lib.Checkpointer(ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
                                           best_mode=t.best_mode) if t.checkpoint else None)
-    train_sums = new_train_sums()
-    meta: dict = {}
-    parent = None
-    if source is not None:
-        src_dir, src_step = source
-        reader = checkpointer if (checkpointer and own) else \
-            ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
-        src_step = reader.resolve_step(src_step)
-        ckpt_lib.check_compatible(reader.read_meta(src_step), shapes, src_dir / str(src_step))
-        state, train_sums, meta = _restore(reader, src_step, state, train_sums, replicated)
-        # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
-        state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, replicated))
-        if train_sums is None:  # the running sums, kept in the loop state (earlier checkpoints: as arrays)
-            train_sums = new_train_sums(LoopState.from_meta(meta.get("loop")).train_sums)
-        log.info("resumed from %s at step %d", src_dir / str(src_step), src_step)
-        if not own:  # another run's checkpoint: this is a new run (new tracking runs) that names its parent
-            parent = {"checkpoint": str(src_dir / str(src_step)), "step": src_step,
-                      "run_dir": str(src_dir.parent) if src_dir.name == "checkpoints" else None,
-                      **Tracker.parent_ids(meta)}
-            meta = {"loop": meta.get("loop", {})}
+    train_sums, meta, parent = new_train_sums(), {}, None
+    if fate.resuming:
+        state, train_sums, meta, parent = _resume(fate, checkpointer, state, shapes, hparams, new_train_sums,
+                                                  replicated)
     start_step = int(jax.device_get(state.step))
     saved_feed = meta.get("feed") or {}
     if saved_feed.get("next_step") not in (None, start_step):  # (a streamed run's pipeline position)
@@ -268,7 +253,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     if is_main:
         run_meta.update(flops_per_example=flops, peak_tflops=peak)
     resume = ({"step": start_step, "rows": meta.get("loop", {}).get("rows") if own else None,
-               "sinks": Tracker.resume_from_meta(meta) if own else None} if source is not None else None)
+               "sinks": Tracker.resume_from_meta(meta) if own else None} if fate.resuming else None)
     tracker = Tracker(run_dir, {**resolved, "meta": run_meta}, cfg.logger, is_main=is_main,
                       name=default_run_name(cfg, run_dir), resume=resume)
     log.info("%s: %s parameters | %s: train %d, val %d, test %d, %s | %d x %s | batch %d, %d steps/epoch, %d epochs",
@@ -283,6 +268,28 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
                resolved=resolved, shapes=shapes, n_params=n_params, start_step=start_step, total_steps=total_steps,
                steps_per_epoch=steps_per_epoch, started_at=started_at, t_start=t_start, own_resume=own,
                flops_per_example=flops, peak_tflops=peak)
+
+
+def _resume(fate: Fate, checkpointer, state, shapes: dict, hparams: dict, new_train_sums: Callable, sharding):
+    """The checkpoint ``fate`` resumes (this run's) or branches from (another run's), restored onto this run's
+    state: (state, train sums, its metadata, the parent run a branch names or None). A branch is a new run (new
+    tracking runs): of the metadata it keeps the loop state only."""
+    own = fate.kind == "resume"
+    src_dir = fate.source
+    reader = checkpointer if (checkpointer and own) else ckpt_lib.Checkpointer(src_dir, best_metric=None, read_only=True)
+    step = reader.resolve_step(fate.step)
+    ckpt_lib.check_compatible(reader.read_meta(step), shapes, src_dir / str(step))
+    state, train_sums, meta = _restore(reader, step, state, new_train_sums(), sharding)
+    # The optimizer's numbers come from this run's config, not the checkpoint's (they live in the state).
+    state = state.replace(opt_state=state_lib.set_hyperparameters(state.opt_state, hparams, sharding))
+    if train_sums is None:  # the running sums, kept in the loop state (earlier checkpoints: as arrays)
+        train_sums = new_train_sums(LoopState.from_meta(meta.get("loop")).train_sums)
+    log.info("resumed from %s at step %d", src_dir / str(step), step)
+    if own:
+        return state, train_sums, meta, None
+    parent = {"checkpoint": str(src_dir / str(step)), "step": step,
+              "run_dir": str(src_dir.parent) if src_dir.name == "checkpoints" else None, **Tracker.parent_ids(meta)}
+    return state, train_sums, {"loop": meta.get("loop", {})}, parent
 
 
 def _restore(reader, step: int, state, train_sums, sharding):
@@ -335,8 +342,6 @@ def _set_aside_after(run_dir: Path, ckpt_dir: Path, step: int) -> None:
 def _versions_note(versions: dict) -> str:
     """config.yaml's record of the packages a run ran with (W&B's config has them too), as comments: its keys
     are compared with a re-run's (vision_train.fate), and other versions are no reason to refuse one."""
-    import platform
-
     return "".join(f"# version {name}=={v}\n" for name, v in {"python": platform.python_version(), **versions}.items())
 
 
@@ -349,7 +354,5 @@ def _pretrained_note(info: dict | None) -> str:
 
 
 def _write_yaml(path: Path, data: dict, header: str = "") -> None:
-    import yaml  # (PyYAML: a dependency of Hydra's OmegaConf, installed with it)
-
     with writing(path, "the run's config"):  # (a full disk: one line)
         path.write_text(header + yaml.safe_dump(data, sort_keys=False))
