@@ -61,3 +61,28 @@ def run_cli(args, cwd, timeout=600, env=None):
     full_env["XLA_FLAGS"] = FAST_COMPILE  # the CLI sets its own device count from hardware.*
     return subprocess.run([sys.executable, "-m", "vision_train", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+SLURM_SCRIPT = os.path.join(REPO, ".ci", "slurm.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The one-node SLURM cluster of .ci/slurm.sh (slurmctld and slurmd on this host; .ci/run starts it before
+    pytest). Started here where it is not running and this process may (root); the tests that need it skip,
+    with one line, only where it cannot start. Returns the node's name."""
+    import shutil as _shutil
+
+    ok = _shutil.which("sinfo") is not None and subprocess.run(
+        ["bash", SLURM_SCRIPT, "--check"], capture_output=True, timeout=60).returncode == 0
+    why = "no sinfo (Debian's slurm-wlm is not installed)"
+    if not ok and os.geteuid() == 0:
+        r = subprocess.run(["bash", SLURM_SCRIPT], capture_output=True, text=True, timeout=900)
+        ok = r.returncode == 0
+        why = ((r.stderr or r.stdout).strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+    elif not ok:
+        why = "the cluster is not running and only root can start it (.ci/slurm.sh)"
+    if not ok:
+        pytest.skip(f"no SLURM cluster here: {why}")
+    return subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, timeout=30).stdout.split()[0]

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # first thing: Ctrl-C or SIGTERM from here on stops 
 
 import logging  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -169,9 +170,15 @@ class Job:
         if isinstance(e, Preempted):  # checkpoint saved; a re-run (or submitit's requeue) resumes
             self.record("interrupted", error=str(e))
             log.error("error: %s", e)
-            if e.requeue is not None:
-                e.requeue(e.signum, None)  # submitit: requeue this job and exit
-            if self.multirun and "submitit" in str(self.hc.launcher.get("_target_", "")):
+            submitit = self.multirun and "submitit" in str(self.hc.launcher.get("_target_", ""))
+            if e.requeue is not None and not (submitit and e.signum == signal.SIGTERM):
+                e.requeue(e.signum, None)  # submitit (SIGUSR2, before the time limit): task 0 requeues the job, exits
+            if submitit and e.signum == signal.SIGTERM:
+                # SLURM itself takes the job away (scontrol requeue, preemption, scancel, the time limit) and
+                # requeues it or not: no `scontrol requeue` here (it fails on a job being requeued), and no result
+                # for the launcher (SystemExit, as submitit's own requeue), which waits for the requeued attempt
+                sys.exit(-1)
+            if submitit:
                 return None  # one SLURM job preempted: the others go on, the table says "interrupted"
             interrupts.stop(e.signum)  # Ctrl-C: 130, SIGTERM: 143; the sweep stops too
         message = str(e)

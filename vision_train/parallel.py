@@ -13,6 +13,7 @@ import logging
 import os
 import selectors
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -74,6 +75,8 @@ def initialize_distributed(setting="auto", platform: str = "auto") -> bool:
             kwargs["local_device_ids"] = ids
     if platform == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+    real_service = _dist._jax.get_distributed_runtime_service
+    _dist._jax.get_distributed_runtime_service = _ServiceProcess  # (called on process 0 only)
     try:
         jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, **kwargs)
     except ValueError as e:
@@ -83,8 +86,73 @@ def initialize_distributed(setting="auto", platform: str = "auto") -> bool:
                               "unset: start the processes with srun or mpirun, or set JAX_COORDINATOR_ADDRESS, "
                               "JAX_NUM_PROCESSES and JAX_PROCESS_ID; or use hardware.distributed=auto") from None
         raise
+    finally:
+        _dist._jax.get_distributed_runtime_service = real_service
     _Run.start(found)
     return True
+
+
+# JAX's coordination service, which process 0 would host itself, runs in a small process of its own beside it
+# (jaxlib only), which outlives process 0 by this long: when process 0 dies the others' JAX clients would end their
+# processes at once on losing the service ("Terminating process because the JAX distributed service detected fatal
+# errors", naming no process); with the service still there, the lifeline says which process was lost first.
+# A process 0 that leaves normally says "bye" first: its service then ends with it (a requeued SLURM job, whose
+# coordinator port is its job id's, binds it again at once).
+SERVICE_GRACE_S = 10
+_SERVICE = r"""
+import os, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # (Ctrl-C and SLURM's signals are for the training processes)
+import jaxlib._jax as _jax
+address, n, heartbeat, shutdown, grace = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+service = _jax.get_distributed_runtime_service(address, n, heartbeat_timeout=heartbeat, shutdown_timeout=shutdown)
+print("ready", flush=True)
+bye = False
+for line in sys.stdin.buffer:  # until process 0 has ended (its end of the pipe closed)
+    bye = bye or line.strip() == b"bye"
+if not bye:  # process 0 was lost: the others are saying so
+    time.sleep(grace)
+os._exit(0)
+"""
+
+
+class _ServiceProcess:
+    """Stands in for ``jaxlib._jax.get_distributed_runtime_service`` in ``jax.distributed.initialize``: the
+    service in its own process (``_SERVICE``), bound to the same address."""
+
+    def __init__(self, address, num_nodes, heartbeat_timeout=None, shutdown_timeout=None, **_):
+        args = [address, str(num_nodes), str(heartbeat_timeout or HEARTBEAT_TIMEOUT_S), str(shutdown_timeout or 300),
+                str(SERVICE_GRACE_S)]
+        # (its output through pipes of this process, not this process's own stdout/stderr: whoever reads those is
+        # not kept waiting by a process that outlives this one)
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVICE, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        if self.proc.stdout.readline().strip() != b"ready":
+            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"JAX's coordination service did not start on {address} (exit status "
+                               f"{self.proc.wait()}): {err[-1] if err else 'no message'}")
+        threading.Thread(target=self._relay, name="vision_train-service-log", daemon=True).start()
+        atexit.register(self.bye)
+
+    def bye(self) -> None:
+        """Process 0 leaves normally: the service ends as soon as process 0 has (its own JAX client shuts down
+        last, at the interpreter's end, waiting at JAX's shutdown barrier for every other process)."""
+        try:
+            self.proc.stdin.write(b"bye\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _relay(self) -> None:
+        for line in self.proc.stderr:  # the service's own log lines (errors about lost processes)
+            sys.stderr.write(line.decode(errors="replace"))
+
+    def shutdown(self) -> None:  # (jax.distributed.shutdown(): after this process's client has shut down)
+        self.bye()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
 
 
 def _tpu_pod() -> bool:
@@ -112,6 +180,7 @@ class _Run:
         self.peers: dict[int, dict] = {}
         self.said_start = False
         self.lifeline: _Lifeline | None = None
+        self.proposed, self.stop_at, self.stop_signum = False, None, 0  # (agreed_stop)
 
     @classmethod
     def start(cls, found) -> None:
@@ -169,6 +238,38 @@ class _Run:
 
 
 LOST_EXIT = 1  # the exit status of a process ended because another was lost
+
+
+def agreed_stop(received: int, step: int, margin: int) -> int:
+    """The signal to stop on after step ``step`` (0: go on). One process: the one it received. Several: SLURM
+    signals every task at once, but each process's loop may be a few steps ahead of another's (it waits for the
+    devices only when a hook is due), so each stopping after its current step would stop them after different
+    steps, and the checkpoint save, which every process takes part in, would wait for ever. The first process to
+    receive a signal proposes ``step + margin`` (margin: more than the steps between two of the loop's waits, so
+    no process is past it yet) in JAX's key-value store; the first proposal stands, every process reads it after
+    each step and stops after that step."""
+    run = _Run.current
+    if run is None or run.count < 2 or run.client is None:
+        return received
+    if run.stop_at is None:
+        if received and not run.proposed:
+            run.proposed = True
+            try:
+                run.client.key_value_set(f"{_KV}/stop_at", f"{step + margin} {received}")  # (fails if one stands)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            value = run.client.key_value_try_get(f"{_KV}/stop_at")
+        except Exception:  # noqa: BLE001 (none yet)
+            value = None
+        if value:
+            at, signum = (int(v) for v in value.split())
+            run.stop_at, run.stop_signum = at, signum
+            if step > at:  # (cannot happen while margin holds)
+                log.warning("the processes agreed to stop after step %d; this one is past it (step %d)", at, step)
+    if run.stop_at is not None and step >= run.stop_at:
+        return run.stop_signum
+    return 0
 
 
 def _launcher_name(found, index: int) -> str | None:
@@ -293,7 +394,7 @@ class _Lifeline:
 def _read_line(conn: socket.socket) -> str:
     data = b""
     while not data.endswith(b"\n"):
-        chunk = conn.recv(64)
+        chunk = conn.recv(1)  # (a byte at a time: what follows the line, its pings, stays for the watcher)
         if not chunk:
             raise ConnectionError("the lifeline closed before the process said its index")
         data += chunk

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from .. import config as config_lib
-from .. import perf
+from .. import parallel, perf
 from ..errors import Preempted, TrainingError
 from . import evaluation
 
@@ -346,7 +346,8 @@ class StopOnSignal:
     preemption) does too, and submitit's own handler for it, which requeues the job, is handed on."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum = 0    # the signal the run stops on: in a run of several processes, after the same step in each
+        self.received = 0  # the signal this process received
         self._old = {}
         self.requeue = None
         if threading.current_thread() is threading.main_thread():
@@ -356,12 +357,18 @@ class StopOnSignal:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum:
+        if self.received:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             return  # SLURM sends SIGUSR2 and SIGTERM on preemption: the save already asked for goes on
-        self.signum = signum
+        self.received = signum
         log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
+
+    def agree(self, step: int, run) -> None:
+        """After step ``step``, before its hooks: one process stops now; several stop after the same step, a few
+        steps on (``parallel.agreed_stop``: within the steps between two of the loop's waits for the devices)."""
+        margin = min(run.cfg.trainer.log_every_steps, run.steps_per_epoch) + 2
+        self.signum = parallel.agreed_stop(self.received, step, margin)
 
     def restore(self):
         for sig, handler in self._old.items():

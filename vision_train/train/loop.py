@@ -101,6 +101,7 @@ class Loop:
     def after_step(self, step: int) -> None:
         """After step ``step`` (1-based: the step just taken): the hooks due now, after the device is done."""
         run = self.run
+        self.stop.agree(step, run)  # (a signal: the step to stop after, the same in every process of the run)
         self.progress.update()
         self.chrono.images += run.cfg.trainer.batch_size
         if step == run.start_step + 1:  # leave compilation out of images/s (one extra sync, once per run)
