@@ -188,21 +188,27 @@ def test_a_task_killed_9_ends_every_task_and_the_same_command_resumes_exactly(tm
     assert_same_records(by_step(run_dir), uninterrupted, exact=True)
 
 
-@pytest.mark.slow  # (about 2 minutes)
-def test_a_job_requeued_by_scontrol_resumes_exactly(tmp_path, uninterrupted):
-    """A sweep's job of two tasks (hydra/launcher=slurm_cpu) is requeued with ``scontrol requeue`` mid-run: SLURM
-    sends SIGTERM, the run saves a checkpoint and stops, SLURM runs the job again, and it resumes: the sweep's
-    table says finished, the records are the uninterrupted run's, exactly."""
-    sweep_dir = tmp_path / "sweep"
+@pytest.mark.slow  # (40-70 s each)
+@pytest.mark.parametrize("how", ["scontrol_requeue", "time_limit_sigusr2"])
+def test_a_requeued_job_resumes_exactly(tmp_path, uninterrupted, how):
+    """A sweep's job of two tasks (hydra/launcher=slurm_cpu) is requeued mid-run, by ``scontrol requeue`` (SLURM
+    sends SIGTERM and requeues the job itself), or by the signal SLURM sends before the time limit (SIGUSR2, as
+    ``scancel --signal=USR2``: what submitit's own tests send; submitit's handler in task 0 requeues the job): every
+    process stops after the same step and saves a checkpoint, SLURM runs the job again, it resumes. The sweep's
+    table says finished, and the records are the uninterrupted run's, exactly."""
+    sweep_dir, name = tmp_path / "sweep", f"vt-{how[:8]}-{os.getpid()}"
     launcher = subprocess.Popen([sys.executable, "-m", "vision_train", "-m", "hydra/launcher=slurm_cpu",
                                  "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=20",
-                                 f"hydra.launcher.name=vt-requeue-{os.getpid()}", *KILLED, "hardware.num_devices=2",
+                                 f"hydra.launcher.name={name}", *KILLED, "hardware.num_devices=2",
                                  f"hydra.sweep.dir={sweep_dir}"],
                                 cwd=tmp_path, env=env_for_runs(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
     ckpt = wait_for(str(sweep_dir / "*" / "checkpoints" / "10"), launcher)
-    job = job_id(f"vt-requeue-{os.getpid()}")
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    job = job_id(name)
+    if how == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    else:
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
     t0 = time.time()  # a requeued job waits (BeginTime, about 2 minutes here): start it now
     while time.time() - t0 < 120:
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout
@@ -214,7 +220,9 @@ def test_a_job_requeued_by_scontrol_resumes_exactly(tmp_path, uninterrupted):
     assert launcher.returncode == 0, out[-3000:]
     run_dir = ckpt.parent.parent
     log = (run_dir / "train.log").read_text()
-    assert "stopped by SIGTERM: checkpoint saved at step" in log, log[-3000:]
+    signame = "SIGTERM" if how == "scontrol_requeue" else "SIGUSR2"
+    saved = int(log.split(f"stopped by {signame}: checkpoint saved at step ")[1].split()[0])  # (both processes)
+    assert f"resumed from {run_dir / 'checkpoints' / str(saved)} at step {saved}" in log, log[-3000:]
     record = json.loads((run_dir / "job.json").read_text())
     assert record["status"] == "finished" and record["attempts"] == 2, record
     assert "1 finished" in out

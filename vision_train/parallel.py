@@ -101,8 +101,8 @@ def initialize_distributed(setting="auto", platform: str = "auto") -> bool:
 SERVICE_GRACE_S = 10
 _SERVICE = r"""
 import os, signal, sys, time
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)  # (Ctrl-C and SLURM's signals are for the training processes)
+for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPIPE"):
+    signal.signal(getattr(signal, s), signal.SIG_IGN)  # (Ctrl-C, SLURM's signals to the step: for the training processes)
 import jaxlib._jax as _jax
 address, n, heartbeat, shutdown, grace = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 service = _jax.get_distributed_runtime_service(address, n, heartbeat_timeout=heartbeat, shutdown_timeout=shutdown)
