@@ -63,7 +63,7 @@ BAD = [
     (["data=cifar10", "data.download=false", "data.root=nowhere"], "cifar-10-python.tar.gz"),
     (["trainer.best_metric=bogus"], "trainer.best_metric='bogus': choose one of auto, train/loss, train/acc, val/loss, "
                                     "val/acc, val_ema/loss, val_ema/acc (the metrics of the epoch line) or null"),
-    (["data=toy", "trainer.best_metric=val/acc"], "trainer.best_metric='val/acc': data.val_size=0 leaves toy no "
+    (["data=toy", "trainer.best_metric=val/acc"], "trainer.best_metric='val/acc': toy has no "
                                                   "validation split; use trainer.best_metric=train/loss, train/acc or null"),
     (["trainer.best_metric=val/loss", "trainer.best_mode=max"],
      "trainer.best_mode='max': trainer.best_metric=val/loss is better when smaller; set trainer.best_mode=min"),
