@@ -47,6 +47,7 @@ def test_experiment_presets_carry_the_seed_recipes():
         == ("mlp", 1, 10, 0.01, 32)
 
 
+@pytest.mark.fast
 def test_user_facing_names_are_stable():
     cfg = compose(["trainer.epochs=3", "trainer.batch_size=64", "trainer.seed=1", "optimizer.lr=0.1",
                    "model.patch_size=8", "data.root=/x", "hardware.num_devices=2", "hardware.precision=bfloat16",
@@ -56,6 +57,7 @@ def test_user_facing_names_are_stable():
         (3, 64, 1, 0.1, 8, "/x", 2, "bfloat16", "disabled")
 
 
+@pytest.mark.fast
 def test_run_config_is_frozen_and_plain():
     cfg = compose()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -89,6 +91,7 @@ def test_run_config_is_frozen_and_plain():
     ("data=toy trainer.objective=val/acc", "trainer.objective", "toy has no validation split; "),
     ("data=toy trainer.objective=best/val/acc", "trainer.objective", "use trainer.objective=test/loss, test/acc"),
 ])
+@pytest.mark.fast
 def test_impossible_values_name_key_value_and_fix(override, key, fix):
     with pytest.raises(ConfigError) as e:
         compose(override.split())
@@ -104,6 +107,7 @@ def test_impossible_values_name_key_value_and_fix(override, key, fix):
     (["+logger.finish_timeout=5"], "logger.finish_timeout", "project"),
     (["+seed=1"], "seed", "trainer"),
 ])
+@pytest.mark.fast
 def test_added_keys_the_schema_does_not_have_are_refused(overrides, key, valid):
     with pytest.raises(UnknownKey) as e:
         compose(overrides)
@@ -139,6 +143,7 @@ def _config_with(arch, key, value):
     return cfg
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_float_key_refuses_nan_and_inf_naming_the_key(arch, bad):
@@ -161,6 +166,7 @@ def test_every_float_key_refuses_nan_and_inf_naming_the_key(arch, bad):
     ("data.augment.crop_ratio=[0.5,inf]", "data.augment.crop_ratio"),
     ("+optimizer.lr_mults={head:inf}", "optimizer.lr_mults['head']"),
 ])
+@pytest.mark.fast
 def test_nan_and_inf_overrides_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         compose(override.split())
@@ -175,6 +181,7 @@ def test_cli_refuses_an_infinite_learning_rate_in_one_line(tmp_path):
     assert len(lines) == 1 and "optimizer.lr=inf" in lines[0] and "must be a finite number" in lines[0], lines
 
 
+@pytest.mark.fast
 def test_the_best_checkpoints_metric_and_direction_resolve_from_one_list():
     assert set(OBJECTIVES) | set(BEST_METRICS) <= set(METRICS)  # both keys check against the same metrics
     for overrides, metric, mode in (([], "val/acc", "max"), (["data=toy"], None, "auto"),

@@ -20,6 +20,7 @@ def _images(b=16, h=8, w=8, c=3, seed=0):
 
 
 # -------------------------------------------------------------------------------------- example order
+@pytest.mark.fast
 def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
     n = 100
     p = np.asarray(epoch_permutation(0, 0, n))
@@ -38,6 +39,7 @@ def test_epoch_permutation_under_jit_matches_eager():
     np.testing.assert_array_equal(np.asarray(f(4)), np.asarray(epoch_permutation(3, 4, 100)))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("n,b", [(100, 10), (100, 7), (100, 33), (100, 100)])
 def test_one_epoch_of_steps_sees_each_example_at_most_once(n, b):
     perm = np.asarray(epoch_permutation(11, 2, n))
@@ -47,6 +49,7 @@ def test_one_epoch_of_steps_sees_each_example_at_most_once(n, b):
     assert len(set(seen.tolist())) == len(seen) == steps * b
 
 
+@pytest.mark.fast
 def test_dropped_remainder_differs_between_epochs():
     """With n % B != 0 the examples an epoch leaves out change with the epoch, so none is left out for good."""
     n, b = 100, 30
@@ -57,6 +60,7 @@ def test_dropped_remainder_differs_between_epochs():
 
 
 # ---------------------------------------------------------------------------------------- eval batches
+@pytest.mark.fast
 @pytest.mark.parametrize("n,b", [(12, 4), (13, 4), (3, 8), (1, 1), (8, 8), (9, 8)])
 def test_eval_batches_cover_every_example_exactly_once(n, b):
     idx, mask = eval_batches(n, b)
@@ -68,6 +72,7 @@ def test_eval_batches_cover_every_example_exactly_once(n, b):
 
 
 # --------------------------------------------------------------------------------------- augmentation
+@pytest.mark.fast
 def test_augment_off_is_identity_as_float32():
     x = _images()
     out = augment(jnp.asarray(x), jax.random.key(0), Augment())
@@ -75,6 +80,7 @@ def test_augment_off_is_identity_as_float32():
     np.testing.assert_array_equal(np.asarray(out), x.astype(np.float32))
 
 
+@pytest.mark.fast
 def test_flip_only_mirrors_exactly():
     x = _images(b=32)
     out = np.asarray(_augment(jnp.asarray(x), jax.random.key(1), Augment(flip=True)))
@@ -96,6 +102,7 @@ def _shift(img, dy, dx):
     return out
 
 
+@pytest.mark.fast
 def test_pad_crop_is_an_integer_shift_with_zeros_entering():
     """The CIFAR recipe (flip + pad 2 and crop): each output is the image or its mirror image, shifted by whole
     pixels (at most the padding) with zeros -- not blurred or edge-replicated values -- filling the gap."""

@@ -88,6 +88,7 @@ def _dirname(overrides: list[str]) -> str:
     return ",".join(sorted(overrides))  # Hydra's override_dirname
 
 
+@pytest.mark.fast
 def test_job_directories_lead_with_what_the_sweep_varies():
     names = {lr: job_dir_name(_dirname([*SHARED, f"optimizer.lr={lr}"]), ["optimizer.lr"]) for lr in ("0.001", "0.0003")}
     for lr, name in names.items():
@@ -105,6 +106,7 @@ def test_job_directories_lead_with_what_the_sweep_varies():
     assert job_dir_name("") == "default"
 
 
+@pytest.mark.fast
 def test_a_job_finds_its_directory_named_in_another_order(tmp_path):
     """A grid grown along a key it did not sweep before moves that key forward in its jobs' names (and sweeps
     from before the swept keys led named them in sorted order): a job takes its earlier directory."""
@@ -125,6 +127,7 @@ def test_a_job_finds_its_directory_named_in_another_order(tmp_path):
     assert job_dir_name(long.replace("0.001", "0.003"), ["optimizer.lr"], tmp_path).startswith("optimizer.lr=0.003,")
 
 
+@pytest.mark.fast
 def test_the_swept_keys_come_from_the_sweep_overrides_and_the_search_space():
     task = ["data=digits", "model=cnn,mlp", "optimizer.lr=range(1,3)", "+trainer.ema_decay=choice(0.9,0.99)",
             "model.features=[32,64]", "data.root='a,b'", "trainer.seed=glob(*)"]
@@ -135,6 +138,7 @@ def test_the_swept_keys_come_from_the_sweep_overrides_and_the_search_space():
         "model.features", "model.hidden_dim", "optimizer.lr"]
 
 
+@pytest.mark.fast
 def test_the_best_job_of_a_sweep_of_one_is_named_by_its_overrides(tmp_path):
     sweep.write_record(tmp_path / "model=cnn,data=digits", status="finished", objective="test/acc", value=0.9,
                        overrides=["model=cnn", "data=digits", "logger.mode=offline"])
@@ -203,6 +207,7 @@ def test_rerun_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path):
     assert {row["status"] for row in table(sweep_dir)} == {"finished"}
 
 
+@pytest.mark.fast
 def test_rerun_refuses_a_finished_job_whose_config_changed(tmp_path):
     run_dir = tmp_path / "job"
     run_dir.mkdir()
@@ -215,6 +220,7 @@ def test_rerun_refuses_a_finished_job_whose_config_changed(tmp_path):
         decide({"optimizer": {"lr": 0.003}, "logger": {"mode": "offline"}}, "auto", run_dir, sweep=True)
 
 
+@pytest.mark.fast
 def test_the_best_job_follows_the_objectives_direction(tmp_path):
     for name, loss, status in (("a", 0.5, "finished"), ("b", 0.2, "finished"), ("c", None, "failed")):
         sweep.write_record(tmp_path / name, status=status, objective="test/loss", value=loss,
@@ -348,6 +354,7 @@ def test_optuna_direction_that_contradicts_the_objective_is_refused_before_any_t
     assert not list(sweep_dir.glob("*/job.json"))  # no trial ran
 
 
+@pytest.mark.fast
 def test_a_config_conflict_is_shown_as_such_and_keeps_the_earlier_result(tmp_path):
     run_dir = tmp_path / "job"
     run_dir.mkdir()
@@ -409,6 +416,7 @@ def test_slurm_sigusr2_saves_a_checkpoint_then_hands_over_to_submitits_requeue(t
     assert record["status"] == "interrupted" and "submitit requeues the job" in record["error"]
 
 
+@pytest.mark.fast
 def test_the_wandb_group_is_the_sweeps_name_never_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert sweep.group_name("multirun/2026-11-22/10-00-00") == "multirun/2026-11-22/10-00-00"
