@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from .fate import locate
 from .errors import DiskFull, UserError, disk_full_reason, one_line, remove_quietly
 
 log = logging.getLogger("vision_train")
@@ -74,15 +75,7 @@ def param_shapes(params) -> dict[str, list[int]]:
 
 def find(path: str | Path) -> tuple[Path, int | None]:
     """A run dir, its checkpoints dir, or one step's dir -> (checkpoints dir, step or None for the latest)."""
-    p = Path(path).expanduser().resolve()
-    if (p / "checkpoints").is_dir():
-        return p / "checkpoints", None
-    if p.name.isdigit() and p.parent.is_dir():
-        return p.parent, int(p.name)
-    if p.is_dir():
-        return p, None
-    raise CheckpointError(f"no checkpoint at {p}: give a run directory, its checkpoints/ directory, or one "
-                          f"step's directory inside it")
+    return locate(path)
 
 
 class Checkpointer:
