@@ -8,6 +8,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from vision_train.config import register_configs, to_run_config
+from vision_train.train.hooks import Hook
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
@@ -40,3 +41,15 @@ DIGITS_STEPS_PER_EPOCH = 1257 // 64
 # synthetic images, 700 training images at batch 32 (21 steps an epoch), a checkpoint every 10 steps.
 KILLABLE = [*TINY["cnn_wide"], "data=synthetic", "data.num_examples=1000", "trainer.batch_size=32",
             "trainer.log_every_steps=3", "trainer.checkpoint_every_steps=10"]
+
+
+class Stopped(Exception):
+    pass
+
+
+def stop_at(step: int) -> Hook:
+    """A user hook that ends a run with an error after ``step`` (and its checkpoint): a run to resume."""
+    def stop(s, run, results):
+        raise Stopped(f"stopped after step {s}")
+
+    return Hook("stop", every=step, run=stop)

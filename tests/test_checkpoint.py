@@ -13,27 +13,15 @@ import numpy as np
 import pytest
 
 from vision_train import checkpoint as ckpt_lib
-from vision_train.train.hooks import Hook
 from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import DIGITS, DIGITS_STEPS_PER_EPOCH, FAST, KILLABLE, compose
+from .helpers import DIGITS, DIGITS_STEPS_PER_EPOCH, FAST, KILLABLE, Stopped, compose, stop_at
 from .test_tracking import by_type, records
 
 # 700 training images, batch 32: 21 steps/epoch, 63 steps; checkpoints every 10 steps and every epoch.
 JOB = [*KILLABLE, "data.augment.flip=true", "trainer.epochs=3", *FAST]
 
-
-class Stopped(Exception):
-    pass
-
-
-def stop_at(step: int) -> Hook:
-    """A user hook that ends a run with an error after ``step`` (and its checkpoint): a run to resume."""
-    def stop(s, run, results):
-        raise Stopped(f"stopped after step {s}")
-
-    return Hook("stop", every=step, run=stop)
 
 
 def start(run_dir, extra=()):

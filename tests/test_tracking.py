@@ -8,23 +8,11 @@ import time
 import pytest
 
 from vision_train.errors import ConfigError
-from vision_train.train.hooks import Hook
 from vision_train.train.loop import train
 
 from .conftest import run_cli
-from .helpers import compose
+from .helpers import Stopped, compose, stop_at
 
-
-class Stopped(Exception):
-    pass
-
-
-def stop_at(step: int) -> Hook:
-    """A user hook that ends a run with an error after ``step`` (and its checkpoint): a run to resume."""
-    def stop(s, run, results):
-        raise Stopped(f"stopped after step {s}")
-
-    return Hook("stop", every=step, run=stop)
 
 RUN = ["model=cnn", "model.features=[8,16]", "model.dense_dim=32", "data=digits", "trainer.epochs=2",
        "trainer.batch_size=64", "trainer.log_every_steps=5", "trainer.progress_bar=false", "hardware=cpu",
