@@ -44,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from throughput import table  # noqa: E402 (this folder's; it imports JAX only inside its functions)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -57,16 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
     p.add_argument("--json", default=None, help="write every row here")
     return p.parse_args(argv)
-
-
-def table(cols, rows) -> None:
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    print(line(cols))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line(row))
 
 
 def main(argv=None) -> int:
