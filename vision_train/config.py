@@ -147,6 +147,19 @@ class AugmentConfig(_Freezable):
     crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # fraction of the image area
     crop_ratio: List[float] = field(default_factory=lambda: [0.9, 1.1])   # width / height
     pad_crop: int = 0                  # pixels of zero padding before a random crop back to size; 0 = off
+    # After the crop and flip, inside the jitted step (vision_train.data.augment; PIL's arithmetic, timm's semantics):
+    policy: str = "none"               # none | randaugment | trivialaugment | 3augment (DeiT III)
+    num_ops: int = 2                   # randaugment: ops per image (timm's n)
+    magnitude: float = 9.0             # randaugment: timm's m, 0..10 (trivialaugment draws its own)
+    magnitude_std: float = 0.0         # randaugment: per-image noise on the magnitude (timm's mstd; DeiT: 0.5)
+    color_jitter: float = 0.0          # brightness, contrast and saturation factor range (timm's color_jitter; 0 = off)
+    random_erasing: float = 0.0        # probability of erasing a box with per-pixel noise (timm's reprob, mode pixel)
+    # Mixup / CutMix on the global batch (timm's Mixup: soft targets, optimizer.label_smoothing folded in; 0 = off)
+    mixup_alpha: float = 0.0           # lambda ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0              # probability of mixing a batch at all
+    switch_prob: float = 0.5           # both on: probability of CutMix rather than mixup
+    mix_mode: str = "batch"            # batch | pair | elem: one draw per batch, per pair of images or per image
 
 
 @dataclass
@@ -163,6 +176,9 @@ class DataConfig(_Freezable):
     mean: Optional[List[float]] = None  # per channel, in [0, 1] units; None: the data set's statistics
     std: Optional[List[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Repeated augmentation (DeiT's RASampler): each image k times per epoch's order, augmented independently; an
+    # epoch stays about len(train) examples (each image shows k times in about a k-th of the epochs' worth). 1 = off
+    repeated_aug: int = 1
     # image_folder and hf: your own images (vision_train.data.files)
     # Images are brought to image_size x image_size: your own (image_folder, hf; their presets: 224) by resize +
     # center crop when decoded; built-in sets, when set, by bilinear resampling inside the jitted step (e.g. CIFAR-10
@@ -242,6 +258,7 @@ class HardwareConfig(_Freezable):
 @dataclass
 class TrainerConfig(_Freezable):
     epochs: int = 10
+    loss: str = "ce"                   # ce: softmax cross-entropy | bce: binary cross-entropy on (mixed) targets (DeiT III, RSB)
     batch_size: int = 128              # global, split across devices
     seed: int = 42                     # init, data order, dropout
     log_every_steps: int = 50
@@ -383,6 +400,9 @@ DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "
 # The built-in image sets' channels as stored (data.channels unset); the toy set has none, synthetic its image_shape's.
 STORED_CHANNELS = {"cifar10": 3, "cifar100": 3, "svhn": 3, "mnist": 1, "fashion_mnist": 1, "digits": 1}
 DATA_KINDS = ("builtin", "image_folder", "hf")
+AUGMENT_POLICIES = ("none", "randaugment", "trivialaugment", "3augment")
+MIX_MODES = ("batch", "pair", "elem")
+LOSSES = ("ce", "bce")
 
 
 def _check_finite(obj: Any, prefix: str = "") -> None:
@@ -424,6 +444,19 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(key, list(pair), "give [low, high] with 0 < low <= high" +
                               (" <= 1" if key.endswith("scale") else ""))
     _positive("data.augment.pad_crop", d.augment.pad_crop, allow_zero=True)
+    a = d.augment
+    _choice("data.augment.policy", a.policy, AUGMENT_POLICIES)
+    _positive("data.augment.num_ops", a.num_ops)
+    if not 0.0 <= a.magnitude <= 30.0:
+        raise ConfigError("data.augment.magnitude", a.magnitude, "must be in [0, 30] (timm's scale: 10 is each op's full range)")
+    for key in ("magnitude_std", "color_jitter", "mixup_alpha", "cutmix_alpha"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"data.augment.{key}", getattr(a, key), "must be >= 0 (0 = off)")
+    for key in ("random_erasing", "mix_prob", "switch_prob"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.augment.{key}", getattr(a, key), "is a probability: give a value in [0, 1]")
+    _choice("data.augment.mix_mode", a.mix_mode, MIX_MODES)
+    _positive("data.repeated_aug", d.repeated_aug)
     if (d.mean is None) != (d.std is None):
         raise ConfigError("data.mean" if d.mean is None else "data.std", None, "set both data.mean and data.std, or neither")
     if d.std is not None and any(s <= 0 for s in d.std):
@@ -521,6 +554,7 @@ def validate(cfg: Config) -> Config:
     _positive("trainer.checkpoint_every_epochs", t.checkpoint_every_epochs, allow_zero=True)
     _positive("trainer.eval_every_steps", t.eval_every_steps, allow_zero=True)
     _positive("trainer.grad_accum_steps", t.grad_accum_steps)
+    _choice("trainer.loss", t.loss, LOSSES)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError("trainer.ema_decay", t.ema_decay, "must be in [0, 1): 0 turns the average off; "
                           "0.999 or 0.9999 are usual")
