@@ -227,9 +227,11 @@ def check_compatible(meta: dict, shapes_now: dict[str, list[int]], where: Path) 
         ". Use the config it was trained with (see its config.yaml), or trainer.resume=never to start over")
 
 
-def abstract_like(tree, sharding):
-    """ShapeDtypeStructs of ``tree`` placed with ``sharding`` (restore onto the current mesh)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+def abstract_like(tree, sharding=None):
+    """ShapeDtypeStructs of ``tree`` placed with ``sharding``, or where each array of ``tree`` is (None): a restore
+    onto the current mesh, whatever mesh and device count wrote the checkpoint."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                       sharding=x.sharding if sharding is None else sharding), tree)
 
 
 def read_meta(path: str | Path) -> tuple[Path, int, dict]:
@@ -248,7 +250,8 @@ def read_params(directory: str | Path, step: int, sharding=None) -> dict[str, An
     """One checkpoint's parameters, their moving average (None unless kept) and the model's other state, as
     Orbax returns them (``pure`` makes them NNX pure dicts): ``{"params": ..., "other": ..., "ema": ...}``.
     The optimizer state, often twice the parameters' size, is not read (Orbax's partial restore of the item).
-    ``sharding``: where to put the arrays (default: the first device)."""
+    ``sharding``: where to put the arrays (default: the first device), or a function of the saved tree (its
+    arrays' metadata) to a tree of shardings (``build.Hardware.shardings``: FSDP)."""
     directory = Path(directory)
     ckpt = Checkpointer(directory, best_metric=None, read_only=True)
     try:
@@ -259,8 +262,10 @@ def read_params(directory: str | Path, step: int, sharding=None) -> dict[str, An
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         keys = [k for k in ("params", "other", "ema") if tree["state"].get(k) is not None]
-        wanted = {"state": {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                                            tree["state"][k]) for k in keys}}
+        saved = {k: tree["state"][k] for k in keys}
+        # (a function: each array's own sharding, from the saved tree, e.g. sharded over the mesh's fsdp axis)
+        places = sharding(saved) if callable(sharding) else jax.tree.map(lambda _: sharding, saved)
+        wanted = {"state": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, places)}
         try:
             with ocp.PyTreeCheckpointer() as reader:
                 out = reader.restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(

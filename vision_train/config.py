@@ -245,6 +245,16 @@ class HardwareConfig(_Freezable):
     # Several processes, one run (jax.distributed; docs/launchers.md): auto joins one where SLURM (a job step of more
     # than one task), Open MPI, a TPU pod or JAX_COORDINATOR_ADDRESS says there are several processes:
     distributed: str = "auto"          # auto | true (insist: fail if none is found) | false (never)
+    # FSDP (docs/launchers.md): the devices form a data x fsdp mesh (fsdp must divide their count); the batch is split
+    # over all of them, and every parameter, its moving average and optimizer-state array of 4096 elements or more
+    # is split over fsdp along its largest dimension fsdp divides (big_vision's rule); smaller ones are replicated.
+    # 1: plain data parallelism. A checkpoint restores onto any fsdp and device count.
+    fsdp: int = 1
+    # Overrides of that rule: {regex over parameter paths (blocks.0.attn.qkv.kernel, head.kernel): fsdp (its largest
+    # dimension fsdp divides, whatever its size) | replicate | [one entry per dimension: data, fsdp or null]}; the
+    # first pattern matching the whole path wins; the optimizer state and moving average follow their parameter.
+    #   '+hardware.sharding_rules={pos_embed:replicate,head\..*:[null,fsdp]}'
+    sharding_rules: Dict[str, Any] = field(default_factory=dict)
     # JAX's persistent compilation cache, shared by every run and sweep job on this machine: a job whose
     # programs were compiled before (same model, shapes, devices, flags, versions) skips XLA compilation.
     # auto: $JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/vision_train/jax; null: off; or a directory.
@@ -542,6 +552,18 @@ def validate(cfg: Config) -> Config:
     _choice("hardware.precision", h.precision, ("float32", "bfloat16"))
     _positive("hardware.num_devices", h.num_devices, allow_zero=True)
     h.distributed = distributed_setting(h.distributed)  # (true/false given as booleans, too)
+    _positive("hardware.fsdp", h.fsdp)
+    for pattern, spec in h.sharding_rules.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError("hardware.sharding_rules", pattern, f"is not a regular expression ({e}); on the command "
+                              "line escape [ ] ( ) { } with \\") from None
+        entries = spec if isinstance(spec, (list, tuple)) else None
+        if not (spec is None or isinstance(spec, str) or
+                (entries is not None and all(e is None or isinstance(e, (str, list, tuple)) for e in entries))):
+            raise ConfigError(f"hardware.sharding_rules[{pattern!r}]", spec,
+                              "give fsdp, replicate, or one entry per dimension, e.g. [null, fsdp]")
     if h.peak_tflops is not None:
         _positive("hardware.peak_tflops", h.peak_tflops)
 

@@ -178,7 +178,7 @@ def evaluate_checkpoint(ec: EvalConfig, run_dir: str | Path, *, given: frozenset
     cfg, train_cfg = eval_config(ec, ck.config, given, data_preset), ck.config
     hw = build.hardware(cfg.hardware)
     with reading_checkpoint(ec.checkpoint):
-        trained = build.restore_model(ck, hw.replicated)
+        trained = build.restore_model(ck, hw.shardings)
 
     # ---------------------------------------------------------------- data
     ds, streamed, in_shape = build.data(cfg.data)

@@ -38,7 +38,7 @@ WATCH_KEYS = (
     "trainer.keep_checkpoints", "trainer.best_metric", "trainer.best_mode", "trainer.objective",
     "trainer.profile_steps",
     "hardware.num_devices", "hardware.platform", "hardware.distributed", "hardware.compilation_cache",
-    "hardware.peak_tflops",
+    "hardware.peak_tflops", "hardware.fsdp", "hardware.sharding_rules",
     "data.workers", "data.prefetch", "data.download", "data.cache_dir",
 )
 
@@ -46,7 +46,7 @@ WATCH_KEYS = (
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v and not k.endswith("lr_mults"):
+        if isinstance(v, dict) and v and not k.endswith(("lr_mults", "sharding_rules")):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -11,6 +11,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -431,8 +432,28 @@ def select_devices(platform: str, num_devices: int):
     return devices
 
 
-def make_mesh(devices):
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+# ------------------------------------------------------------------------------------ the mesh, FSDP
+# The mesh is 2-D, data x fsdp (DESIGN.md, decision 1). The batch is split over both axes; parameters, their
+# moving average and the optimizer state are sharded over fsdp (each device holds 1/fsdp of every large array and
+# gathers a layer's weights when it needs them) and replicated over data. hardware.fsdp=1 is plain data parallelism.
+AXES = ("data", "fsdp")
+BATCH = AXES  # the batch dimension's partition: every device its own rows
+# Arrays with fewer elements than this stay replicated under FSDP (biases, norms' scales, class tokens: sharding
+# them saves little and costs a gather each). big_vision's rule: 4 MiB; this one is smaller (16 KiB of float32),
+# so the small models of a CPU machine are sharded too. hardware.sharding_rules overrides it for any array.
+FSDP_MIN_SIZE = 2**12
+REPLICATE = ("replicate", "replicated", "none", "null", "")
+
+
+def make_mesh(devices, fsdp: int = 1):
+    """The mesh over ``devices``: (data, fsdp) of shape (len(devices) // fsdp, fsdp). ``fsdp`` must divide the
+    device count (a ConfigError naming the counts that do)."""
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        fits = [k for k in range(1, n + 1) if n % k == 0]
+        raise ConfigError("hardware.fsdp", fsdp, f"must divide the {n} devices (the mesh is data x fsdp); use one of "
+                          f"{', '.join(map(str, fits))}")
+    mesh = jax.make_mesh((n // fsdp, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
     run = _Run.current
     if run is not None and run.index == 0 and run.count > 1 and not run.said_start:
         run.said_start = True
@@ -452,8 +473,118 @@ def replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh):
-    return NamedSharding(mesh, P("data"))
+def batch_sharded(mesh, dim: int = 0):
+    """Split dimension ``dim`` (the batch's) over every device of the mesh (both axes)."""
+    return NamedSharding(mesh, P(*([None] * dim), BATCH))
+
+
+def dotted_path(keypath) -> str:
+    """A pytree leaf's dotted path (``blocks.3.attn.qkv.kernel``; a Variable's own ``value`` left out)."""
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath]
+    if names and names[-1] == "value":
+        names.pop()
+    return ".".join(names)
+
+
+def fsdp_spec(shape, size: int, min_size: int = FSDP_MIN_SIZE) -> P:
+    """big_vision's FSDP rule: the largest dimension that ``size`` (the fsdp axis) divides is split over fsdp (the
+    later one of equal dimensions); arrays of fewer than ``min_size`` elements, or with no such dimension, are
+    replicated."""
+    shape = tuple(shape)
+    if size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for i in sorted(range(len(shape)), key=lambda i: (shape[i], i), reverse=True):
+        if shape[i] % size == 0:
+            return P(*[("fsdp" if j == i else None) for j in range(len(shape))])
+    return P()
+
+
+def _rule_spec(pattern: str, spec, path: str, shape, mesh) -> P:
+    """One ``hardware.sharding_rules`` value for one array: "fsdp" (its largest dimension the fsdp axis divides,
+    whatever its size), "replicate" (or null), or one entry per dimension (an axis name, a list of them, or
+    null)."""
+    key = f"hardware.sharding_rules[{pattern!r}]"
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in REPLICATE):
+        return P()
+    if isinstance(spec, str) and spec.strip() == "fsdp":
+        return fsdp_spec(shape, mesh.shape["fsdp"], min_size=0)
+    if isinstance(spec, str):
+        raise ConfigError(key, spec, "give fsdp, replicate, or one entry per dimension, e.g. [null, fsdp]")
+    spec = list(spec)
+    if len(spec) != len(shape):
+        raise ConfigError(key, spec, f"has {len(spec)} entries; {path} has {len(shape)} dimensions {list(shape)}")
+    entries = []
+    for dim, entry in zip(shape, spec):
+        axes = () if entry is None or (isinstance(entry, str) and entry.lower() in REPLICATE) else \
+            (entry,) if isinstance(entry, str) else tuple(entry)
+        unknown = [a for a in axes if a not in AXES]
+        if unknown:
+            raise ConfigError(key, spec, f"names no mesh axis ({unknown[0]!r}); the axes are data and fsdp")
+        size = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+        if dim % size:
+            raise ConfigError(key, spec, f"splits {path}'s dimension of {dim} over {size} devices, which do not "
+                              f"divide it")
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*entries)
+
+
+def param_specs(shapes: dict[str, tuple], mesh, rules=None) -> dict[str, P]:
+    """Each parameter's PartitionSpec, by dotted path: the first ``rules`` pattern (``hardware.sharding_rules``, a
+    dict or a list of (regex, spec) pairs) matching the whole path decides; else ``fsdp_spec``. A pattern that
+    matches no parameter is a ConfigError listing some paths (a typo would otherwise pass in silence)."""
+    rules = list((rules or {}).items()) if isinstance(rules, dict) else [tuple(r) for r in (rules or ())]
+    compiled = [(re.compile(pattern), pattern, spec) for pattern, spec in rules]
+    for regex, pattern, _ in compiled:
+        if not any(regex.fullmatch(p) for p in shapes):
+            paths = list(shapes)
+            examples = ", ".join(paths[:3] + paths[-3:] if len(paths) > 6 else paths)
+            raise ConfigError("hardware.sharding_rules", pattern, f"matches no parameter (the pattern must match a "
+                              f"whole path); this model's {len(paths)} parameter paths include {examples}")
+    size = mesh.shape["fsdp"]
+    specs = {}
+    for path, shape in shapes.items():
+        rule = next(((pattern, spec) for regex, pattern, spec in compiled if regex.fullmatch(path)), None)
+        specs[path] = fsdp_spec(shape, size) if rule is None else _rule_spec(*rule, path, shape, mesh)
+    return specs
+
+
+def state_shardings(tree, params, mesh, rules=None):
+    """A NamedSharding for every array of ``tree`` (a train state, or its shapes): an array that mirrors a parameter
+    (the parameter itself, its moving average, the optimizer's moments: its path ends with the parameter's and
+    its shape is the parameter's) is placed as that parameter (``param_specs``); every other array (the step,
+    keys, counters, hyper-parameters) is replicated."""
+    shapes = {dotted_path(kp): _shape(x) for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    specs = param_specs(shapes, mesh, rules)
+    rep = replicated(mesh)
+
+    def place(kp, x):
+        parts = dotted_path(kp).split(".")
+        for i in range(len(parts)):
+            path = ".".join(parts[i:])
+            if path in specs and shapes[path] == _shape(x):
+                return NamedSharding(mesh, specs[path])
+        return rep
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def _shape(x) -> tuple:
+    return tuple(getattr(x, "shape", np.shape(x)))  # (arrays, their shapes, Orbax's array metadata)
+
+
+def bytes_per_device(tree) -> int:
+    """The bytes of ``tree``'s arrays on the fullest device: from each array's addressable shards (arrays), or from
+    its shape and sharding (``jax.ShapeDtypeStruct``s with one: what a sharding would hold, nothing allocated)."""
+    per: dict = {}
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            for shard in x.addressable_shards:
+                per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+        elif getattr(x, "sharding", None) is not None:
+            nbytes = int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+            for device in x.sharding.addressable_devices:
+                per[device] = per.get(device, 0) + nbytes
+    return max(per.values(), default=0)
 
 
 def check_batch_divisible(batch_size: int, num_devices: int) -> None:

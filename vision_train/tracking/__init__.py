@@ -174,6 +174,13 @@ class Tracker:
             if hasattr(sink, "log_profile"):
                 sink.log_profile(Path(trace_dir), tuple(steps))
 
+    def config(self, values: dict[str, Any]) -> None:
+        """Numbers known once the run has started (the memory per device, from the compiled step), added to the
+        run's config where a sink keeps one (W&B). Sinks without a config (``config``) are skipped."""
+        for sink in self.sinks.values():
+            if hasattr(sink, "config"):
+                sink.config(dict(values))
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._media:
             self._media.submit(lambda: None).result()  # pending media first: the summary is the last word

@@ -460,6 +460,16 @@ class WandbSink:
 
         self._put("profile", job, 0, "the profiler trace artifact")
 
+    def config(self, values: dict) -> None:
+        """Keys added to the run's config after its start (an offline fallback's re-created run gets them too)."""
+        values = dict(values)
+        self._kwargs["config"] = {**(self._kwargs.get("config") or {}), **values}
+
+        def job():
+            self.run.config.update(values, allow_val_change=True)
+
+        self._put("config", job, 0, "the config")
+
     def summary(self, values: dict) -> None:
         values = dict(values)
         self._summary.update(values)
@@ -480,7 +490,7 @@ class WandbSink:
         with self._cond:
             items = ([self._current] if self._current else []) + list(self._queue)
         counts = collections.Counter(it.kind for it in items if it.kind not in ("define", "prepare", "finish"))
-        words = {"row": "history rows", "media": "eval media", "summary": "the summary",
+        words = {"row": "history rows", "media": "eval media", "summary": "the summary", "config": "the config",
                  "artifact": "checkpoint artifacts", "profile": "the profiler trace"}
         return ", ".join(f"{n} {words[k]}" if k in ("row", "media") else words[k] for k, n in counts.items())
 

@@ -99,6 +99,7 @@ class Run:
     own_resume: bool           # resumed from this run's own checkpoint
     flops_per_example: float = 0.0     # model FLOPs of one example in one training step (perf.train_flops)
     peak_tflops: float | None = None   # dense peak TFLOP/s of one device in the compute dtype (None: unknown)
+    memory: dict = field(default_factory=dict)  # memory/* per device (report_memory; the summary and W&B config)
 
     def epoch_of(self, step: int) -> int:
         """The 0-based epoch that step ``step`` (1-based: the step just taken) belongs to."""
@@ -179,6 +180,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
         return state_lib.create(model, tx, seed, ema=t.ema_decay > 0)
 
     graphdef, abstract = nnx.eval_shape(init, seed, hparams)  # shape errors surface here, before anything compiles
+    shardings = hw.shardings(abstract)  # the state's place on the mesh: FSDP's split (hardware.fsdp), else replicated
 
     # ---------------------------------------------------------------- pretrained weights
     # Into a new run only: a resume restores the tuned weights (and must not need the file again). Read and
@@ -192,7 +194,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
                               like=abstract.params)
         t_load = time.time() - t_load
     del abstract
-    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=replicated)(seed, hparams)
+    state = jax.jit(lambda s, h: init(s, h)[1], out_shardings=shardings)(seed, hparams)
     pretrained_info = None
     if pre is not None:
         t_merge = time.time()
@@ -210,7 +212,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
 
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,
-        ema_decay=t.ema_decay, lr_shape=shape), donate_argnums=(0, 1))
+        ema_decay=t.ema_decay, lr_shape=shape), donate_argnums=(0, 1),
+        out_shardings=(shardings, replicated))
     eval_step = build.eval_step(graphdef, feed, label_smoothing=o.label_smoothing, sharding=replicated)
     predict = build.predict_fn(graphdef, feed.normalize, feed.size)
     new_train_sums = lambda values=None: jax.device_put(steps_lib.new_train_sums(values), replicated)  # noqa: E731
@@ -270,6 +273,35 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
                flops_per_example=flops, peak_tflops=peak)
 
 
+def report_memory(run: Run, args: tuple) -> dict:
+    """Before the first step (``args``: its feed arguments): the bytes on the fullest device of the parameters (and
+    their moving average) and of the optimizer state, from the arrays' shards, and, where XLA reports it
+    (``memory_analysis``), the train step's temporaries, from the compiled step (the program the step then runs:
+    jit compiles it once). One log line; ``run.memory``, which the summary and the W&B config get."""
+    state = run.state
+    mem = {"memory/param_bytes_per_device": parallel.bytes_per_device(state.params),
+           "memory/opt_state_bytes_per_device": parallel.bytes_per_device(state.opt_state)}
+    if state.ema is not None:
+        mem["memory/ema_bytes_per_device"] = parallel.bytes_per_device(state.ema)
+    try:
+        stats = run.train_step.lower(state, run.train_sums, *args).compile().memory_analysis()
+    except Exception as e:  # noqa: BLE001 (a backend without the analysis; the step itself compiles as ever)
+        log.debug("memory_analysis: %s", e)
+        stats = None
+    if stats is not None and getattr(stats, "temp_size_in_bytes", None) is not None:
+        mem["memory/step_temp_bytes_per_device"] = int(stats.temp_size_in_bytes)
+    run.memory = mem
+    mb = lambda k: f"{mem[k] / 2**20:,.1f} MiB"  # noqa: E731
+    shape = " x ".join(f"{name}={size}" for name, size in run.mesh.shape.items())
+    log.info("memory per device (mesh %s): parameters %s, optimizer state %s%s%s", shape,
+             mb("memory/param_bytes_per_device"), mb("memory/opt_state_bytes_per_device"),
+             f", moving average {mb('memory/ema_bytes_per_device')}" if state.ema is not None else "",
+             f", train step temporaries {mb('memory/step_temp_bytes_per_device')} (XLA)"
+             if "memory/step_temp_bytes_per_device" in mem else "")
+    run.tracker.config(mem)
+    return mem
+
+
 def _resume(fate: Fate, checkpointer, state, shapes: dict, hparams: dict, new_train_sums: Callable, sharding):
     """The checkpoint ``fate`` resumes (this run's) or branches from (another run's), restored onto this run's
     state: (state, train sums, its metadata, the parent run a branch names or None). A branch is a new run (new
@@ -293,7 +325,8 @@ def _resume(fate: Fate, checkpointer, state, shapes: dict, hparams: dict, new_tr
 
 
 def _restore(reader, step: int, state, train_sums, sharding):
-    """Restore a checkpoint onto this run's state (placed with ``sharding``). Fields are matched by name:
+    """Restore a checkpoint onto this run's state, each array where this run's is (any mesh and device count wrote
+    it; what this run does not keep: placed with ``sharding``). Fields are matched by name:
     one this run does not keep (None, e.g. no moving average) is read and dropped, or skipped where the
     checkpoint has none either; so checkpoints written before a field existed restore. Returns
     (state, train sums or None, meta): the sums from checkpoints that kept them as arrays (an item "acc")."""
@@ -306,7 +339,7 @@ def _restore(reader, step: int, state, train_sums, sharding):
         raise ckpt_lib.CheckpointError(f"checkpoint {reader.directory / str(step)} lacks {', '.join(missing)}; it was "
                                        f"written by another version of vision_train")
     as_saved = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)  # noqa: E731
-    target = {"state": {k: (None if v is None else ckpt_lib.abstract_like(fields[k], sharding)
+    target = {"state": {k: (None if v is None else ckpt_lib.abstract_like(fields[k])  # (where this run's arrays are)
                             if fields.get(k) is not None else as_saved(v)) for k, v in saved["state"].items()}}
     if "acc" in saved:  # (the running sums' item, in checkpoints written before they moved into the loop state)
         target["acc"] = ckpt_lib.abstract_like(train_sums, sharding)

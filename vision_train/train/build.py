@@ -6,7 +6,7 @@
     batches = feed(ds, streamed, cfg.data, batch_size=B, mesh=hw.mesh, normalize=normalize(...))
     step = eval_step(graphdef, batches, label_smoothing=..., sharding=hw.replicated)
     probs = predict_fn(graphdef, batches.normalize, batches.size)
-    trained = restore_model(read_checkpoint(path), hw.replicated)   # a checkpoint's model, rebuilt from its config
+    trained = restore_model(read_checkpoint(path), hw.shardings)    # a checkpoint's model, rebuilt from its config
 
 So evaluating a checkpoint runs its training run's own eval step over the same kind of feed, and a prediction
 normalises images as training did. A checkpoint knows no models (``vision_train.checkpoint``): the model is
@@ -39,9 +39,19 @@ from .feeds import Feed, Normalize, input_shape, make_feed
 @dataclass(frozen=True)
 class Hardware:
     devices: list
-    mesh: Any
-    replicated: Any     # NamedSharding over the whole mesh (parameters; sums fetchable from any process)
+    mesh: Any           # data x fsdp (hardware.fsdp)
+    replicated: Any     # NamedSharding over the whole mesh (sums fetchable from any process, small arrays)
     is_main: bool       # process 0: writes the files and talks to W&B
+    sharding_rules: Any = None  # hardware.sharding_rules
+
+    def shardings(self, tree, params=None):
+        """Where each array of ``tree`` (a train state, a checkpoint's parameters; arrays or their shapes) goes: a
+        parameter and what mirrors it (moving average, optimizer moments) sharded over fsdp by the rule or
+        ``hardware.sharding_rules``, the rest replicated (``parallel.state_shardings``). ``params``: the tree's
+        parameters (default: ``tree.params`` or ``tree["params"]``)."""
+        if params is None:
+            params = tree["params"] if isinstance(tree, dict) else tree.params
+        return parallel.state_shardings(tree, params, self.mesh, self.sharding_rules)
 
 
 def join_processes(h) -> bool:
@@ -52,10 +62,12 @@ def join_processes(h) -> bool:
 
 def hardware(h) -> Hardware:
     """``hardware.*`` -> the devices (the platform's, or its first ``num_devices``) and the mesh over them; after
-    ``join_processes`` (the training loop's ``parallel_setup``), so a run of several processes has them all."""
+    ``join_processes`` (the training loop's ``parallel_setup``), so a run of several processes has them all. The mesh is
+    data x fsdp (``hardware.fsdp``; 1: data parallelism)."""
     devices = parallel.select_devices(h.platform, h.num_devices)
-    mesh = parallel.make_mesh(devices)
-    return Hardware(devices, mesh, parallel.replicated(mesh), jax.process_index() == 0)
+    mesh = parallel.make_mesh(devices, getattr(h, "fsdp", 1))
+    return Hardware(devices, mesh, parallel.replicated(mesh), jax.process_index() == 0,
+                    dict(getattr(h, "sharding_rules", None) or {}))
 
 
 def compute_dtype(precision: str):
@@ -136,7 +148,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 def restore_model(ck: Checkpoint, sharding=None) -> Restored:
     """The model ``ck`` was trained, built from its config and given its trained parameters (placed with
-    ``sharding``; default: the first device). The optimizer state is not read."""
+    ``sharding``, or ``Hardware.shardings``: over the mesh by the FSDP rule; default: the first device). The
+    optimizer state is not read."""
     cfg, facts = ck.config, ck.data
     num_classes = cfg.model.num_classes or len(facts["class_names"])
     abstract = nnx.eval_shape(lambda: models.create(cfg.model, tuple(facts["shape"]), num_classes,

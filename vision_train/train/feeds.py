@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from .. import parallel
 from ..data import pipeline
@@ -162,7 +161,7 @@ class StreamFeed:
         self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in-memory
         self.sharding = parallel.replicated(mesh)
         self._batch = parallel.batch_sharded(mesh)
-        self._chunk_sharding = NamedSharding(mesh, P(None, "data"))
+        self._chunk_sharding = parallel.batch_sharded(mesh, dim=1)  # (chunks of batches: split each batch)
         pc, pi = jax.process_count(), jax.process_index()
         self._train = (host.TrainBatches(ds.train.images, ds.train.labels, seed=seed, batch_size=batch_size,
                                          steps_per_epoch=self.steps_per_epoch, rows=host.host_rows(batch_size, pi, pc))

@@ -23,7 +23,7 @@ from .. import fate as fate_lib
 from .. import parallel
 from ..errors import Preempted  # noqa: F401 (raised by the signals hook; the command line catches it)
 from . import hooks as hooks_lib
-from .assembly import Run, assemble, check_run_dir
+from .assembly import Run, assemble, check_run_dir, report_memory
 from .hooks import Hook, itstime  # noqa: F401 (the public names)
 
 log = logging.getLogger("vision_train")
@@ -60,7 +60,10 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
         for step in range(run.start_step, run.total_steps):
             if step % run.steps_per_epoch == 0 or step == run.start_step:
                 loop.epoch_start(step)
-            run.state, run.train_sums = run.train_step(run.state, run.train_sums, *run.feed.train_args(step))
+            args = run.feed.train_args(step)
+            if step == run.start_step:
+                report_memory(run, args)  # (compiles the step: its memory, as XLA reports it)
+            run.state, run.train_sums = run.train_step(run.state, run.train_sums, *args)
             loop.after_step(step + 1)
         summary = loop.end()
         exit_code = 0
@@ -129,7 +132,7 @@ class Loop:
         test = {k: values[k] for k in SUMMARY_METRICS if k in values}
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
         summary = {"objective": run.cfg.trainer.objective, "parameters": run.n_params, "num_devices": len(run.devices),
-                   **test, **run.loop.last_val}  # (the final evaluation's val/loss, val/acc)
+                   **test, **run.loop.last_val, **run.memory}  # (the final evaluation's val/loss, val/acc)
         if run.loop.best_step >= 0:
             summary.update({"best/val/acc": run.loop.best_val, "best/step": run.loop.best_step})
         summary.update({"step": step, "images_seen": step * run.cfg.trainer.batch_size,
