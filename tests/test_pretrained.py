@@ -126,6 +126,21 @@ def test_timm_mixer_computes_timms_logits(tmp_path):
     assert pre.info["format"] == "timm Mixer (safetensors)"
 
 
+def test_timm_vit_with_layer_scale_computes_timms_logits(tmp_path):
+    """timm's init_values (CaiT, DeiT III): blocks.<i>.ls1.gamma / ls2.gamma load onto model.layer_scale's gammas
+    (any value > 0: the file's replace it); a model without LayerScale is told to turn it on, and back."""
+    module = timm_vit(init_values=1e-5)
+    path = save(module, tmp_path / "vit_ls.safetensors")
+    logits_match(dataclasses.replace(VIT, layer_scale=1e-5), module, path)
+    with pytest.raises(ConfigError) as e:
+        pretrained.load(path, VIT, input_shape=(IMG, IMG, 3), num_classes=10)
+    assert "set model.layer_scale to any value > 0" in str(e.value)
+    plain = save(timm_vit(), tmp_path / "vit.safetensors")
+    with pytest.raises(ConfigError) as e:
+        pretrained.load(plain, dataclasses.replace(VIT, layer_scale=1e-5), input_shape=(IMG, IMG, 3), num_classes=10)
+    assert "set model.layer_scale=0" in str(e.value)
+
+
 # ------------------------------------------------------------------------------- big_vision / vision_transformer
 def to_big_vision_vit(module, *, old=False, scanned=False) -> dict[str, np.ndarray]:
     """timm's ViT weights in big_vision's layout (names and shapes of big_vision/models/vit.py), or ``old``:

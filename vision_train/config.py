@@ -211,12 +211,12 @@ class DataConfig(_Freezable):
 # ----------------------------------------------------------------------------------- optimizer
 @dataclass
 class OptimizerConfig(_Freezable):
-    name: str = "adam"                 # adam | adamw | sgd
+    name: str = "adam"                 # adam | adamw | sgd | lamb (optax.lamb: adamw's update times each array's trust ratio)
     lr: float = 1e-3                   # peak learning rate, for trainer.batch_size as given
     schedule: str = "constant"         # constant | cosine (linear warmup, then cosine decay)
     warmup_epochs: float = 0.0
     min_lr: float = 0.0                # cosine: the final learning rate
-    weight_decay: float = 0.0          # adamw: decoupled; adam/sgd: L2 added to the gradient
+    weight_decay: float = 0.0          # adamw, lamb: decoupled; adam/sgd: L2 added to the gradient
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -519,7 +519,7 @@ def validate(cfg: Config) -> Config:
         if d.kind == "hf" and not str(getattr(d, key)).strip():
             raise ConfigError(f"data.{key}", getattr(d, key), "must name a column (a split for train_split)")
 
-    _choice("optimizer.name", o.name, ("adam", "adamw", "sgd"))
+    _choice("optimizer.name", o.name, ("adam", "adamw", "sgd", "lamb"))
     _choice("optimizer.schedule", o.schedule, ("constant", "cosine"))
     _positive("optimizer.lr", o.lr)
     for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip_norm"):

@@ -137,6 +137,20 @@ class Weights:
         return None
 
 
+def layer_scale_mismatch(ours: dict, want: dict) -> Optional[str]:
+    """One line where the file's blocks and the model's differ in LayerScale (``blocks.<i>.ls1.gamma``), else None."""
+    def has(names) -> bool:
+        return any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in names)
+
+    if has(ours) and not has(want):
+        return ("the file's blocks have LayerScale (blocks.<i>.ls1.gamma, ls2.gamma: timm's init_values) and the "
+                "model has none (model.layer_scale=0); set model.layer_scale to any value > 0, e.g. 1e-5 (the file's "
+                "gammas replace it)")
+    if has(want) and not has(ours):
+        return "the file's blocks have no LayerScale (blocks.<i>.ls1.gamma); set model.layer_scale=0"
+    return None
+
+
 # -------------------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Architecture:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import einops
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from . import valid_patch_sizes
@@ -48,3 +49,14 @@ class Mlp(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = self.drop(jax.nn.gelu(self.fc1(x), approximate=self.approximate), deterministic=not train)
         return self.drop(self.fc2(x), deterministic=not train)
+
+
+class LayerScale(nnx.Module):
+    """A residual branch's output times a learned per-channel ``gamma`` that starts at ``init_value`` (CaiT,
+    DeiT III; timm's ``LayerScale``, whose parameter has the same name). The parameter stays float32."""
+
+    def __init__(self, dim: int, init_value: float):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma.value.astype(x.dtype)

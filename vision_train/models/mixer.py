@@ -2,7 +2,8 @@
 pretrained weights (timm, big_vision, vision_transformer).
 
 Each block mixes tokens (an MLP across the patch axis, applied per channel) then channels (an MLP
-across features, per token), each pre-LayerNorm over the feature axis with a residual. Seed 001's
+across features, per token), each pre-LayerNorm over the feature axis with a residual; optionally each branch
+times a LayerScale gamma and dropped per example (stochastic depth, growing linearly with depth). Seed 001's
 PyTorch version normalised over the wrong axis and applied its "token" MLP to channels, so it never
 mixed tokens; ``mixer_small`` uses its sizes with this correct block.
 """
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
-from ..errors import check_choice
-from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, all_positive
+from ..errors import ConfigError, check_choice, check_positive
+from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, all_positive, layer_scale_mismatch
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -31,12 +32,19 @@ class MixerConfig(Patches, ModelConfig):
     channels_mlp_dim: int = 768
     gelu: str = "tanh"               # tanh | exact (timm's checkpoints)
     layer_norm_eps: float = 1e-6
+    stochastic_depth: float = 0.0    # drop rate of the last block (per example); grows linearly from 0
+    # LayerScale (as model.layer_scale of vit; timm's init_values): each mixing branch times a learned per-channel
+    # gamma starting at this value (blocks.<i>.ls1.gamma / ls2.gamma). 0 = off (no parameters)
+    layer_scale: float = 0.0
 
     def check(self) -> None:
         super().check()
         all_positive(self, "patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim",
                      "layer_norm_eps")
         check_choice("model.gelu", self.gelu, GELU)
+        if not 0.0 <= self.stochastic_depth < 1.0:
+            raise ConfigError("model.stochastic_depth", self.stochastic_depth, "must be in [0, 1)")
+        check_positive("model.layer_scale", self.layer_scale, allow_zero=True)
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -48,33 +56,48 @@ def network() -> SimpleNamespace:
     import jax.numpy as jnp
     from flax import nnx
 
-    from .layers import Mlp, PatchEmbed, check_patch_size
+    from .layers import LayerScale, Mlp, PatchEmbed, check_patch_size
 
     class MixerBlock(nnx.Module):
         def __init__(self, num_tokens: int, dim: int, tokens_mlp_dim: int, channels_mlp_dim: int, *,
-                     gelu: str, eps: float, dtype, rngs: nnx.Rngs):
+                     gelu: str, eps: float, drop_path: float = 0.0, layer_scale: float = 0.0, dtype,
+                     rngs: nnx.Rngs):
             self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
             self.token_mixing = Mlp(num_tokens, tokens_mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
             self.norm2 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
             self.channel_mixing = Mlp(dim, channels_mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
+            # Only where asked for, so that a Mixer without them has the state (and checkpoints) it always had.
+            # Stochastic depth: dropout whose mask is shared over tokens and features = drop whole examples.
+            self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs) if drop_path else None
+            self.ls1 = LayerScale(dim, layer_scale) if layer_scale else None
+            self.ls2 = LayerScale(dim, layer_scale) if layer_scale else None
+
+        def _residual(self, x: jax.Array, y: jax.Array, scale, train: bool) -> jax.Array:
+            if scale is not None:
+                y = scale(y)
+            if self.drop_path is not None:
+                y = self.drop_path(y, deterministic=not train)
+            return x + y
 
         def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:  # x: (B, tokens, dim)
             y = jnp.swapaxes(self.norm1(x), 1, 2)          # (B, dim, tokens): the MLP runs across tokens
-            x = x + jnp.swapaxes(self.token_mixing(y, train=train), 1, 2)
-            return x + self.channel_mixing(self.norm2(x), train=train)
+            x = self._residual(x, jnp.swapaxes(self.token_mixing(y, train=train), 1, 2), self.ls1, train)
+            return self._residual(x, self.channel_mixing(self.norm2(x), train=train), self.ls2, train)
 
     class Model(nnx.Module):
         def __init__(self, input_shape: tuple[int, int, int], num_classes: int, *, patch_size: int,
                      num_blocks: int, hidden_dim: int, tokens_mlp_dim: int,
-                     channels_mlp_dim: int, gelu: str, layer_norm_eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
+                     channels_mlp_dim: int, gelu: str, layer_norm_eps: float, stochastic_depth: float = 0.0,
+                     layer_scale: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
             h, w, c = input_shape
             check_patch_size((h, w), patch_size)
             num_tokens = (h // patch_size) * (w // patch_size)
             self.stem = PatchEmbed(c, hidden_dim, patch_size, dtype=dtype, rngs=rngs)
             self.blocks = nnx.List([
                 MixerBlock(num_tokens, hidden_dim, tokens_mlp_dim, channels_mlp_dim, gelu=gelu, eps=layer_norm_eps,
+                           drop_path=stochastic_depth * i / max(num_blocks - 1, 1), layer_scale=layer_scale,
                            dtype=dtype, rngs=rngs)
-                for _ in range(num_blocks)
+                for i in range(num_blocks)
             ])
             self.norm = nnx.LayerNorm(hidden_dim, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
             # Zero-initialised head, as in the paper's code (and seed 000).
@@ -154,7 +177,10 @@ class MixerWeights(Weights):
         return keys
 
     def mismatch(self, wrong: list[str], ours: dict, want: dict, keys: dict) -> Optional[str]:
-        """A Mixer's token-mixing weights fit one token count, so one image size: say which."""
+        """LayerScale in one of the file and the model only; a Mixer's token-mixing weights fit one token count, so
+        one image size: say which."""
+        if line := layer_scale_mismatch(ours, want):
+            return line
         if not wrong or not all("token_mixing.fc1" in k or "token_mixing.fc2" in k for k in wrong):
             return None
         n = ours["blocks.0.token_mixing.fc1.kernel"].shape[0]

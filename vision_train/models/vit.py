@@ -1,8 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021), as in seed 004 (after Scenic's ViT): its ``model.*`` keys, the
 network, its FLOPs and its pretrained weights (timm, big_vision, vision_transformer).
 
-Pre-LN encoder blocks, learned 1-D position embedding, class token or global average pooling,
-dropout, optional stochastic depth (per example, growing linearly with depth). The options pretrained
+Pre-LN encoder blocks, learned 1-D position embedding (or big_vision's fixed 2-D sin-cos one), class token or
+global average pooling, dropout, optional stochastic depth (per example, growing linearly with depth) and
+LayerScale (CaiT, DeiT III: each branch's output times a learned per-channel gamma). The options pretrained
 checkpoints need (``gelu``, ``qkv_bias``, ``layer_norm_eps``, ``fc_norm``, ``representation_size``) make it
 compute what timm's ``VisionTransformer`` and big_vision's ViT compute (``ViTWeights``, models/pretrained.py).
 Attention goes through ``jax.nn.dot_product_attention`` (XLA on CPU, cuDNN where it applies). Seed 004 never
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from ..errors import ConfigError, check_choice, check_positive
-from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, all_positive
+from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, all_positive, layer_scale_mismatch
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -35,6 +36,12 @@ class ViTConfig(Patches, ModelConfig):
     dropout: float = 0.1
     attention_dropout: float = 0.0
     stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
+    # LayerScale (CaiT; DeiT III: 1e-4 for ViT-S/B; timm's init_values): each residual branch times a learned
+    # per-channel gamma starting at this value (blocks.<i>.ls1.gamma / ls2.gamma, as timm). 0 = off (no parameters)
+    layer_scale: float = 0.0
+    # learn: a learned (1, tokens, D) table (pos_embed) | sincos2d: big_vision's fixed 2-D sin-cos embedding of the
+    # patch grid (no parameter; a class token gets none), as its vit_s16_i1k
+    posemb: str = "learn"
     pad_tokens_to_multiple: int = 1  # e.g. 8: 65 tokens -> 72 (masked), for fused attention kernels
     # auto: cuDNN's fused attention on a GPU in bfloat16/float16 where it applies (head dim <= 128, a multiple
     # of 8; a class-token sequence is padded to a multiple of 8 for it), XLA elsewhere | xla | cudnn
@@ -50,6 +57,11 @@ class ViTConfig(Patches, ModelConfig):
         super().check()
         all_positive(self, "patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "layer_norm_eps")
         check_choice("model.classifier", self.classifier, ("token", "gap"))
+        check_choice("model.posemb", self.posemb, POSEMB)
+        if self.posemb == "sincos2d" and self.hidden_size % 4:
+            raise ConfigError("model.posemb", self.posemb, f"sincos2d needs model.hidden_size divisible by 4 "
+                              f"(here {self.hidden_size}); use model.posemb=learn")
+        check_positive("model.layer_scale", self.layer_scale, allow_zero=True)
         check_choice("model.gelu", self.gelu, GELU)
         if self.representation_size is not None:
             check_positive("model.representation_size", self.representation_size)
@@ -79,6 +91,21 @@ def attention_implementation(setting: str, head_dim: int, dtype) -> str:
     return setting
 
 
+POSEMB = ("learn", "sincos2d")
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
+    """big_vision's ``posemb_sincos_2d``: (1, h*w, width) float32, the patch grid row-major; a quarter of the
+    features each sin(x), cos(x), sin(y), cos(y) at ``width // 4`` frequencies from 1 to 1/temperature."""
+    import numpy as np
+
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1))
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------ network
 @functools.cache
 def network() -> SimpleNamespace:
@@ -88,7 +115,7 @@ def network() -> SimpleNamespace:
     import jax.numpy as jnp
     from flax import nnx
 
-    from .layers import Mlp, PatchEmbed, check_patch_size
+    from .layers import LayerScale, Mlp, PatchEmbed, check_patch_size
 
     xavier = nnx.initializers.xavier_uniform()
 
@@ -129,7 +156,7 @@ def network() -> SimpleNamespace:
     class EncoderBlock(nnx.Module):
         def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, dropout: float, attention_dropout: float,
                      drop_path: float, gelu: str = "tanh", qkv_bias: bool = True, eps: float = 1e-6,
-                     attention: str = "xla", dtype, rngs: nnx.Rngs):
+                     attention: str = "xla", layer_scale: float = 0.0, dtype, rngs: nnx.Rngs):
             self.norm1 = nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
             self.attn = Attention(dim, num_heads, dropout=attention_dropout, qkv_bias=qkv_bias,
                                   implementation=attention, dtype=dtype, rngs=rngs)
@@ -139,12 +166,19 @@ def network() -> SimpleNamespace:
             self.drop = nnx.Dropout(dropout, rngs=rngs)
             # Stochastic depth: dropout whose mask is shared over tokens and features = drop whole examples.
             self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+            # LayerScale: only where asked for (off: the parameter tree has no gamma)
+            self.ls1 = LayerScale(dim, layer_scale) if layer_scale else None
+            self.ls2 = LayerScale(dim, layer_scale) if layer_scale else None
 
         def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool,
                      num_tokens: int | None = None) -> jax.Array:
             y = self.drop(self.attn(self.norm1(x), mask, train=train, num_tokens=num_tokens), deterministic=not train)
+            if self.ls1 is not None:
+                y = self.ls1(y)
             x = x + self.drop_path(y, deterministic=not train)
             y = self.mlp(self.norm2(x), train=train)
+            if self.ls2 is not None:
+                y = self.ls2(y)
             return x + self.drop_path(y, deterministic=not train)
 
     class Model(nnx.Module):
@@ -153,7 +187,8 @@ def network() -> SimpleNamespace:
                      classifier: str, dropout: float, attention_dropout: float,
                      stochastic_depth: float, pad_tokens_to_multiple: int, gelu: str = "tanh", qkv_bias: bool = True,
                      layer_norm_eps: float = 1e-6, fc_norm: bool = False, representation_size: int | None = None,
-                     attention: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                     attention: str = "auto", layer_scale: float = 0.0, posemb: str = "learn", dtype=jnp.float32,
+                     rngs: nnx.Rngs):
             h, w, c = input_shape
             check_patch_size((h, w), patch_size)
             if classifier not in ("token", "gap"):
@@ -165,12 +200,20 @@ def network() -> SimpleNamespace:
             self.embed = PatchEmbed(c, hidden_size, patch_size, dtype=dtype, rngs=rngs)
             if classifier == "token":
                 self.cls = nnx.Param(jnp.zeros((1, 1, hidden_size)))
-            self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, self.num_tokens, hidden_size)))
+            if posemb not in POSEMB:
+                raise ValueError(f"posemb must be one of {POSEMB}, got {posemb!r}")
+            self.posemb = posemb
+            if posemb == "learn":
+                self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(),
+                                                                          (1, self.num_tokens, hidden_size)))
+            else:  # a constant of the patch grid, added before the class token joins (big_vision)
+                self.grid = (h // patch_size, w // patch_size)
             self.drop = nnx.Dropout(dropout, rngs=rngs)
             self.blocks = nnx.List([
                 EncoderBlock(hidden_size, num_heads, mlp_dim, dropout=dropout, attention_dropout=attention_dropout,
                              drop_path=stochastic_depth * i / max(num_layers - 1, 1), gelu=gelu, qkv_bias=qkv_bias,
-                             eps=layer_norm_eps, attention=self.attention, dtype=dtype, rngs=rngs)
+                             eps=layer_norm_eps, attention=self.attention, layer_scale=layer_scale, dtype=dtype,
+                             rngs=rngs)
                 for i in range(num_layers)
             ])
             self.norm = nnx.LayerNorm(hidden_size, epsilon=layer_norm_eps, dtype=dtype, rngs=rngs)
@@ -186,9 +229,13 @@ def network() -> SimpleNamespace:
         def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
             x = self.embed(x.astype(self.dtype))
             b, _, d = x.shape
+            if self.posemb == "sincos2d":
+                x = x + jnp.asarray(posemb_sincos_2d(*self.grid, d), x.dtype)
             if self.classifier == "token":
                 x = jnp.concatenate([jnp.broadcast_to(self.cls.value.astype(x.dtype), (b, 1, d)), x], axis=1)
-            x = self.drop(x + self.pos_embed.value.astype(x.dtype), deterministic=not train)
+            if self.posemb == "learn":
+                x = x + self.pos_embed.value.astype(x.dtype)
+            x = self.drop(x, deterministic=not train)
             mask = None
             if self.seq_len > self.num_tokens:
                 x = jnp.pad(x, ((0, 0), (0, self.seq_len - self.num_tokens), (0, 0)))
@@ -362,6 +409,18 @@ class ViTWeights(Weights):
             return ours, (f"the file's final norm comes {'after' if keys['fc_norm'] else 'before'} pooling, "
                           f"model.fc_norm={str(cfg.fc_norm).lower()}")
         return ours, None
+
+    def mismatch(self, wrong: list[str], ours: dict, want: dict, keys: dict) -> Optional[str]:
+        """LayerScale, or learned position embeddings, in one of the file and the model only."""
+        if line := layer_scale_mismatch(ours, want):
+            return line
+        if "pos_embed" in ours and "pos_embed" not in want:
+            return ("the file has learned position embeddings (pos_embed) and the model fixed ones "
+                    "(model.posemb=sincos2d); set model.posemb=learn")
+        if "pos_embed" in want and "pos_embed" not in ours:
+            return ("the file has no position embeddings (big_vision's posemb='sincos2d' computes them); set "
+                    "model.posemb=sincos2d")
+        return None
 
     def fit(self, ours: dict, cfg: ViTConfig, input_shape, source: str) -> str:
         """The file's position embeddings onto the model's token grid (resampled where the grid differs, as

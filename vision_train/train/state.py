@@ -150,6 +150,10 @@ def make_optimizer(o, *, lr_shape: optax.Schedule, hparams: dict | None = None,
             direction.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
             if o.name == "adamw":  # decoupled, scaled by the learning rate (optax.adamw)
                 direction.append(optax.add_decayed_weights(weight_decay))
+        elif o.name == "lamb":  # optax.lamb: Adam's direction plus decoupled decay, scaled per array by the trust
+            # ratio ||param|| / ||direction|| (1 where either is 0), then by the learning rate
+            direction += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), optax.add_decayed_weights(weight_decay),
+                          optax.scale_by_trust_ratio()]
         elif o.name == "sgd":
             if o.weight_decay > 0:
                 direction.append(optax.add_decayed_weights(weight_decay))
