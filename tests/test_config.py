@@ -25,7 +25,7 @@ def test_every_preset_composes_and_validates(group):
     assert names, f"conf/{group} is empty"
     for name in names:
         cfg = compose([f"{group}={name}"])
-        assert cfg.model.arch in ("mlp", "cnn", "mixer", "vit")
+        assert cfg.model.arch in ARCHITECTURES
 
 
 def test_experiment_presets_carry_the_seed_recipes():
