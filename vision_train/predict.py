@@ -184,11 +184,8 @@ def _file_head(source: str) -> tuple[int | None, int]:
     """The pretrained file's class count (None: it has no head) and input channels, from its arrays."""
     from .models import pretrained
 
-    raw, container = pretrained.read(pretrained.resolve(source))
-    arrays, _, _ = pretrained._to_ours(raw, container, source)
-    kernel = arrays.get("embed.proj.kernel", arrays.get("stem.proj.kernel"))  # HWIO
-    classes = int(arrays["head.bias"].shape[0]) if "head.bias" in arrays else None
-    return classes, int(kernel.shape[2]) if kernel is not None else 3
+    info = pretrained.describe(source)  # (the architecture's own first-layer kernel: no path named here)
+    return info["num_classes"], info["in_channels"]
 
 
 def _from_weights(pc: PredictConfig, device) -> Classifier:
@@ -229,7 +226,7 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         model = models.build(m, shape, k, rngs=nnx.Rngs(0), dtype=dtype, data=f"the {pc.image_size}x{pc.image_size} "
                              f"images (image_size)")
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        params = pretrained.merge(params, pre)
+        params, other = pretrained.merge(params, pre), pretrained.merge_stats(other, pre)
     log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
              pre.info["head"], pre.info["posemb"])
     return Classifier(graphdef, params, other, build.normalize(1 / 255, pc.mean, pc.std, pc.hardware.precision), shape,

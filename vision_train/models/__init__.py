@@ -117,6 +117,7 @@ class Weights:
     says what fits; what only this architecture knows is here. Subclass it in the architecture's module."""
     formats: tuple[WeightFormat, ...] = ()
     input_kernel: str = ""  # our path of the first layer's HWIO kernel: the patch size and the image channels
+    stats: bool = False     # the files hold the model's running statistics too (BatchNorm: its nnx.BatchStat)
 
     def file_keys(self, ours: dict) -> dict:
         """The ``model.*`` keys the file's arrays (by our paths) determine, e.g. {"patch_size": 16, ...}."""

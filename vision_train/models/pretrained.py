@@ -2,12 +2,13 @@
 ``.npz`` files, mapped onto this package's modules (DESIGN.md, decision 9).
 
     pre = load("vit_b16.safetensors", cfg.model, input_shape=(224, 224, 3), num_classes=10)
-    state = state.replace(params=merge(state.params, pre))
+    state = state.replace(params=merge(state.params, pre), other=merge_stats(state.other, pre))
 
 ``load`` reads the file (numpy; torch only for ``.bin``/``.pth``), finds its layout among the registered
 architectures' (``models.Weights.formats``: a name only that layout has), makes PyTorch's layouts Flax's
 (OIHW -> HWIO, (out, in) -> (in, out)), has the architecture rename its arrays to the model's parameter paths
-(``blocks.3.attn.qkv.kernel``), checks every name and shape against the model ``cfg`` builds, drops the head
+(``blocks.3.attn.qkv.kernel``; a BatchNorm's running statistics to its ``nnx.BatchStat`` paths, ``stats``),
+checks every name and shape against the model ``cfg`` builds, drops the head
 when it is to be re-initialised and lets the architecture fit the rest to the images (e.g. a ViT resamples its
 position embeddings when the patch grid differs, as big_vision's ``resample_posemb``). Whatever does not fit
 is one ``ConfigError`` naming ``model.init_from`` (or ``model.reset_head``) and what would fit (a preset of
@@ -27,7 +28,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -49,6 +50,7 @@ HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub reposit
 class Pretrained:
     params: dict  # nested like nnx.state(model, nnx.Param).to_pure_dict(); numpy; no head entries when reset
     info: dict    # path, sha256, format, head, posemb (the run's metadata)
+    stats: dict = field(default_factory=dict)  # nested like nnx.state(model, nnx.BatchStat): running statistics
 
 
 # ------------------------------------------------------------------------------------------- finding the file
@@ -395,10 +397,11 @@ def _yaml(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def expected_params(model_cfg, input_shape, num_classes: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The model's parameters by dotted path, as shapes (nothing is computed)."""
+def expected_params(model_cfg, input_shape, num_classes: int, kind=nnx.Param) -> dict[str, jax.ShapeDtypeStruct]:
+    """The model's parameters (``kind``: or e.g. its ``nnx.BatchStat``) by dotted path, as shapes (nothing is
+    computed)."""
     model = nnx.eval_shape(lambda: create(model_cfg, input_shape, num_classes, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    return _flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    return _flatten(nnx.state(model, kind).to_pure_dict())
 
 
 def _flatten(tree: dict) -> dict:
@@ -501,6 +504,11 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
         head = "loaded"
 
     posemb = weights.fit(ours, model_cfg, input_shape, source)
+    stats = {}
+    if weights.stats:  # the running statistics: the model's BatchStat, checked as the parameters are
+        want_stats = expected_params(model_cfg, input_shape, num_classes, nnx.BatchStat)
+        stats = {k: ours[k] for k in want_stats if k in ours}
+        want = {**want, **want_stats}
     skip = {k for k in want if k.startswith("head.")} if reset else set()
     missing = [k for k in want if k not in ours and k not in skip]
     extra = [k.lstrip("?") for k in ours if k not in want]
@@ -518,18 +526,30 @@ def load(source: str, model_cfg, *, input_shape, num_classes: int, reset_head="a
     if getattr(model_cfg, "gelu", file_gelu) != file_gelu:  # (cannot be read from the weights: said here)
         log.warning("warning: %s was trained with %s GELU, and model.gelu=%s; set model.gelu=%s to compute what it "
                     "computed", fmt, file_gelu, model_cfg.gelu, file_gelu)
-    params = _nest({k: np.asarray(v, np.float32) for k, v in ours.items()})
+    params = _nest({k: np.asarray(v, np.float32) for k, v in ours.items() if k not in stats})
+    stats = _nest({k: np.asarray(v, np.float32) for k, v in stats.items()})
     info = {"path": str(path.resolve()), "sha256": sha256(path), "format": fmt, "head": head, "posemb": posemb}
     if source != str(path):
         info["source"] = source
-    return Pretrained(params=params, info=info)
+    return Pretrained(params=params, info=info, stats=stats)
 
 
 def merge(params_state, pretrained: Pretrained):
     """``params_state`` (an nnx.State of the model's parameters) with the loaded arrays in place of its own;
     each placed like the array it replaces (e.g. replicated over the mesh) and of its dtype. Entries
     ``pretrained`` lacks (a reset head) keep their values."""
-    new = jax.tree.map(lambda x: x, params_state)  # (a copy: the caller's state is left as it was)
+    return _merged(params_state, pretrained.params)
+
+
+def merge_stats(other_state, pretrained: Pretrained):
+    """``other_state`` (the model's non-parameter state: ``nnx.split(model, nnx.Param, ...)``'s last part) with the
+    file's running statistics (BatchNorm's) in place of its own, as ``merge`` places parameters; unchanged when
+    the file has none."""
+    return _merged(other_state, pretrained.stats) if pretrained.stats else other_state
+
+
+def _merged(state, loaded: dict):
+    new = jax.tree.map(lambda x: x, state)  # (a copy: the caller's state is left as it was)
     current = new.to_pure_dict()
 
     def put(loaded: dict, into: dict, prefix: str):
@@ -545,6 +565,6 @@ def merge(params_state, pretrained: Pretrained):
             arr = np.array(v, old.dtype)  # (a copy: never a view of the file's memory map, which JAX might keep)
             into[k] = jax.device_put(arr, old.sharding) if isinstance(old, jax.Array) else arr
 
-    put(pretrained.params, current, "")
+    put(loaded, current, "")
     new.replace_by_pure_dict(current)
     return new

@@ -199,6 +199,7 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
     if pre is not None:
         t_merge = time.time()
         state = state.replace(params=pretrained.merge(state.params, pre),
+                              other=pretrained.merge_stats(state.other, pre),  # (BatchNorm's running statistics)
                               ema=None if state.ema is None else pretrained.merge(state.ema, pre))
         pretrained_info = pre.info
         log.info("model.init_from: %s (%s, sha256 %s) | head %s | position embeddings %s | %.1f s",
