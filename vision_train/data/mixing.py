@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import pipeline
+from .stream import repeat_order, repeated_epoch_length  # noqa: F401 (host and jit alike)
 
 MODES = ("batch", "pair", "elem")
 
@@ -323,28 +324,6 @@ def binary_cross_entropy(logits: jax.Array, targets: jax.Array, *, label_smoothi
 
 
 # ------------------------------------------------------------------------------------------ repeated augmentation
-def repeated_epoch_length(n: int, num_repeats: float, selected_round: int = 256) -> int:
-    """Examples per epoch under repeated augmentation, DeiT's: the data set's size rounded down to a multiple of
-    ``selected_round`` (if it has that many; ``0``: not rounded), not ``num_repeats`` times it. timm's
-    ``RepeatAugSampler`` gives each of P processes ``floor(n // 256 * 256 / P)`` (or ``ceil(n / P)`` below 256);
-    here the length does not depend on the device count (equal to P times that whenever P divides it)."""
-    if num_repeats < 1:
-        raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
-    return n // selected_round * selected_round if selected_round and n >= selected_round else n
-
-
-def repeat_order(perm, num_repeats: float, length: int):
-    """``perm`` with each entry repeated ``num_repeats`` times in a row (timm's ``repeat_interleave``; a
-    fractional count as timm's ``perm[int(i // num_repeats)]``), cut to its first ``length`` entries. numpy in,
-    numpy out; jax in (inside jit too), jax out."""
-    if float(num_repeats).is_integer():
-        xp = np if isinstance(perm, np.ndarray) else jnp
-        idx = xp.arange(length) // int(num_repeats)
-    else:
-        idx = np.floor_divide(np.arange(length, dtype=np.float64), float(num_repeats)).astype(np.int64)
-    return perm[idx]
-
-
 def repeated_order(n: int, num_repeats: float, seed: int, epoch, *, selected_round: int = 256) -> jax.Array:
     """Epoch ``epoch``'s training order under repeated augmentation (DeiT, timm's RepeatAugSampler), as the
     global batches read it: ``repeated_epoch_length(n, ...)`` indices, the epoch's permutation

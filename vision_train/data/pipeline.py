@@ -13,25 +13,50 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..rng import stream
+from . import augment as augment_ops
 
 
 @dataclass(frozen=True)
 class Augment:
+    """A training batch's augmentation (static: part of the compiled step). The crop and flip are one resampling
+    (``augment``); ``policy`` (``data.augment.Policy``: RandAugment, TrivialAugment, 3-Augment and/or colour
+    jitter, on 0..255 pixel values) follows it, then normalisation, then random erasing (``erasing``: timm's
+    probability, per-pixel noise): ``train_images`` does all of it."""
     flip: bool = False
     random_resized_crop: bool = False
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1.1)
     pad_crop: int = 0
+    policy: Any = None
+    erasing: float = 0.0
 
     @property
     def enabled(self) -> bool:
+        return self.geometric or self.policy is not None or self.erasing > 0
+
+    @property
+    def geometric(self) -> bool:
         return self.flip or self.random_resized_crop or self.pad_crop > 0
+
+
+def train_images(images: jax.Array, key: jax.Array, aug: Augment, normalize, size: tuple[int, int] | None = None):
+    """A training batch as the model sees it: cropped and flipped (``augment``, with ``key`` itself, so runs
+    without the later stages keep their numbers), the policy's ops (``fold_in(key, 1)``), ``normalize``d, and
+    randomly erased (``fold_in(key, 2)``)."""
+    x = augment(images, key, aug, size)
+    if aug.policy is not None:
+        x = aug.policy(x, jax.random.fold_in(key, 1))
+    x = normalize(x)
+    if aug.erasing > 0:
+        x = augment_ops.random_erasing(x, jax.random.fold_in(key, 2), aug.erasing, mode="pixel")
+    return x
 
 
 def epoch_permutation(seed: int, epoch, n: int) -> jax.Array:
@@ -83,7 +108,7 @@ def augment(images: jax.Array, key: jax.Array, aug: Augment, size: tuple[int, in
     x = images.astype(jnp.float32)
     b, h, w, _ = x.shape
     out_h, out_w = size or (h, w)
-    if not aug.enabled:
+    if not aug.geometric:
         return resize(x, size)
     if aug.flip and not (aug.random_resized_crop or aug.pad_crop) and (out_h, out_w) == (h, w):
         flip = jax.random.bernoulli(key, 0.5, (b, 1, 1, 1))

@@ -37,6 +37,34 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 
+# ------------------------------------------------------------------ repeated augmentation (DeiT's RASampler)
+def repeated_epoch_length(n: int, num_repeats: float, selected_round: int = 256) -> int:
+    """Examples per epoch under repeated augmentation, DeiT's: the data set's size rounded down to a multiple of
+    ``selected_round`` (if it has that many; ``0``: not rounded), not ``num_repeats`` times it. timm's
+    ``RepeatAugSampler`` gives each of P processes ``floor(n // 256 * 256 / P)`` (or ``ceil(n / P)`` below 256);
+    here the length does not depend on the device count (equal to P times that whenever P divides it)."""
+    if num_repeats < 1:
+        raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+    return n // selected_round * selected_round if selected_round and n >= selected_round else n
+
+
+def epoch_length(n: int, repeats: int) -> int:
+    """Examples in an epoch's order: the training split's ``n``, or ``repeated_epoch_length`` under repeated
+    augmentation (``repeats`` > 1)."""
+    return n if repeats == 1 else repeated_epoch_length(n, repeats)
+
+
+def repeat_order(perm, num_repeats: float, length: int):
+    """``perm`` with each entry repeated ``num_repeats`` times in a row (timm's ``repeat_interleave``; a
+    fractional count as timm's ``perm[int(i // num_repeats)]``), cut to its first ``length`` entries. numpy in,
+    numpy out; jax in (inside jit too), jax out."""
+    if float(num_repeats).is_integer():
+        idx = np.arange(length) // int(num_repeats)
+    else:
+        idx = np.floor_divide(np.arange(length, dtype=np.float64), float(num_repeats)).astype(np.int64)
+    return perm[idx]
+
+
 def host_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
     """The rows of a global batch this host reads (its devices' rows: contiguous, in process order)."""
     per = batch_size // process_count
@@ -61,15 +89,19 @@ class TrainBatches:
     augmentation and normalisation run inside the jitted step, as for the device-resident feed)."""
 
     def __init__(self, images, labels: np.ndarray, *, seed: int, batch_size: int, steps_per_epoch: int,
-                 rows: tuple[int, int]):
+                 rows: tuple[int, int], repeats: int = 1):
         self.images, self.labels = images, np.asarray(labels, np.int32)
         self.seed, self.batch_size, self.steps_per_epoch, self.rows = seed, batch_size, steps_per_epoch, rows
+        self.repeats = repeats  # data.repeated_aug: each image this many times in a row (``mixing.repeat_order``)
         self._epoch, self._order = None, None
 
     def indices(self, step: int) -> np.ndarray:
         epoch, index = divmod(int(step), self.steps_per_epoch)
         if epoch != self._epoch:  # once per epoch in each process
-            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, len(self.labels))
+            order = epoch_order(self.seed, epoch, len(self.labels))
+            if self.repeats > 1:
+                order = repeat_order(order, self.repeats, epoch_length(len(self.labels), self.repeats))
+            self._epoch, self._order = epoch, order
         lo, hi = self.rows
         return self._order[index * self.batch_size + lo: index * self.batch_size + hi]
 

@@ -181,6 +181,16 @@ class Tracker:
             if hasattr(sink, "config"):
                 sink.config(dict(values))
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """One picture already written under the run directory (e.g. ``train/batch_preview``), to the sinks that
+        keep pictures (W&B); the others have the file."""
+        for name, sink in self.sinks.items():
+            if hasattr(sink, "log_image"):
+                try:
+                    sink.log_image(key, Path(path), step)
+                except Exception:  # noqa: BLE001
+                    log.exception("%s not handed to the %s sink", key, name)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._media:
             self._media.submit(lambda: None).result()  # pending media first: the summary is the last word

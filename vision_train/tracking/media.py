@@ -130,6 +130,32 @@ def plot_predictions(images: np.ndarray, labels, preds, confidence, class_names,
     return _save(fig, path)
 
 
+def plot_batch(images: np.ndarray, captions: list[str], path: Path, title: str) -> Path:
+    """A training batch (uint8 images as stored) in a grid, each image under its caption (its label or label
+    mix): ``python -m vision_train.preview`` and a run's ``train/batch_preview``. Small images are enlarged
+    (nearest) to at least 64 pixels so the augmentation can be seen."""
+    n = len(images)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    zoom = max(1, -(-64 // max(1, min(images.shape[1:3]))))
+    big = np.repeat(np.repeat(_to_rgb(images), zoom, axis=1), zoom, axis=2)
+    h, w = big.shape[1:3]
+    pad, cap = max(2, w // 16), max(8, h // 3)
+    cell_h, cell_w = cap + h + pad, w + pad
+    mosaic = np.ones((rows * cell_h, cols * cell_w, 3), np.float32)
+    for k, img in enumerate(big):
+        r, c = divmod(k, cols)
+        mosaic[r * cell_h + cap: r * cell_h + cap + h, c * cell_w: c * cell_w + w] = img
+    fig, ax = _figure(1.6 * cols, 1.9 * rows + 0.4)
+    ax.imshow(mosaic, interpolation="nearest")
+    for k, text in enumerate(captions):
+        r, c = divmod(k, cols)
+        ax.text(c * cell_w + w / 2, r * cell_h + cap - 1, text, ha="center", va="bottom", fontsize=6)
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def plot_curves(rows: list[dict], path: Path) -> Path:
     """Loss and accuracy curves from metrics.jsonl rows."""
     from matplotlib.figure import Figure

@@ -428,6 +428,17 @@ class WandbSink:
 
         self._put("media", job, 1, f"the {split} media of step {step}", droppable=True)
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """A picture file (read now) logged as ``key`` at ``step``, on the W&B thread."""
+        data = Path(path).read_bytes()
+
+        def job():
+            from PIL import Image
+
+            self.run.log({"step": step, key: self._wandb.Image(Image.open(io.BytesIO(data)))})
+
+        self._put("media", job, 1, f"{key} of step {step}", droppable=True)
+
     def log_checkpoints(self, directory: Path, steps: dict[str, int | None]) -> None:
         """Checkpoint directories as model artifacts (when ``logger.log_checkpoints``): one per step,
         aliased "best" and/or "latest"."""

@@ -26,7 +26,7 @@ from flax import nnx
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import models, parallel, perf, records
-from ..data import pipeline, sources
+from ..data import sources
 from ..errors import ConfigError, writing
 from ..fate import Fate
 from ..models import pretrained
@@ -152,10 +152,15 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
         raise ConfigError("trainer.batch_size", B,
                           f"larger than the {len(ds.train.labels)} training examples of {cfg.data.name}; "
                           f"use at most {len(ds.train.labels) // len(devices) * len(devices)}")
-    a = cfg.data.augment
-    aug = pipeline.Augment(a.flip, a.random_resized_crop, tuple(a.crop_scale), tuple(a.crop_ratio), a.pad_crop)
-    if aug.enabled and ds.train.images.dtype != np.uint8:
+    aug, mixes = build.augmentation(cfg.data.augment, ds, B), build.mixing(cfg.data.augment)
+    if (aug.enabled or mixes) and ds.train.images.dtype != np.uint8:
         raise ConfigError("data.augment", cfg.data.name, "image augmentation needs image data; turn it off for this data set")
+    if mixes and B % 2:
+        raise ConfigError("trainer.batch_size", B, "mixup / CutMix mix each image with its mirror in the batch: use an "
+                          "even batch size")
+    if cfg.data.repeated_aug > 1 and B % cfg.data.repeated_aug:
+        raise ConfigError("data.repeated_aug", cfg.data.repeated_aug, f"must divide trainer.batch_size={B} (each batch "
+                          "holds every repeat of its images)")
     dtype = build.compute_dtype(cfg.hardware.precision)
     feed = build.feed(ds, streamed, cfg.data, batch_size=B, seed=t.seed, aug=aug, mesh=mesh,
                       normalize=build.normalize(ds.scale, ds.mean, ds.std, cfg.hardware.precision))
@@ -213,7 +218,8 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
 
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, feed.train_batch, label_smoothing=o.label_smoothing, accum_steps=t.grad_accum_steps,
-        ema_decay=t.ema_decay, lr_shape=shape), donate_argnums=(0, 1),
+        ema_decay=t.ema_decay, lr_shape=shape, loss=t.loss, mixing=mixes,
+        num_classes=cfg.model.num_classes or ds.num_classes), donate_argnums=(0, 1),
         out_shardings=(shardings, replicated))
     eval_step = build.eval_step(graphdef, feed, label_smoothing=o.label_smoothing, sharding=replicated)
     predict = build.predict_fn(graphdef, feed.normalize, feed.size)

@@ -17,6 +17,7 @@ Imports JAX: the command lines import this after they have set ``XLA_FLAGS``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -28,6 +29,9 @@ from flax import nnx
 from .. import checkpoint as ckpt_lib
 from .. import config as config_lib
 from .. import models, parallel
+from ..data import augment as augment_ops
+from ..data import mixing as mixing_lib
+from ..data import pipeline
 from ..data.load import load_data
 from ..data.sources import Dataset
 from ..errors import UserError
@@ -92,6 +96,40 @@ def feed(ds: Dataset, streamed: bool, d, *, batch_size: int, mesh, normalize: No
     """The feed of ``ds`` (streamed or device-resident; ``feeds.make_feed``): training's (``seed``, ``aug``), or
     evaluation's alone (``train=False``, ``eval_splits``)."""
     return make_feed(ds, streamed, d, batch_size=batch_size, mesh=mesh, normalize=normalize, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- augmentation
+POLICY_NAMES = {"randaugment": "rand", "trivialaugment": "trivial", "3augment": "3a"}  # data.augment.policy ->
+
+
+def augmentation(a, ds: Dataset, batch_size: int) -> pipeline.Augment:
+    """``data.augment.*`` -> the training batch's augmentation (``pipeline.train_images``): the crop and flip, the
+    policy's ops and colour jitter (``data.augment``'s pure-JAX ops; geometric ops fill with the data set's mean
+    colour, ``round(mean / scale)`` as timm's ``img_mean``), random erasing. The ops are chosen per group of
+    ``gcd(batch_size, 8)`` images (``data.augment``'s docstring says why and what it costs)."""
+    policy = None
+    if a.policy != "none":
+        fill = tuple(float(round(m / ds.scale)) for m in ds.mean)
+        groups = math.gcd(batch_size, 8)
+        if a.policy == "randaugment":
+            policy = augment_ops.policy("rand", a.num_ops, a.magnitude, magnitude_std=a.magnitude_std, fill=fill,
+                                        groups=groups, color_jitter=a.color_jitter or None)
+        elif a.policy == "trivialaugment":
+            policy = augment_ops.policy("trivial", groups=groups, color_jitter=a.color_jitter or None)
+        else:  # 3augment: its colour jitter is data.augment.color_jitter (DeiT III: 0.3; 0 = off)
+            policy = augment_ops.policy("3a", fill=fill, groups=groups, color_jitter=a.color_jitter)
+    elif a.color_jitter > 0:  # colour jitter alone (timm's --color-jitter without an auto-augment policy)
+        policy = augment_ops.Policy("rand", (), num_ops=0, groups=None,
+                                    color_jitter=(a.color_jitter, a.color_jitter, a.color_jitter, 0.0))
+    return pipeline.Augment(a.flip, a.random_resized_crop, tuple(a.crop_scale), tuple(a.crop_ratio), a.pad_crop,
+                            policy=policy, erasing=a.random_erasing)
+
+
+def mixing(a) -> mixing_lib.Mixing | None:
+    """``data.augment``'s mixup / CutMix keys -> timm's ``Mixup`` arguments, or None where both are off."""
+    m = mixing_lib.Mixing(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
+                          switch_prob=a.switch_prob, mode=a.mix_mode)
+    return m if m.enabled else None
 
 
 # ------------------------------------------------------------------------------ steps from a graphdef

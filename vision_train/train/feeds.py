@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .. import parallel
-from ..data import pipeline
+from ..data import mixing, pipeline
 from ..data import stream as host
 from ..data.sources import Dataset, Split
 
@@ -81,12 +81,16 @@ class DeviceFeed:
 
     def __init__(self, ds: Dataset, *, batch_size: int, normalize: Normalize, mesh, seed: int = 0,
                  aug: pipeline.Augment = pipeline.Augment(), eval_batch_size: int | None = None, train: bool = True,
-                 eval_splits: tuple[str, ...] = ("val", "test"), size: tuple[int, int] | None = None):
+                 eval_splits: tuple[str, ...] = ("val", "test"), size: tuple[int, int] | None = None,
+                 repeats: int = 1):
         """``train=False``: evaluation only (``python -m vision_train.evaluate``): the training split is not
-        put on the devices unless it is one of ``eval_splits``."""
+        put on the devices unless it is one of ``eval_splits``. ``repeats`` (data.repeated_aug): each image that
+        many times in a row in the epoch's order (``data.mixing.repeated_order``)."""
         self.ds, self.batch_size, self.seed, self.aug, self.normalize = ds, batch_size, seed, aug, normalize
         self.size = size  # the model's input (H, W) when the stored images differ (resampled inside jit)
-        self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in the seeds
+        self.repeats = repeats
+        # the last partial batch is dropped, as in the seeds
+        self.steps_per_epoch = host.epoch_length(len(ds.train.labels), repeats) // batch_size
         self.sharding = self._replicated = parallel.replicated(mesh)
         self._batch = parallel.batch_sharded(mesh)
         put = lambda x: parallel.put_replicated(x, self._replicated)
@@ -98,7 +102,9 @@ class DeviceFeed:
         for name, split in self.splits.items():
             idx, mask = pipeline.eval_batches(len(split.labels), eb)
             self._eval[name] = (put(split.images), put(split.labels), put(idx), put(mask))
-        self._permutation = jax.jit(pipeline.epoch_permutation, static_argnums=(2,), out_shardings=self._replicated)
+        order = (pipeline.epoch_permutation if repeats == 1 else
+                 lambda seed, epoch, n: mixing.repeated_order(n, repeats, seed, epoch))
+        self._permutation = jax.jit(order, static_argnums=(2,), out_shardings=self._replicated)
         self._perm_epoch, self._perm = None, None
 
     def start_epoch(self, step: int) -> None:
@@ -116,8 +122,8 @@ class DeviceFeed:
         images, labels, perm, index = args
         idx = jax.lax.dynamic_slice_in_dim(perm, index * self.batch_size, self.batch_size)
         idx = jax.lax.with_sharding_constraint(idx, self._batch)
-        x = pipeline.augment(jnp.take(images, idx, axis=0), key, self.aug, self.size)
-        return self.normalize(x), jnp.take(labels, idx, axis=0)
+        x = pipeline.train_images(jnp.take(images, idx, axis=0), key, self.aug, self.normalize, self.size)
+        return x, jnp.take(labels, idx, axis=0)
 
     def eval_args(self, split: str) -> Iterator[tuple]:
         yield self._eval[split]  # one chunk: the scan covers the whole split
@@ -154,17 +160,20 @@ class StreamFeed:
     def __init__(self, ds: Dataset, *, batch_size: int, normalize: Normalize, mesh, seed: int = 0,
                  aug: pipeline.Augment = pipeline.Augment(), eval_batch_size: int | None = None, train: bool = True,
                  eval_splits: tuple[str, ...] = ("val", "test"), workers: int = 2, prefetch: int = 4,
-                 eval_chunk: int = 8, size: tuple[int, int] | None = None):
+                 eval_chunk: int = 8, size: tuple[int, int] | None = None, repeats: int = 1):
         self.ds, self.batch_size, self.seed, self.aug, self.normalize = ds, batch_size, seed, aug, normalize
         self.size = size  # the model's input (H, W) when the stored images differ (resampled inside jit)
         self.workers, self.prefetch = workers, max(1, prefetch)
-        self.steps_per_epoch = len(ds.train.labels) // batch_size  # the last partial batch is dropped, as in-memory
+        self.repeats = repeats  # data.repeated_aug (as DeviceFeed's)
+        # the last partial batch is dropped, as in-memory
+        self.steps_per_epoch = host.epoch_length(len(ds.train.labels), repeats) // batch_size
         self.sharding = parallel.replicated(mesh)
         self._batch = parallel.batch_sharded(mesh)
         self._chunk_sharding = parallel.batch_sharded(mesh, dim=1)  # (chunks of batches: split each batch)
         pc, pi = jax.process_count(), jax.process_index()
         self._train = (host.TrainBatches(ds.train.images, ds.train.labels, seed=seed, batch_size=batch_size,
-                                         steps_per_epoch=self.steps_per_epoch, rows=host.host_rows(batch_size, pi, pc))
+                                         steps_per_epoch=self.steps_per_epoch, rows=host.host_rows(batch_size, pi, pc),
+                                         repeats=repeats)
                        if train else None)
         every = {"train": ds.train, "val": ds.val, "test": ds.test}
         self.splits = {name: every[name] for name in eval_splits if every[name] is not None and len(every[name].labels)}
@@ -224,7 +233,7 @@ class StreamFeed:
 
     def train_batch(self, args: tuple, key):
         images, labels = args
-        return self.normalize(pipeline.augment(images, key, self.aug, self.size)), labels
+        return pipeline.train_images(images, key, self.aug, self.normalize, self.size), labels
 
     def state(self) -> dict:
         """The pipeline's position (for a checkpoint's metadata): the next step it reads."""
@@ -288,6 +297,7 @@ def make_feed(ds: Dataset, streamed: bool, d, **kwargs):
     batches to the model's input (``input_shape``) where the stored images differ from it."""
     shape = input_shape(ds, d)
     kwargs["size"] = None if shape == tuple(ds.shape) else shape[:2]
+    kwargs.setdefault("repeats", getattr(d, "repeated_aug", 1))
     if streamed:
         log.info("streaming %s from %s: %s read batches ahead (data.workers=%d, data.prefetch=%d)", ds.name,
                  "memory" if d.kind == "builtin" else "its files",

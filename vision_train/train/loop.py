@@ -21,6 +21,7 @@ import jax
 from .. import config as config_lib
 from .. import fate as fate_lib
 from .. import parallel
+from ..preview import log_run_preview
 from ..errors import Preempted  # noqa: F401 (raised by the signals hook; the command line catches it)
 from . import hooks as hooks_lib
 from .assembly import Run, assemble, check_run_dir, report_memory
@@ -63,6 +64,8 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
             args = run.feed.train_args(step)
             if step == run.start_step:
                 report_memory(run, args)  # (compiles the step: its memory, as XLA reports it)
+                if step == 0:
+                    log_run_preview(run, step, args)  # (train/batch_preview: the first batch, as trained on)
             run.state, run.train_sums = run.train_step(run.state, run.train_sums, *args)
             loop.after_step(step + 1)
         summary = loop.end()

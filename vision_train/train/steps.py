@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ..data import mixing as mixing_lib
 from ..data import pipeline
 from .state import TrainState
 
@@ -42,10 +43,21 @@ def new_train_sums(values: dict | None = None) -> dict:
 
 def forward(graphdef, params, other, x, *, train: bool, key=None):
     """The model's logits (float32) for a prepared batch."""
+    return forward_with_stats(graphdef, params, other, x, train=train, key=key)[0]
+
+
+def forward_with_stats(graphdef, params, other, x, *, train: bool, key=None):
+    """``(logits float32, other)``: the model's logits and its non-parameter state after the call, with the
+    batch statistics (``nnx.BatchStat``: BatchNorm's running mean and variance) a training call updated. The
+    RNG streams in ``other`` are left as they were (they are reseeded from the step's key every step)."""
     model = nnx.merge(graphdef, params, other, copy=True)  # fresh Variables at this trace level
     if key is not None:
         nnx.reseed(model, dropout=key)
-    return model(x, train=train).astype(jnp.float32)
+    logits = model(x, train=train).astype(jnp.float32)
+    stats = nnx.state(model, nnx.BatchStat)
+    if train and jax.tree.leaves(stats):
+        other = nnx.merge_state(other, stats)
+    return logits, other
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -61,51 +73,69 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
-                accum_steps: int = 1, ema_decay: float = 0.0, lr_shape: Callable | None = None) -> Callable:
-    """``update(state, sums, x, y) -> (state, sums)``: forward, backward, optimizer update, the parameters'
-    moving average and the running sums, on a prepared batch (the train step after its input pipeline).
+                accum_steps: int = 1, ema_decay: float = 0.0, lr_shape: Callable | None = None,
+                loss: str = "ce") -> Callable:
+    """``update(state, sums, x, y, targets=None) -> (state, sums)``: forward, backward, optimizer update, the
+    parameters' moving average and the running sums, on a prepared batch (the train step after its input
+    pipeline). ``targets`` (B, num_classes): soft targets (mixup / CutMix's, label smoothing folded in), trained
+    on in place of the labels ``y``; the running sums' accuracy then counts the targets' largest class.
 
+    ``loss``: 'ce' (softmax cross-entropy; on integer labels, ``label_smoothing`` applied here) or 'bce'
+    (sigmoid binary cross-entropy per class on the targets, timm's ``BinaryCrossEntropy``: DeiT III, RSB).
     ``accum_steps`` > 1: the batch is split into that many micro-batches, run one after another in a
-    scan; their gradients are averaged before the one optimizer update (activation memory / accum_steps).
+    scan; their gradients are averaged before the one optimizer update (activation memory / accum_steps);
+    batch statistics (BatchNorm) are updated by each micro-batch in turn, as in PyTorch.
     ``ema_decay`` > 0: ``state.ema`` (float32) moves towards the new parameters. ``lr_shape``: the schedule's
     shape (``state.lr_schedule`` with peak 1), for the running sums' ``lr``: the learning rate this step applied
     (the rate in the optimizer state times the shape at this step, as ``make_optimizer``'s update computes it)."""
+    def loss_of(logits, y, t):
+        if t is None and loss == "ce":
+            return cross_entropy(logits, y, label_smoothing)
+        if t is None:
+            t = mixing_lib.smooth_one_hot(y, logits.shape[-1], label_smoothing)
+        if loss == "bce":
+            return mixing_lib.binary_cross_entropy(logits, t)
+        return mixing_lib.soft_target_cross_entropy(logits, t)
 
-    def grads_of(params, other, x, y, key):
+    def grads_of(params, other, x, y, t, key):
         def objective(p):
-            logits = forward(graphdef, p, other, x, train=True, key=key)
-            return cross_entropy(logits, y, label_smoothing).mean(), logits
+            logits, new_other = forward_with_stats(graphdef, p, other, x, train=True, key=key)
+            return loss_of(logits, y, t).mean(), (logits, new_other)
 
-        (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return loss, jnp.sum(jnp.argmax(logits, -1) == y), grads
+        (loss_value, (logits, new_other)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        truth = y if t is None else jnp.argmax(t, -1)
+        return loss_value, jnp.sum(jnp.argmax(logits, -1) == truth), grads, new_other
 
-    def update(state: TrainState, sums: dict, x, y):
+    def update(state: TrainState, sums: dict, x, y, targets=None):
         _, k_drop = jax.random.split(step_key(state))
         batch = y.shape[0]
         if accum_steps == 1:
-            loss, correct, grads = grads_of(state.params, state.other, x, y, k_drop)
+            loss_value, correct, grads, other = grads_of(state.params, state.other, x, y, targets, k_drop)
         else:
             micro = lambda a: a.reshape(accum_steps, batch // accum_steps, *a.shape[1:])  # noqa: E731
 
             def body(carry, inputs):
-                i, xm, ym = inputs
-                loss, correct, grads = grads_of(state.params, state.other, xm, ym, jax.random.fold_in(k_drop, i))
-                total_loss, total_correct, total_grads = carry
-                return (total_loss + loss, total_correct + correct, jax.tree.map(jnp.add, total_grads, grads)), None
+                i, xm, ym, tm = inputs
+                total_loss, total_correct, total_grads, other = carry
+                loss_value, correct, grads, other = grads_of(state.params, other, xm, ym, tm,
+                                                             jax.random.fold_in(k_drop, i))
+                return (total_loss + loss_value, total_correct + correct, jax.tree.map(jnp.add, total_grads, grads),
+                        other), None
 
             zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
-                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-            (loss, correct, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro(x), micro(y)))
-            loss = loss / accum_steps
+                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), state.other)
+            (loss_value, correct, grads, other), _ = jax.lax.scan(
+                body, zero, (jnp.arange(accum_steps), micro(x), micro(y), None if targets is None else micro(targets)))
+            loss_value = loss_value / accum_steps
             grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema_decay:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(jnp.float32), ema, params)
-        bad = ~jnp.isfinite(loss)
+        bad = ~jnp.isfinite(loss_value)
         sums = {
-            "loss": sums["loss"] + loss * batch,
+            "loss": sums["loss"] + loss_value * batch,
             "correct": sums["correct"] + correct,
             "count": sums["count"] + batch,
             "grad_norm": sums["grad_norm"] + optax.global_norm(grads),
@@ -115,24 +145,48 @@ def make_update(graphdef, tx: optax.GradientTransformation, *, label_smoothing: 
             "lr": sums["lr"] if lr_shape is None else
             (state.opt_state.hyperparams["learning_rate"] * lr_shape(state.step)).astype(jnp.float32),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), sums
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, other=other), sums
 
     return update
 
 
+def make_batch(train_batch: Callable, *, mixing=None, num_classes: int | None = None,
+               label_smoothing: float = 0.0) -> Callable:
+    """``batch(rng, step, args) -> (x, y, targets)``: step ``step``'s training batch as the update sees it, from
+    the run's key data ``rng`` (``TrainState.rng``): the feed's (``train_batch(args, key) -> (x, y)``: gathered,
+    augmented, normalised), then mixed where ``mixing`` (a ``data.mixing.Mixing``) is on: timm's Mixup on the
+    global batch, before any split into micro-batches, so the result depends neither on the accumulation steps
+    nor on the device count; its randomness is its own stream (``fold_in(step key, 2)``), so runs without
+    mixing keep their numbers. ``targets``: the mixed soft targets (label smoothing folded in), or None."""
+    mixes = mixing is not None and mixing.enabled
+
+    def batch(rng, step, args):
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)  # (step_key's)
+        k_aug, _ = jax.random.split(key)
+        x, y = train_batch(args, k_aug)
+        if not mixes:
+            return x, y, None
+        mixed, targets = mixing_lib.mix(jax.random.fold_in(key, 2), x.astype(jnp.float32), y, mixing, num_classes,
+                                        label_smoothing=label_smoothing)
+        return mixed.astype(x.dtype), y, targets
+
+    return batch
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_batch: Callable, *,
                     label_smoothing: float = 0.0, accum_steps: int = 1, ema_decay: float = 0.0,
-                    lr_shape: Callable | None = None) -> Callable:
-    """``train_step(state, sums, *args) -> (state, sums)``: the feed's batch for ``args``
-    (``train_batch(args, key) -> (x, y)``, traced here), then ``make_update``'s update."""
+                    lr_shape: Callable | None = None, loss: str = "ce", mixing=None,
+                    num_classes: int | None = None) -> Callable:
+    """``train_step(state, sums, *args) -> (state, sums)``: ``make_batch``'s batch for ``args`` (the feed's,
+    traced here, then mixed), then ``make_update``'s update."""
     update = make_update(graphdef, tx, label_smoothing=label_smoothing, accum_steps=accum_steps,
-                         ema_decay=ema_decay, lr_shape=lr_shape)
+                         ema_decay=ema_decay, lr_shape=lr_shape, loss=loss)
+    batch = make_batch(train_batch, mixing=mixing, num_classes=num_classes, label_smoothing=label_smoothing)
 
     def train_step(state: TrainState, sums: dict, *args):
         TRACES["train_step"] += 1
-        k_aug, _ = jax.random.split(step_key(state))
-        x, y = train_batch(args, k_aug)
-        return update(state, sums, x, y)
+        x, y, targets = batch(state.rng, state.step, args)
+        return update(state, sums, x, y, targets)
 
     return train_step
 
