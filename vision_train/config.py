@@ -143,7 +143,7 @@ if OmegaConf is not None and not OmegaConf.has_resolver("vt_job_dir"):
 @dataclass
 class AugmentConfig(_Freezable):
     flip: bool = False                 # random horizontal flip
-    random_resized_crop: bool = False
+    random_resized_crop: bool = False  # a random crop of crop_scale x crop_ratio, resized back
     crop_scale: List[float] = field(default_factory=lambda: [0.8, 1.0])   # fraction of the image area
     crop_ratio: List[float] = field(default_factory=lambda: [0.9, 1.1])   # width / height
     pad_crop: int = 0                  # pixels of zero padding before a random crop back to size; 0 = off
@@ -156,7 +156,7 @@ class AugmentConfig(_Freezable):
     random_erasing: float = 0.0        # probability of erasing a box with per-pixel noise (timm's reprob, mode pixel)
     # Mixup / CutMix on the global batch (timm's Mixup: soft targets, optimizer.label_smoothing folded in; 0 = off)
     mixup_alpha: float = 0.0           # lambda ~ Beta(alpha, alpha)
-    cutmix_alpha: float = 0.0
+    cutmix_alpha: float = 0.0          # CutMix: lambda ~ Beta(alpha, alpha), a box of 1 - lambda pasted
     mix_prob: float = 1.0              # probability of mixing a batch at all
     switch_prob: float = 0.5           # both on: probability of CutMix rather than mixup
     mix_mode: str = "batch"            # batch | pair | elem: one draw per batch, per pair of images or per image
@@ -169,12 +169,12 @@ class DataConfig(_Freezable):
     kind: str = "builtin"
     name: str = "digits"               # builtin: cifar10 cifar100 mnist fashion_mnist svhn digits toy synthetic
     root: str = "data"                 # where torchvision data sets live (downloaded there if absent); image_folder: the folder
-    download: bool = True
+    download: bool = True              # torchvision sets: download into root when absent; false: read only
     val_size: int = 0                  # examples held out of the training split for validation; 0 = none
     test_fraction: float = 0.2         # for data sets without a test split of their own (digits, toy)
     split_seed: int = 42               # train/val(/test) split, as torch.utils.data.random_split
     mean: Optional[List[float]] = None  # per channel, in [0, 1] units; None: the data set's statistics
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = None  # per channel, as mean; None: the data set's statistics
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Repeated augmentation (DeiT's RASampler): each image k times per epoch's order, augmented independently; an
     # epoch stays about len(train) examples (each image shows k times in about a k-th of the epochs' worth). 1 = off
@@ -192,8 +192,8 @@ class DataConfig(_Freezable):
     image_key: str = "image"           # hf: the column holding the image
     label_key: str = "label"           # hf: the column holding the class (ClassLabel or int)
     train_split: str = "train"         # hf: split names; a missing val/test split is held out of train
-    val_split: str = "validation"
-    test_split: str = "test"
+    val_split: str = "validation"      # hf: the validation split's name
+    test_split: str = "test"           # hf: the test split's name
     max_bad_fraction: float = 0.01     # unreadable images are skipped and listed; past this fraction the run stops
     # How batches reach the step: device-resident (decoded once into a uint8 cache) or streamed with Grain.
     cache: str = "auto"                # auto: cache when the decoded set is under cache_max_gb | true | false
@@ -214,16 +214,16 @@ class OptimizerConfig(_Freezable):
     name: str = "adam"                 # adam | adamw | sgd | lamb (optax.lamb: adamw's update times each array's trust ratio)
     lr: float = 1e-3                   # peak learning rate, for trainer.batch_size as given
     schedule: str = "constant"         # constant | cosine (linear warmup, then cosine decay)
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0         # linear warmup from 0 to lr over these epochs (fractions too)
     min_lr: float = 0.0                # cosine: the final learning rate
     weight_decay: float = 0.0          # adamw, lamb: decoupled; adam/sgd: L2 added to the gradient
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float = 0.9                    # adam, adamw, lamb: the first moment's decay
+    b2: float = 0.999                  # adam, adamw, lamb: the second moment's decay
+    eps: float = 1e-8                  # adam, adamw, lamb: added to the second moment's root
     momentum: float = 0.9              # sgd
     nesterov: bool = False             # sgd
     grad_clip_norm: float = 0.0        # clip by global norm; 0 = off
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0       # in [0, 1): mass spread over all classes (val/test loss too)
     # Per-parameter learning-rate multipliers: {regex over parameter paths: multiplier}. Paths are dotted, as
     # blocks.3.attn.qkv.kernel, head.kernel, embed.proj.kernel, pos_embed (the module attribute names; a pattern
     # matching none is refused with some of the model's paths, and the run logs how many arrays each multiplier
@@ -267,16 +267,16 @@ class HardwareConfig(_Freezable):
 # ------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig(_Freezable):
-    epochs: int = 10
+    epochs: int = 10                   # passes over the training split: the run's length
     loss: str = "ce"                   # ce: softmax cross-entropy | bce: binary cross-entropy on (mixed) targets (DeiT III, RSB)
     batch_size: int = 128              # global, split across devices
     seed: int = 42                     # init, data order, dropout
-    log_every_steps: int = 50
+    log_every_steps: int = 50          # train metrics (loss, acc, lr, images/s); also at each epoch's end
     eval_every_epochs: int = 1         # 0: only at the end
     eval_every_steps: int = 0          # 0: off; either cadence may be used, or both
     ema_decay: float = 0.0             # 0: off; else an exponential moving average of the parameters, evaluated as val_ema/*
     grad_accum_steps: int = 1          # the global batch is split into this many micro-batches per step (memory / k)
-    progress_bar: bool = True
+    progress_bar: bool = True          # a bar per epoch on the console (process 0)
     checkpoint_every_epochs: int = 1   # 0: off (still saved at the end and on SIGTERM/SIGINT)
     checkpoint_every_steps: int = 0    # 0: off; either cadence may be used, or both
     keep_checkpoints: int = 3          # the last K, plus the best by best_metric
@@ -296,12 +296,12 @@ class TrainerConfig(_Freezable):
 @dataclass
 class LoggerConfig(_Freezable):
     mode: str = "offline"              # auto | online | offline | disabled
-    project: str = "vision_train"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    notes: Optional[str] = None
+    project: str = "vision_train"      # the W&B project
+    entity: Optional[str] = None       # the W&B team or user; null: the account's default
+    name: Optional[str] = None         # the W&B run's name; null: model, data set, overrides
+    group: Optional[str] = None        # the W&B group; null: none, a sweep's jobs its directory
+    tags: List[str] = field(default_factory=list)  # W&B tags; []: none, a sweep job its overrides
+    notes: Optional[str] = None        # the W&B run's notes (description)
     init_timeout_s: float = 30.0       # online: give up on an unreachable server after this, go on offline
     finish_timeout_s: float = 60.0     # online: the most the end of a run waits for uploads (then: `wandb sync`)
     log_checkpoints: bool = False      # upload the best and latest checkpoints as W&B artifacts

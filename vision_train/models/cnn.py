@@ -16,8 +16,8 @@ from . import Architecture, ModelConfig, all_positive
 @dataclass
 class CNNConfig(ModelConfig):
     arch: str = "cnn"
-    features: List[int] = field(default_factory=lambda: [32, 64])
-    dense_dim: int = 256
+    features: List[int] = field(default_factory=lambda: [32, 64])  # each 3x3 conv's channels (ReLU, 2x2 avg pool after)
+    dense_dim: int = 256             # the dense ReLU layer before the head
 
     def check(self) -> None:
         super().check()

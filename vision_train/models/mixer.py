@@ -25,13 +25,13 @@ from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, a
 @dataclass
 class MixerConfig(Patches, ModelConfig):
     arch: str = "mixer"
-    patch_size: int = 4
-    num_blocks: int = 8
-    hidden_dim: int = 192
-    tokens_mlp_dim: int = 96
-    channels_mlp_dim: int = 768
+    patch_size: int = 4              # square patches, one token each; must tile the images
+    num_blocks: int = 8              # mixer blocks (token mixing, then channel mixing)
+    hidden_dim: int = 192            # channels per token (the patch embedding's width)
+    tokens_mlp_dim: int = 96         # the token-mixing MLP's hidden width
+    channels_mlp_dim: int = 768      # the channel-mixing MLP's hidden width
     gelu: str = "tanh"               # tanh | exact (timm's checkpoints)
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-6     # LayerNorm's epsilon (timm's: 1e-6)
     stochastic_depth: float = 0.0    # drop rate of the last block (per example); grows linearly from 0
     # LayerScale (as model.layer_scale of vit; timm's init_values): each mixing branch times a learned per-channel
     # gamma starting at this value (blocks.<i>.ls1.gamma / ls2.gamma). 0 = off (no parameters)

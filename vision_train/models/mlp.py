@@ -16,8 +16,8 @@ from . import Architecture, ModelConfig, all_positive
 @dataclass
 class MLPConfig(ModelConfig):
     arch: str = "mlp"
-    hidden_layers: int = 1
-    hidden_dim: int = 10
+    hidden_layers: int = 1           # Dense + ReLU layers before the head (0: a linear classifier)
+    hidden_dim: int = 10             # each hidden layer's width
 
     def check(self) -> None:
         super().check()

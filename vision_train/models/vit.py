@@ -27,14 +27,14 @@ from . import GELU, Architecture, ModelConfig, Patches, WeightFormat, Weights, a
 @dataclass
 class ViTConfig(Patches, ModelConfig):
     arch: str = "vit"
-    patch_size: int = 4
-    hidden_size: int = 128
-    num_layers: int = 6
-    num_heads: int = 8
-    mlp_dim: int = 256
+    patch_size: int = 4              # square patches, one token each; must tile the images
+    hidden_size: int = 128           # the token width
+    num_layers: int = 6              # encoder blocks
+    num_heads: int = 8               # attention heads; must divide hidden_size
+    mlp_dim: int = 256               # each block's MLP hidden width
     classifier: str = "token"        # token | gap
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
+    dropout: float = 0.1             # after the embedding, after attention and inside each MLP
+    attention_dropout: float = 0.0   # on the attention weights
     stochastic_depth: float = 0.0    # drop rate of the last block; grows linearly from 0
     # LayerScale (CaiT; DeiT III: 1e-4 for ViT-S/B; timm's init_values): each residual branch times a learned
     # per-channel gamma starting at this value (blocks.<i>.ls1.gamma / ls2.gamma, as timm). 0 = off (no parameters)
@@ -48,8 +48,8 @@ class ViTConfig(Patches, ModelConfig):
     attention: str = "auto"
     # What pretrained checkpoints need (the defaults compute what seed 004 did):
     gelu: str = "tanh"               # tanh | exact (timm's checkpoints; big_vision's use tanh)
-    qkv_bias: bool = True
-    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True            # biases in the query/key/value projection
+    layer_norm_eps: float = 1e-6     # LayerNorm's epsilon (timm's: 1e-6)
     fc_norm: bool = False            # the final LayerNorm after pooling, not before (timm's global_pool='avg')
     representation_size: Optional[int] = None  # a Dense+tanh before the head (big_vision's pre_logits)
 
