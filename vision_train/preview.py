@@ -147,10 +147,11 @@ def _preview(overrides: list[str], out: Path, n: int, step: int) -> int:
 
 
 def _one_device(h):
-    """``hardware.*`` with one device."""
+    """``hardware.*`` with one device (and no FSDP axis: the batch's values do not depend on the mesh)."""
     import dataclasses
 
-    return dataclasses.replace(h, num_devices=1) if dataclasses.is_dataclass(h) else h
+    one = {"num_devices": 1, **({"fsdp": 1} if hasattr(h, "fsdp") else {})}
+    return dataclasses.replace(h, **one)
 
 
 if __name__ == "__main__":
