@@ -197,6 +197,9 @@ RECIPES = ["bv_vit_s16_i1k", "deit3_s16_in1k", "rsb_a3_resnet50", "cifar10_vit"]
 def test_the_recipe_presets_compose_and_validate(name):
     cfg = compose([f"experiment={name}", "data.root=/imagenet"])
     a = cfg.data.augment
+    # What the run checks once it has the data: each batch holds every repeat of its images, an even batch for
+    # mixing; and 8 devices (a GPU node) split it evenly.
+    assert cfg.trainer.batch_size % (cfg.data.repeated_aug * 8) == 0 and cfg.trainer.batch_size % 2 == 0
     if name == "bv_vit_s16_i1k":
         assert (cfg.model.arch, cfg.model.hidden_size, cfg.model.classifier, cfg.model.posemb,
                 cfg.model.representation_size, cfg.model.gelu) == ("vit", 384, "gap", "sincos2d", 384, "tanh")
@@ -209,7 +212,7 @@ def test_the_recipe_presets_compose_and_validate(name):
         assert (cfg.model.hidden_size, cfg.model.layer_scale, cfg.model.stochastic_depth) == (384, 1e-4, 0.05)
         assert (a.policy, a.color_jitter, a.mixup_alpha, a.cutmix_alpha) == ("3augment", 0.3, 0.8, 1.0)
         assert (cfg.trainer.loss, cfg.data.repeated_aug, cfg.optimizer.name, cfg.optimizer.lr) == ("bce", 3, "lamb", 4e-3)
-        assert (cfg.optimizer.weight_decay, cfg.trainer.batch_size) == (0.05, 2048)
+        assert (cfg.optimizer.weight_decay, cfg.trainer.batch_size) == (0.05, 2040)
     elif name == "rsb_a3_resnet50":
         assert cfg.model.arch == "resnet" and cfg.data.image_size == 160
         assert (a.policy, a.num_ops, a.magnitude, a.magnitude_std, a.mixup_alpha, a.cutmix_alpha) == \
