@@ -89,8 +89,27 @@ def initialize_distributed(setting="auto", platform: str = "auto") -> bool:
         raise
     finally:
         _dist._jax.get_distributed_runtime_service = real_service
+    atexit.register(_leave_distributed)  # (registered before the lifeline's: runs after it, after Orbax's)
     _Run.start(found)
     return True
+
+
+# At exit, how long process 0 keeps JAX's coordination service for the other processes to leave (their clients
+# shut down and their processes end), once its own client has shut down.
+LEAVE_WAIT_S = 60
+
+
+def _leave_distributed() -> None:
+    """At exit, every process: shut JAX's client down here (``jax.distributed.shutdown``: the shutdown barrier,
+    every process taking part) instead of at the interpreter's very end. On process 0 that ends with the service's
+    own shutdown (``_ServiceProcess.shutdown``), which waits until the other processes have left (their lifeline
+    connections closed: their processes ended) before the service goes: a service that went as soon as process 0
+    had passed the barrier aborted a process still leaving ("Failed to send RPC to coordination service",
+    exit 134: its client's error polling, not yet stopped, lost the service)."""
+    try:
+        jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001 (a process lost at the end: said by the lifeline; nothing else to do)
+        log.debug("jax.distributed.shutdown: %s", e)
 
 
 # JAX's coordination service, which process 0 would host itself, runs in a small process of its own beside it
@@ -148,7 +167,13 @@ class _ServiceProcess:
         for line in self.proc.stderr:  # the service's own log lines (errors about lost processes)
             sys.stderr.write(line.decode(errors="replace"))
 
-    def shutdown(self) -> None:  # (jax.distributed.shutdown(): after this process's client has shut down)
+    def shutdown(self) -> None:
+        """``jax.distributed.shutdown()`` on process 0, after its client has shut down (every process has passed the
+        shutdown barrier): the service stays until the other processes have left (at most LEAVE_WAIT_S), then
+        ends."""
+        run = _Run.current
+        if run is not None and run.lifeline is not None:
+            run.lifeline.wait_closed(LEAVE_WAIT_S)
         self.bye()
         try:
             self.proc.stdin.close()
@@ -390,6 +415,15 @@ class _Lifeline:
         self.quiet.wait(3.0)  # the watcher's next turn, after what has arrived until now
         self._send_all("bye\n")
         self.said_bye = True
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Until every other process's connection has closed (its process ended), at most ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while any(c["open"] for c in self.conns.values()):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 def _read_line(conn: socket.socket) -> str:
