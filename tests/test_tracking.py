@@ -68,6 +68,12 @@ def test_offline_run_holds_curves_media_summary_and_equals_the_local_mirror(tmp_
     config = run["config"]["update"]
     assert config["model"]["arch"] == "cnn" and config["trainer"]["batch_size"] == 64
     assert config["meta"]["parameters"] == summary["parameters"] and "jax" in config["meta"]["versions"]
+    # The memory per device, known once the step has compiled: in the summary and added to the config.
+    added = {}
+    for c in by_type(recs, "config"):
+        added.update(c.get("update", {}))
+    for key in ("memory/param_bytes_per_device", "memory/opt_state_bytes_per_device"):
+        assert summary[key] > 0 and final[key] == summary[key] and added[key] == summary[key], key
     assert by_type(recs, "exit")[0]["exit_code"] == 0
     # The local mirror: PNGs beside metrics.jsonl.
     for png in ("curves", "val_confusion", "val_predictions", "val_reliability", "test_confusion", "test_mistakes"):
