@@ -43,6 +43,7 @@ def wandb_run_record(run_dir):
     return run
 
 
+@pytest.mark.xdist_group("trained")  # (one worker: the module fixture runs once)
 def test_evaluate_on_two_devices_reproduces_the_training_runs_test_accuracy(trained, tmp_path):
     train_dir, summary = trained
     ev = tmp_path / "eval"
@@ -97,6 +98,7 @@ BAD = [
 ]
 
 
+@pytest.mark.xdist_group("trained")  # (one worker: the module fixture runs once)
 @pytest.mark.parametrize("what,extra,expected", BAD, ids=[b[0] + " ".join(b[1]) for b in BAD])
 def test_evaluate_bad_input_is_one_line_and_nonzero(trained, tmp_path, what, extra, expected):
     train_dir, _ = trained
@@ -136,6 +138,7 @@ def _model_predictions(train_dir, images):
     return np.asarray(jax.nn.softmax(model(x, train=False).astype(jnp.float32)))
 
 
+@pytest.mark.xdist_group("trained")  # (one worker: the module fixture runs once)
 def test_predict_on_image_files(trained, tmp_path):
     from PIL import Image
 

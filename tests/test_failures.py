@@ -195,6 +195,7 @@ def damaged_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.xdist_group("damaged_run")  # (one worker: the module fixture runs once)
 def test_evaluate_a_damaged_checkpoint_names_the_step_and_the_earlier_one(damaged_run, tmp_path):
     r = run_module("vision_train.evaluate", [f"checkpoint={damaged_run}", "hardware=cpu", "logger.mode=disabled",
                                              f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
@@ -207,6 +208,7 @@ def test_evaluate_a_damaged_checkpoint_names_the_step_and_the_earlier_one(damage
     assert f"checkpoint={damaged_run / 'checkpoints' / '19'}" in lines[0], lines[0]
 
 
+@pytest.mark.xdist_group("damaged_run")  # (one worker: the module fixture runs once)
 def test_resuming_from_a_damaged_checkpoint_names_the_step_and_how_to_resume_from_the_earlier_one(damaged_run,
                                                                                                   tmp_path):
     run = tmp_path / "run"
@@ -225,6 +227,7 @@ def test_resuming_from_a_damaged_checkpoint_names_the_step_and_how_to_resume_fro
     # (that resuming from an earlier step of a run works: tests/test_records.py)
 
 
+@pytest.mark.xdist_group("damaged_run")  # (one worker: the module fixture runs once)
 def test_evaluate_on_a_full_disk_is_one_line_and_leaves_no_partial_report(damaged_run, tmp_path, tmpfs):
     disk = tmpfs(128)
     fill(disk, leave_kb=28)  # Hydra's files and the log fit; the report and the figures do not

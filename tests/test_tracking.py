@@ -31,8 +31,21 @@ def by_type(recs, kind):
     return [r[kind] for r in recs if r["type"] == kind]
 
 
-def test_offline_run_holds_curves_media_summary_and_equals_the_local_mirror(tmp_path):
-    summary = train(compose(RUN), tmp_path)
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """The offline run RUN (2 epochs), in this process: (its directory, its summary)."""
+    run_dir = tmp_path_factory.mktemp("offline")
+    with pytest.MonkeyPatch.context() as mp:  # (as conftest's _no_home_writes does for each test)
+        mp.setenv("HOME", str(run_dir / "home"))
+        for var in ("WANDB_API_KEY", "WANDB_SERVICE"):
+            mp.delenv(var, raising=False)
+        return run_dir, train(compose(RUN), run_dir / "run")
+
+
+@pytest.mark.xdist_group("offline_run")  # (one worker: the module fixture runs once)
+def test_offline_run_holds_curves_media_summary_and_equals_the_local_mirror(offline_run):
+    run_dir, summary = offline_run
+    tmp_path = run_dir / "run"
     recs = records(tmp_path)
     history = {}  # our x-axis "step" -> everything logged for it (W&B's own _step counts log calls)
     for h in by_type(recs, "history"):
@@ -80,10 +93,11 @@ def test_offline_run_holds_curves_media_summary_and_equals_the_local_mirror(tmp_
         assert (tmp_path / "media" / f"{png}.png").stat().st_size > 1000, png
 
 
-def test_two_runs_in_one_process_are_two_wandb_runs(tmp_path):
-    train(compose([*RUN, "trainer.epochs=1"]), tmp_path / "a")
+@pytest.mark.xdist_group("offline_run")  # (one worker: the module fixture runs once)
+def test_two_runs_in_one_process_are_two_wandb_runs(tmp_path, offline_run):
+    # offline_run ran earlier in this process (module-scoped: the same worker); this is the second run
     train(compose([*RUN, "trainer.epochs=1"]), tmp_path / "b")
-    ids = [by_type(records(tmp_path / d), "run")[0]["run_id"] for d in ("a", "b")]
+    ids = [by_type(records(d), "run")[0]["run_id"] for d in (offline_run[0] / "run", tmp_path / "b")]
     assert ids[0] != ids[1]
 
 
@@ -133,8 +147,9 @@ def test_decision_boundary_for_2d_data(tmp_path):
 def test_a_failed_run_finishes_its_wandb_run_as_failed(tmp_path):
     from vision_train.errors import TrainingError
 
-    with pytest.raises(TrainingError):
+    with pytest.raises(TrainingError, match=r"loss became NaN/inf at step 2 \(epoch 1\)"):
         train(compose([*RUN, "optimizer=sgd", "optimizer.lr=1e30", "trainer.log_every_steps=1"]), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text().count("train/loss") >= 1  # the log up to the NaN is kept
     exits = by_type(records(tmp_path), "exit")
     assert exits and exits[0]["exit_code"] != 0
 

@@ -33,9 +33,34 @@ def curve(rows, key):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
-def test_sharded_over_8_devices_equals_single_device(tmp_path):
-    _, one = run(tmp_path, "one", ["hardware.num_devices=1"])
-    _, eight = run(tmp_path, "eight", ["hardware.num_devices=8"])
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    """One 3-epoch run over 8 devices, shared by the compile-once test and the sharded-equals-single-device test:
+    (summary, rows, train-step traces during the run, XLA compilations of the train step logged during it)."""
+    compiled = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if "Finished XLA compilation of jit(train_step)" in record.getMessage():
+                compiled.append(record)
+
+    handler, jax_log = Compiles(logging.WARNING), logging.getLogger("jax")
+    level, before = jax_log.level, steps.TRACES["train_step"]
+    jax_log.addHandler(handler)
+    jax_log.setLevel(logging.WARNING)
+    try:
+        with jax.log_compiles(True):
+            summary, rows = run(tmp_path_factory.mktemp("eight"), "r", ["hardware.num_devices=8", "trainer.epochs=3"])
+    finally:
+        jax_log.removeHandler(handler)
+        jax_log.setLevel(level)
+    return summary, rows, steps.TRACES["train_step"] - before, len(compiled)
+
+
+@pytest.mark.xdist_group("eight_devices")  # (one worker: the module fixture runs once)
+def test_sharded_over_8_devices_equals_single_device(tmp_path, eight_devices):
+    _, one = run(tmp_path, "one", ["hardware.num_devices=1", "trainer.epochs=3"])
+    _, eight, _, _ = eight_devices
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"):
         a, b = curve(one, key), curve(eight, key)
         assert [s for s, _ in a] == [s for s, _ in b] and len(a) > 0
@@ -53,13 +78,11 @@ def test_same_seed_same_losses_bit_for_bit_and_other_seed_differs(tmp_path):
     assert curve(a, "train/loss") != curve(c, "train/loss")
 
 
-def test_train_step_compiles_once_per_run(tmp_path, caplog):
-    before = steps.TRACES["train_step"]
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-        summary, rows = run(tmp_path, "r", ["trainer.epochs=3"])
-    assert steps.TRACES["train_step"] - before == 1, "the train step was retraced during the run"
-    compiles = [r for r in caplog.records if "Finished XLA compilation of jit(train_step)" in r.getMessage()]
-    assert len(compiles) == 1, "the train step was compiled more than once"
+@pytest.mark.xdist_group("eight_devices")  # (one worker: the module fixture runs once)
+def test_train_step_compiles_once_per_run(eight_devices):
+    summary, rows, traces, compiles = eight_devices
+    assert traces == 1, "the train step was retraced during the run"
+    assert compiles == 1, "the train step was compiled more than once"
     assert summary["step"] == 3 * ((int(0.8 * 640) - 100) // 64)  # 412 training examples, last partial batch dropped
     assert curve(rows, "epoch")[-1][1] == 3.0
 
@@ -114,6 +137,7 @@ def test_batch_work_is_split_across_devices_not_replicated():
     assert flops[8] < flops[1] / 4, flops
 
 
+@pytest.mark.slow  # (38 s under load; test_accuracy's CNN on digits reaching 0.97 test accuracy checks that training learns)
 def test_training_learns(tmp_path):
     summary, rows = run(tmp_path, "r", ["trainer.epochs=4", "optimizer.lr=3e-3"],
                         model=["model=cnn", "model.features=[8,16]", "model.dense_dim=32"])
@@ -122,7 +146,8 @@ def test_training_learns(tmp_path):
     assert summary["test/acc"] > 0.3  # 10 classes: chance is 0.1
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_log(tmp_path):
+@pytest.mark.slow  # (30 s under load; test_tracking's failed run raises this TrainingError, with its message and metrics.jsonl
+def test_nan_loss_stops_naming_the_step_and_keeps_the_log(tmp_path):  # kept, in-process; test_cli's on the command line)
     with pytest.raises(TrainingError, match=r"loss became NaN/inf at step 2 \(epoch 1\)"):
         run(tmp_path, "r", ["optimizer=sgd", "optimizer.lr=1e30", "optimizer.schedule=constant"])
     assert (tmp_path / "r" / "metrics.jsonl").exists()
