@@ -22,7 +22,7 @@ from vision_train.errors import ConfigError
 from vision_train.models import ResNetConfig, pretrained
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import compose
+from .helpers import FAST, compose
 
 import_torchvision()  # (before timm: PyPI torchvision beside CPU torch)
 import timm  # noqa: E402
@@ -265,3 +265,54 @@ def test_predict_with_a_timm_resnet50_file_gives_timms_classes(tmp_path):
     got = {os.path.basename(p["file"]): p["top_k"][0] for p in result["predictions"]}
     for f, w in zip(files, want):
         assert got[f.name]["class"] == str(int(w.argmax())) and got[f.name]["prob"] == pytest.approx(w.max(), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- a run
+# ResNet-18 on scikit-learn's digits (8x8x1: 1x1 after the stem and stage 2): 4 steps an epoch at batch 256.
+RUN = [*FAST, "data=digits", "model=resnet18", "trainer.batch_size=256", "trainer.log_every_steps=2",
+       "hardware.num_devices=2"]
+
+
+def plain(x):
+    """An array as numpy (a PRNG key as its data)."""
+    return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
+@pytest.mark.slow  # (three runs of ResNet-18, ~3 min on 2 idle cores: compiling its train and eval steps)
+def test_a_resnet_run_moves_its_batch_statistics_keeps_them_in_checkpoints_and_resumes_bit_exact(tmp_path):
+    """Training moves the running statistics (the train state's ``other``, written back by the step); the
+    checkpoint holds them; a run stopped after its first epoch and resumed ends with the parameters, running
+    statistics and records of the uninterrupted run, bit for bit; evaluation (running statistics) is what
+    restore_model's model computes with train=False."""
+    from vision_train import checkpoint as ckpt_lib
+    from vision_train.train import build
+    from vision_train.train.loop import train
+
+    from .helpers import Stopped, stop_at
+    from .test_checkpoint import rows
+
+    job = [*RUN, "trainer.epochs=2"]
+    full = train(compose(job), tmp_path / "full")
+    with pytest.raises(Stopped):
+        train(compose(job), tmp_path / "resumed", hooks=[stop_at(4)])
+    resumed = train(compose(job), tmp_path / "resumed")
+    assert full["step"] == resumed["step"] == 8
+
+    a, b = (ckpt_lib.load_for_inference(tmp_path / r) for r in ("full", "resumed"))
+    for part in ("params", "other"):
+        for x, y in zip(jax.tree.leaves(a[part]), jax.tree.leaves(b[part]), strict=True):
+            np.testing.assert_array_equal(plain(x), plain(y))  # bit for bit
+    assert rows(tmp_path / "full") == rows(tmp_path / "resumed")
+
+    stats = {k: np.asarray(v) for k, v in pretrained._flatten(ckpt_lib.pure(a["other"])).items()
+             if k.endswith((".mean", ".var"))}
+    assert len(stats) == 2 * 20  # the stem's BatchNorm, 2 in each of 8 blocks, 3 in their shortcuts: mean and var each
+    assert all(not np.allclose(v, 0.0 if k.endswith(".mean") else 1.0) for k, v in stats.items())  # all moved
+
+    restored = build.restore_model(build.read_checkpoint(tmp_path / "full"))
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype(np.float32)
+    model = restored.model
+    got = np.asarray(model(x, train=False))
+    assert np.all(np.isfinite(got))
+    after = {k: np.asarray(v) for k, v in pretrained._flatten(nnx.state(model, nnx.BatchStat).to_pure_dict()).items()}
+    assert all(np.array_equal(after[k], stats[k]) for k in stats)  # (evaluation moves nothing)

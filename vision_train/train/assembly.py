@@ -298,7 +298,12 @@ def report_memory(run: Run, args: tuple) -> dict:
     if stats is not None and getattr(stats, "temp_size_in_bytes", None) is not None:
         mem["memory/step_temp_bytes_per_device"] = int(stats.temp_size_in_bytes)
     run.memory = mem
-    mb = lambda k: f"{mem[k] / 2**20:,.1f} MiB"  # noqa: E731
+
+    def mb(key: str) -> str:
+        n = mem[key]
+        return next(f"{n / 2**e:,.1f} {unit}" for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                    if n >= 2**e or e == 0)
+
     shape = " x ".join(f"{name}={size}" for name, size in run.mesh.shape.items())
     log.info("memory per device (mesh %s): parameters %s, optimizer state %s%s%s", shape,
              mb("memory/param_bytes_per_device"), mb("memory/opt_state_bytes_per_device"),
