@@ -316,3 +316,33 @@ def test_a_resnet_run_moves_its_batch_statistics_keeps_them_in_checkpoints_and_r
     assert np.all(np.isfinite(got))
     after = {k: np.asarray(v) for k, v in pretrained._flatten(nnx.state(model, nnx.BatchStat).to_pure_dict()).items()}
     assert all(np.array_equal(after[k], stats[k]) for k in stats)  # (evaluation moves nothing)
+
+
+@pytest.mark.slow  # (a ResNet-18 run: ~3 min on 2 loaded cores)
+def test_a_run_from_a_timm_resnet_file_starts_from_its_running_statistics(tmp_path):
+    """model.init_from puts the file's running statistics into the train state (its ``other``) as well as its
+    parameters: after step 1 each is 0.9 x the file's + 0.1 x the first batch's (the momentum), i.e. follows the
+    file's, not the initial 0 and 1."""
+    from vision_train.train.hooks import Hook
+    from vision_train.train.loop import train
+
+    from .helpers import Stopped
+
+    module = timm_resnet("resnet18", in_chans=1, size=8)
+    path = save(module, tmp_path / "r18.safetensors")
+    file_stats = {k: v.numpy() for k, v in module.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    seen = {}
+
+    def look(step, run, results):
+        seen.update(stats_of(run.state.other))
+        raise Stopped("looked")
+
+    with pytest.raises(Stopped):
+        train(compose([*RUN, "trainer.epochs=1", f"model.init_from={path}"]), tmp_path / "run",
+              hooks=[Hook("look", every=1, run=look)])
+    pairs = [(seen["stem.bn.var"], file_stats["bn1.running_var"]),
+             (seen["blocks.7.bn2.mean"], file_stats["layer4.1.bn2.running_mean"]),
+             (seen["blocks.2.downsample.bn.var"], file_stats["layer2.0.downsample.1.running_var"])]
+    for got, theirs in pairs:
+        assert np.corrcoef(got, theirs)[0, 1] > 0.9
+        assert np.abs(got - 0.9 * theirs).max() < np.abs(theirs).max()
