@@ -199,3 +199,22 @@ def test_an_fsdp4_checkpoint_resumes_with_fsdp2_to_the_same_records(tmp_path):
     _, resumed = run(tmp_path, "cut", [*job, "hardware.fsdp=2"])
     assert_same_records(full, resumed)
     np.testing.assert_equal(len(full), len(resumed))
+
+
+def test_the_benchmark_prints_data_parallelism_and_fsdp_side_by_side(tmp_path):
+    """benchmarks/fsdp.py end to end, as a user runs it (the seed MLP: seconds)."""
+    import subprocess
+    import sys
+
+    from .conftest import FAST_COMPILE, REPO
+
+    out = tmp_path / "fsdp.json"
+    r = subprocess.run([sys.executable, "benchmarks/fsdp.py", "--models", "mlp", "--fsdp", "1,2", "--image-size", "32",
+                        "--batch-size", "8", "--num-classes", "10", "--steps", "1", "--repeats", "1", "--json", str(out)],
+                       cwd=REPO, env={**__import__("os").environ, "XLA_FLAGS": FAST_COMPILE}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "data=8 x fsdp=1" in r.stdout and "data=4 x fsdp=2" in r.stdout and "state vs DP" in r.stdout
+    results = json.loads(out.read_text())["results"]
+    assert [x["fsdp"] for x in results] == [1, 2]
+    assert results[1]["param_bytes"] < results[0]["param_bytes"]  # (32x32x3 inputs x 10 units: sharded)
