@@ -175,8 +175,8 @@ def test_training_mode_normalises_with_the_batch_and_moves_the_running_statistic
     n = 8 * 4 * 4  # values per channel there: 8 images x 4x4 positions (32 -> 16 -> 8 in the stem, stage 2: 4)
     unbiased = module.layer2[0].bn1.running_var.numpy()
     batch_var_unbiased = (unbiased - 0.9 * old_var.numpy()) / 0.1
-    np.testing.assert_allclose(stats["blocks.2.bn1.var"], 0.9 * old_var.numpy() + 0.1 * batch_var_unbiased * (n - 1) / n,
-                               rtol=1e-4, atol=1e-6)
+    biased = 0.9 * old_var.numpy() + 0.1 * batch_var_unbiased * (n - 1) / n
+    np.testing.assert_allclose(stats["blocks.2.bn1.var"], biased, rtol=1e-4, atol=1e-6)
     assert not np.allclose(stats["blocks.2.bn1.var"], before["blocks.2.bn1.var"])
     _, frozen = jax.jit(forward, static_argnums=3)(params, other, x, False)
     frozen = {k: np.asarray(v) for k, v in pretrained._flatten(frozen.to_pure_dict()).items()}

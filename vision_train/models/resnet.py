@@ -274,6 +274,9 @@ class ResNetWeights(Weights):
                               f"builds (it builds {offered})")
         return ours, None
 
+    def fit(self, ours: dict, cfg: ResNetConfig, input_shape, source: str) -> str:
+        return "not part of a ResNet"  # (any image size: convolutions and global pooling)
+
 
 ARCHITECTURE = Architecture(schema=ResNetConfig, network=network, forward_flops=forward_flops,
                             weights=ResNetWeights())
