@@ -218,3 +218,24 @@ def test_the_benchmark_prints_data_parallelism_and_fsdp_side_by_side(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [x["fsdp"] for x in results] == [1, 2]
     assert results[1]["param_bytes"] < results[0]["param_bytes"]  # (32x32x3 inputs x 10 units: sharded)
+
+
+@pytest.mark.slow  # (two fine-tunes: 1-4 minutes on 2 cores, by load)
+def test_fine_tuning_from_a_timm_file_with_fsdp_equals_data_parallelism(tmp_path):
+    """model.init_from with hardware.fsdp=4: the file's weights go into the sharded arrays (each where the run's
+    array is), and the records equal data parallelism's."""
+    from .test_finetune import timm_vit_file
+
+    timm_vit_file(tmp_path / "vit.safetensors", img=8, patch=4, in_chans=3, dim=64, depth=2, heads=2, classes=10,
+                  scale=0.05)
+    vit = ["model=vit", "model.patch_size=4", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+           "model.mlp_dim=256", "model.dropout=0.0", "model.gelu=exact", "model.qkv_bias=true",
+           "model.layer_norm_eps=1e-6", "model.classifier=token", f"model.init_from={tmp_path / 'vit.safetensors'}"]
+    MODELS["timm_vit"] = vit
+    try:
+        _, a = run(tmp_path, "dp", [], model="timm_vit")
+        s, b = run(tmp_path, "fsdp", ["hardware.fsdp=4"], model="timm_vit")
+    finally:
+        del MODELS["timm_vit"]
+    assert_same_records(a, b)
+    assert s["memory/param_bytes_per_device"] < 0.5 * 4 * s["parameters"]
