@@ -113,16 +113,25 @@ def test_stochastic_depth_is_timms_drop_path_rate_and_the_last_norm_of_each_bran
     want = [float(b.drop_path.drop_prob) if b.drop_path is not None else 0.0
             for stage in (theirs.layer1, theirs.layer2, theirs.layer3, theirs.layer4) for b in stage]
     assert [b.drop_path.rate for b in model.blocks] == pytest.approx(want) and want[-1] == pytest.approx(0.2)
-    bottleneck = models.REGISTRY["resnet"].network().Bottleneck(256, 64, 1, drop_path=0.0, zero_init_last=True,
-                                                                dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert np.all(bottleneck.bn3.scale.value == 0) and np.all(bottleneck.bn2.scale.value == 1)
-    basic = models.create(ResNetConfig(depth=18), (32, 32, 3), 10, rngs=nnx.Rngs(0))
-    assert all(np.all(b.bn2.scale.value == 0) and np.all(b.bn1.scale.value == 1) for b in basic.blocks)
-    plain = models.create(ResNetConfig(depth=18, zero_init_last=False), (32, 32, 3), 10, rngs=nnx.Rngs(0))
-    assert all(np.all(b.bn2.scale.value == 1) for b in plain.blocks)
-    # He-normal over fan-out (timm's kaiming_normal_(mode='fan_out')): the stem's 7x7x3 -> 64
-    k = np.asarray(plain.stem.conv.kernel.value)
-    assert np.std(k) == pytest.approx(np.sqrt(2 / (7 * 7 * 64)), rel=0.05)
+    net = models.REGISTRY["resnet"].network()
+    for zero in (True, False):
+        bottleneck = net.Bottleneck(256, 64, 1, drop_path=0.0, zero_init_last=zero, dtype=jnp.float32,
+                                    rngs=nnx.Rngs(0))
+        assert np.all(bottleneck.bn3.scale.value == (0 if zero else 1)) and np.all(bottleneck.bn2.scale.value == 1)
+    basic = net.BasicBlock(64, 64, 1, drop_path=0.0, zero_init_last=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert np.all(basic.bn2.scale.value == 0) and np.all(basic.bn1.scale.value == 1)
+    # He-normal over fan-out (timm's kaiming_normal_(mode='fan_out')): 3x3x64 -> 64
+    assert np.std(np.asarray(basic.conv1.kernel.value)) == pytest.approx(np.sqrt(2 / (3 * 3 * 64)), rel=0.05)
+
+
+def test_a_resnet_starts_with_the_last_norm_of_each_residual_branch_at_zero_and_he_normal_kernels():
+    make = lambda: models.create(ResNetConfig(depth=18), (32, 32, 3), 10, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(make())[1])())  # (eagerly, op by op: 3x longer)
+    assert all(np.all(b.bn2.scale.value == 0) and np.all(b.bn1.scale.value == 1) for b in model.blocks)
+    assert np.std(np.asarray(model.stem.conv.kernel.value)) == pytest.approx(np.sqrt(2 / (7 * 7 * 64)), rel=0.05)
+    head = np.asarray(model.head.kernel.value)  # PyTorch's nn.Linear: U(-1/sqrt(512), 1/sqrt(512))
+    assert 0.9 / np.sqrt(512) < np.abs(head).max() <= 1 / np.sqrt(512)
 
 
 # ------------------------------------------------------------------------------------------------ logits
