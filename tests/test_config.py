@@ -71,7 +71,7 @@ def test_run_config_is_frozen_and_plain():
     ("optimizer.lr=-0.001", "optimizer.lr", "must be > 0"),
     ("trainer.epochs=0", "trainer.epochs", "must be > 0"),
     ("model.num_heads=3", "model.num_heads", "must divide model.hidden_size=128"),
-    ("optimizer.name=lamb", "optimizer.name", "choose one of adam, adamw, sgd"),
+    ("optimizer.name=lars", "optimizer.name", "choose one of adam, adamw, sgd, lamb"),
     ("hardware.precision=fp8", "hardware.precision", "choose one of float32, bfloat16"),
     ("data.augment.crop_scale=[0.9,0.5]", "data.augment.crop_scale", "0 < low <= high"),
     ("logger.mode=loud", "logger.mode", "choose one of auto, online, offline, disabled"),
