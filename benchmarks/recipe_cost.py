@@ -22,7 +22,7 @@ jobs the CPU seconds are the steadier measure; on an accelerator only wall time 
 and images/s alone, the stage's share of the step (its time over the step's, same batch), and the fused step's ms
 and its ratio to the plain one. The last line says whether mixup + CutMix is within 5% of the step (fused ratio).
 
-    python benchmarks/recipe_cost.py                            # CPU: 128 x 32x32 and 16 x 224x224 (~10 min, 2 cores)
+    python benchmarks/recipe_cost.py                            # CPU: 128 x 32x32 and 16 x 224x224 (48 min, 2 busy cores)
     python benchmarks/recipe_cost.py --cases 128x32 --steps 3   # the small case only
     python benchmarks/recipe_cost.py --platform gpu --cases 256x32,128x224 --precision bfloat16 --steps 20
 No Hydra, no W&B.
