@@ -268,7 +268,6 @@ class HardwareConfig(_Freezable):
 @dataclass
 class TrainerConfig(_Freezable):
     epochs: int = 10                   # passes over the training split: the run's length
-    loss: str = "ce"                   # ce: softmax cross-entropy | bce: binary cross-entropy on (mixed) targets (DeiT III, RSB)
     batch_size: int = 128              # global, split across devices
     seed: int = 42                     # init, data order, dropout
     log_every_steps: int = 50          # train metrics (loss, acc, lr, images/s); also at each epoch's end
@@ -276,6 +275,7 @@ class TrainerConfig(_Freezable):
     eval_every_steps: int = 0          # 0: off; either cadence may be used, or both
     ema_decay: float = 0.0             # 0: off; else an exponential moving average of the parameters, evaluated as val_ema/*
     grad_accum_steps: int = 1          # the global batch is split into this many micro-batches per step (memory / k)
+    loss: str = "ce"                   # ce: softmax cross-entropy | bce: binary cross-entropy on (mixed) targets (DeiT III, RSB)
     progress_bar: bool = True          # a bar per epoch on the console (process 0)
     checkpoint_every_epochs: int = 1   # 0: off (still saved at the end and on SIGTERM/SIGINT)
     checkpoint_every_steps: int = 0    # 0: off; either cadence may be used, or both
