@@ -222,3 +222,21 @@ def test_the_recipe_presets_compose_and_validate(name):
         assert cfg.data.name == "cifar10" and cfg.model.arch == "vit"
         assert a.policy == "randaugment" and a.mixup_alpha > 0 and a.cutmix_alpha > 0
         assert cfg.optimizer.name == "adamw" and cfg.optimizer.label_smoothing == 0.1
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", ["adamw", "lamb", "sgd"])
+def test_weight_decay_1d_false_leaves_biases_and_norms_undecayed_and_unadapted(name):
+    """optimizer.weight_decay_1d=false (timm's filter_bias_and_bn): with zero gradients, only arrays of 2+
+    dimensions shrink; 1-D arrays do not move at all (no decay, and LAMB's trust ratio is not applied to them)."""
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,)), "scale": jnp.full((4,), 2.0)}
+    grads = jax.tree.map(jnp.zeros_like, params)
+    moved = {}
+    for flag in (True, False):
+        o = OptimizerConfig(name=name, lr=0.1, weight_decay=0.5, weight_decay_1d=flag)
+        tx = state_lib.make_optimizer(o, lr_shape=optax.constant_schedule(1.0))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        moved[flag] = {k: float(jnp.abs(v).max()) for k, v in updates.items()}
+    assert moved[True]["bias"] > 0 and moved[True]["scale"] > 0 and moved[True]["kernel"] > 0
+    assert moved[False]["bias"] == 0 and moved[False]["scale"] == 0
+    assert moved[False]["kernel"] == pytest.approx(moved[True]["kernel"])

@@ -217,6 +217,9 @@ class OptimizerConfig(_Freezable):
     warmup_epochs: float = 0.0         # linear warmup from 0 to lr over these epochs (fractions too)
     min_lr: float = 0.0                # cosine: the final learning rate
     weight_decay: float = 0.0          # adamw, lamb: decoupled; adam/sgd: L2 added to the gradient
+    # false: no weight decay on 1-D parameters (biases, norms' scales, LayerScale), nor LAMB's trust ratio on them
+    # (timm's filter_bias_and_bn, DeiT III, RSB; big_vision decays kernels only); true: every parameter, as before
+    weight_decay_1d: bool = True
     b1: float = 0.9                    # adam, adamw, lamb: the first moment's decay
     b2: float = 0.999                  # adam, adamw, lamb: the second moment's decay
     eps: float = 1e-8                  # adam, adamw, lamb: added to the second moment's root

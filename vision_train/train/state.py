@@ -110,6 +110,14 @@ def describe_multipliers(o, params) -> str | None:
 
 
 # --------------------------------------------------------------------------------- the optimizer
+def decayed(tree):
+    """Which arrays of ``tree`` weight decay applies to under ``optimizer.weight_decay_1d=false``: those of two or
+    more dimensions (kernels, embeddings), not biases, norms' scales or LayerScale's gammas (timm's
+    ``param_groups_weight_decay``; big_vision decays kernels only). Masked-out leaves (``optax.partition``'s) are
+    not decayed."""
+    return jax.tree.map(lambda x: getattr(x, "ndim", 0) > 1, tree)
+
+
 def make_optimizer(o, *, lr_shape: optax.Schedule, hparams: dict | None = None,
                    params=None) -> optax.GradientTransformation:
     """``o`` has OptimizerConfig's fields; ``lr_shape``: the schedule as a multiplier of the learning rate
@@ -143,20 +151,27 @@ def make_optimizer(o, *, lr_shape: optax.Schedule, hparams: dict | None = None,
                 parts.append(optax.masked(optax.set_to_zero(),
                                           lambda tree: jax.tree.map(lambda lab: lab == FROZEN, label_tree(tree))))
             parts.append(optax.clip_by_global_norm(grad_clip_norm))
+
+        def decay():  # weight decay; with optimizer.weight_decay_1d=false only on arrays of 2+ dimensions
+            return (optax.add_decayed_weights(weight_decay) if o.weight_decay_1d else
+                    optax.add_decayed_weights(weight_decay, mask=decayed))
+
         direction = []  # the update's direction, before the learning rate
         if o.name in ("adam", "adamw"):
             if o.name == "adam" and o.weight_decay > 0:  # classic L2 on the gradient
-                direction.append(optax.add_decayed_weights(weight_decay))
+                direction.append(decay())
             direction.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
             if o.name == "adamw":  # decoupled, scaled by the learning rate (optax.adamw)
-                direction.append(optax.add_decayed_weights(weight_decay))
+                direction.append(decay())
         elif o.name == "lamb":  # optax.lamb: Adam's direction plus decoupled decay, scaled per array by the trust
-            # ratio ||param|| / ||direction|| (1 where either is 0), then by the learning rate
-            direction += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), optax.add_decayed_weights(weight_decay),
-                          optax.scale_by_trust_ratio()]
+            # ratio ||param|| / ||direction|| (1 where either is 0), then by the learning rate. weight_decay_1d=false:
+            # arrays without decay are not adapted either (timm's Lamb: no trust ratio in a group without decay)
+            trust = optax.scale_by_trust_ratio()
+            direction += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), decay(),
+                          trust if o.weight_decay_1d else optax.masked(trust, decayed)]
         elif o.name == "sgd":
             if o.weight_decay > 0:
-                direction.append(optax.add_decayed_weights(weight_decay))
+                direction.append(decay())
             if o.momentum:
                 direction.append(optax.trace(decay=o.momentum, nesterov=o.nesterov))
         else:
