@@ -7,6 +7,8 @@ from vision_train.train.loop import train
 from .helpers import FAST, compose
 
 
+@pytest.mark.slow  # (30 s; the default tier's accuracy test trains the CNN on digits to 0.97; the MLP and the toy data
+# are exercised in the default tier by test_models and test_evaluate)
 def test_seed003_mlp_toy_reaches_the_seeds_accuracy(tmp_path):
     summary = train(compose(["experiment=seed003_mlp_toy", *FAST]), tmp_path)
     assert summary["test/acc"] >= 0.99  # seed 003 reports 0.995

@@ -115,16 +115,13 @@ def test_preview_captions_name_the_label_or_the_mix():
     assert preview.captions(np.array([0, 1]), targets, names) == ["0.70 cat + 0.30 fox", "dog"]
 
 
-def test_preview_shows_the_batch_the_step_trains_on(tmp_path):
+def test_preview_shows_the_batch_the_step_trains_on(tmp_path, capsys):
     """The CLI's picture is step 0's batch of the run: the same images (denormalised) the train step gets."""
     overrides = [*FAST, *TINY["cnn"], "data=digits", "trainer.batch_size=32", "data.augment.policy=trivialaugment",
                  "data.augment.cutmix_alpha=1.0"]
     out = tmp_path / "batch.png"
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}
-    p = subprocess.run([sys.executable, "-m", "vision_train.preview", *overrides, f"out={out}", "n=16"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr and f"wrote {out}" in p.stdout
+    assert preview.main([*overrides, f"out={out}", "n=16"]) == 0  # (the command line's main, in this process)
+    assert f"wrote {out}" in capsys.readouterr().out
     from PIL import Image
 
     assert Image.open(out).size[0] > 400  # a grid of 8 columns of enlarged 8x8 images
@@ -152,6 +149,12 @@ def test_preview_shows_the_batch_the_step_trains_on(tmp_path):
     # batch mode: one box for the batch; every image has its own label and its mirror's (one label where they agree)
     mixed = np.sort(targets, axis=1)[:, -2] > 0
     assert mixed.any() and np.all(mixed | (labels == labels[::-1]))
+
+
+@pytest.mark.fast
+def test_the_preview_command_line_without_out_prints_its_usage_and_exits_2(capsys):
+    assert preview.main(["model=cnn"]) == 2
+    assert "usage: python -m vision_train.preview" in capsys.readouterr().err
 
 
 def test_a_run_logs_its_first_batch_once(tmp_path):
@@ -192,3 +195,15 @@ def test_odd_batches_and_repeats_that_do_not_divide_are_refused_before_compiling
         train(compose([*FAST, *TINY["cnn"], "data=digits", "trainer.batch_size=64", "data.repeated_aug=3"]),
               tmp_path / "repeats")
     assert not any((tmp_path / d / "checkpoints").exists() for d in ("odd", "repeats"))
+
+
+def test_everything_on_streamed_resumes_to_the_uninterrupted_records(tmp_path):
+    """The streamed feed (Grain, here in this process) runs the same recipes inside the same jitted step: a run
+    stopped after step 7 and resumed ends with the uninterrupted run's records."""
+    job = [*FAST, *EVERYTHING, "trainer.epochs=1", "data.stream=true", "data.workers=0"]
+    train(compose(job), tmp_path / "full")
+    with pytest.raises(Stopped):
+        train(compose(job), tmp_path / "run", hooks=[stop_at(7)])
+    train(compose(job), tmp_path / "run")
+    full = records(tmp_path / "full")
+    assert max(r["step"] for r in full) == 16 and records(tmp_path / "run") == full

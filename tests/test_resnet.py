@@ -244,6 +244,8 @@ def test_analytic_flops_agree_with_xla_cost_analysis(depth, size):
 
 
 # ----------------------------------------------------------------------------------------------- predict
+@pytest.mark.slow  # (19 s; the default tier's test_finetune predicts from a timm ViT file, and the timm logit tests here
+# compare resnet50 files with timm in the same process)
 def test_predict_with_a_timm_resnet50_file_gives_timms_classes(tmp_path):
     from PIL import Image
 
