@@ -121,7 +121,7 @@ def test_preview_shows_the_batch_the_step_trains_on(tmp_path, capsys):
                  "data.augment.cutmix_alpha=1.0"]
     out = tmp_path / "batch.png"
     assert preview.main([*overrides, f"out={out}", "n=16"]) == 0  # (the command line's main, in this process)
-    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"wrote {out} (16 images of the batch of 32" in capsys.readouterr().out
     from PIL import Image
 
     assert Image.open(out).size[0] > 400  # a grid of 8 columns of enlarged 8x8 images

@@ -123,26 +123,26 @@ def _preview(overrides: list[str], out: Path, n: int, step: int) -> int:
     from .rng import stream
     from .train import build
 
+    if step < 0:  # (before anything is loaded)
+        raise ConfigError("step", step, "is a 0-based training step: give step=0 or later")
     hw = build.hardware(_one_device(cfg.hardware))
     ds, streamed, _ = build.data(cfg.data)
     cfg = config_lib.with_data(cfg, has_val=ds.val is not None)
     B = cfg.trainer.batch_size
-    aug, mixing = build.augmentation(cfg.data.augment, ds, B), build.mixing(cfg.data.augment)
-    feed = build.feed(ds, streamed, cfg.data, batch_size=B, seed=cfg.trainer.seed, aug=aug, mesh=hw.mesh,
-                      normalize=build.normalize(ds.scale, ds.mean, ds.std, "float32"), eval_splits=())
-    if not 0 <= step:
-        raise ConfigError("step", step, "is a 0-based training step: give step=0 or later")
+    feed = build.feed(ds, streamed, cfg.data, batch_size=B, seed=cfg.trainer.seed, mesh=hw.mesh, eval_splits=(),
+                      aug=build.augmentation(cfg.data.augment, ds, B),
+                      normalize=build.normalize(ds.scale, ds.mean, ds.std, cfg.hardware.precision))
     try:
-        num_classes = cfg.model.num_classes or ds.num_classes
         rng = jax.random.key_data(stream(np.int32(cfg.trainer.seed), "step"))
         feed.start_epoch(step)
-        images, labels, targets = batch_preview(feed, step, feed.train_args(step), rng=rng, mixing=mixing, num_classes=num_classes,
-                                                label_smoothing=cfg.optimizer.label_smoothing, n=max(1, min(n, B)))
+        images, labels, targets = batch_preview(
+            feed, step, feed.train_args(step), rng=rng, mixing=build.mixing(cfg.data.augment),
+            num_classes=cfg.model.num_classes or ds.num_classes, label_smoothing=cfg.optimizer.label_smoothing,
+            n=max(1, min(n, B)))
     finally:
         feed.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
     save(images, labels, targets, ds.class_names, out, f"{ds.name}: step {step + 1}'s batch ({len(images)} of {B})")
-    print(f"wrote {out} ({len(images)} images of step {step}'s batch of {B})")
+    print(f"wrote {out} ({len(images)} images of the batch of {B} the run's step {step + 1} trains on)")
     return 0
 
 

@@ -99,9 +99,6 @@ def feed(ds: Dataset, streamed: bool, d, *, batch_size: int, mesh, normalize: No
 
 
 # ---------------------------------------------------------------------------------- augmentation
-POLICY_NAMES = {"randaugment": "rand", "trivialaugment": "trivial", "3augment": "3a"}  # data.augment.policy ->
-
-
 def augmentation(a, ds: Dataset, batch_size: int) -> pipeline.Augment:
     """``data.augment.*`` -> the training batch's augmentation (``pipeline.train_images``): the crop and flip, the
     policy's ops and colour jitter (``data.augment``'s pure-JAX ops; geometric ops fill with the data set's mean
