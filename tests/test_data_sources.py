@@ -360,6 +360,24 @@ def test_digits_split_is_disjoint_and_complete(tmp_path):
     np.testing.assert_array_equal(got[key(got)], full[key(full)])
 
 
+def test_digits_are_scikit_learns_exactly():
+    """Read from scikit-learn's own file without importing it: the same images, labels and order."""
+    ref = load_digits()
+    split, names = sources.load_digits()
+    np.testing.assert_array_equal(split.images[..., 0], np.round(ref.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(split.labels, ref.target)
+    assert split.labels.dtype == np.int32 and names == tuple(map(str, range(10)))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 1797, 50_000])
+def test_splits_draw_torchs_randperm_without_torch(n):
+    """The held-out and train/test splits are random_split's (torch.randperm with a seeded generator), drawn in
+    numpy so a run's start-up does not import torch."""
+    for seed in (0, 1, 42, 2**31 + 5, 2**32 - 1):
+        want = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        np.testing.assert_array_equal(sources._permutation(n, seed), want, err_msg=f"n={n} seed={seed}")
+
+
 def test_toy(tmp_path):
     ds = sources.load(cfg(tmp_path, "toy", num_examples=1000))
     assert len(ds.train.labels) == 800 and len(ds.test.labels) == 200 and ds.val is None

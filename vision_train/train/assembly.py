@@ -44,7 +44,7 @@ log = logging.getLogger("vision_train")
 class LoopState:
     """What the loop carries from step to step besides the train state; saved (a copy) in every checkpoint
     and read back on resume. Keys of earlier checkpoints' "loop" metadata are read as they were."""
-    epoch_sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    epoch_sums: dict = field(default_factory=steps_lib.new_epoch_sums)  # the train sums of the epoch so far
     best_val: float = -1.0        # the best val/acc so far, and its step (-1: none yet)
     best_step: int = -1
     last_val: dict = field(default_factory=dict)  # the latest validation's loss/accuracy (summary.json)

@@ -15,6 +15,7 @@ throughput a run logs (images/s, MFU) is training alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -29,12 +30,14 @@ import numpy as np
 from .. import config as config_lib
 from .. import parallel, perf
 from ..errors import Preempted, TrainingError
-from . import evaluation
+from . import evaluation, steps
 
 log = logging.getLogger("vision_train")
 
 # The validation metrics an epoch line shows and the summary keeps (its final evaluation), from METRICS.
 VAL_LINE = tuple(k for k, m in config_lib.METRICS.items() if m.needs_val and m.epoch_line)
+# The train metrics (steps.TRAIN_METRICS) an epoch line shows, from METRICS.
+TRAIN_LINE = tuple(k for k, m in config_lib.METRICS.items() if not m.needs_val and m.epoch_line)
 
 
 def itstime(step: int, every, total: int, last: bool = True) -> bool:
@@ -55,13 +58,16 @@ class Results:
 @dataclass
 class Hook:
     """``run(step, run, results)`` after every ``every``-th step (an int, or several periods; 0: none), at the
-    steps in ``at``, at the run's last step when ``last``, and whenever ``when()`` says so (e.g. a signal came)."""
+    steps in ``at``, at the run's last step when ``last``, and whenever ``when()`` says so (e.g. a signal came).
+    Its time is not training time either way; ``clock`` names the ``Chrono`` total it is added to (the user's
+    hooks: ``time/hooks_s``; the built-in ones add their own work to ``eval_s``, ``checkpoint_s``... themselves)."""
     name: str
     every: int | tuple[int, ...] = 0
     run: Callable[[int, Any, Results], Any] | None = None
     last: bool = False
     at: tuple[int, ...] = ()
     when: Callable[[], bool] | None = None
+    clock: str | None = "hooks_s"
 
     def due(self, step: int, total: int) -> bool:
         return step in self.at or itstime(step, self.every, total, self.last) or bool(self.when and self.when())
@@ -154,11 +160,10 @@ def log_train(chrono: Chrono, progress: Progress) -> Callable:
                 f"loss became NaN/inf at step {bad} (epoch {(bad - 1) // run.steps_per_epoch + 1}); lower "
                 f"optimizer.lr (now {run.cfg.optimizer.lr:g}) or set optimizer.grad_clip_norm. Metrics up to step "
                 f"{step - int(host['steps'])} are in {run.run_dir / 'metrics.jsonl'}")
-        for k in run.loop.epoch_sums:
-            run.loop.epoch_sums[k] += float(host[k])
-        metrics = {"train/loss": float(host["loss"] / host["count"]), "train/acc": float(host["correct"] / host["count"]),
-                   "train/grad_norm": float(host["grad_norm"] / host["steps"]), "lr": float(host["lr"]),
-                   "epoch": step / run.steps_per_epoch}
+        sums = run.loop.epoch_sums
+        for k in steps.TRAIN_SUM_KEYS:
+            sums[k] = sums.get(k, 0.0) + float(host[k])
+        metrics = {**steps.train_metrics(host), "lr": float(host["lr"]), "epoch": step / run.steps_per_epoch}
         rate = chrono.images_per_sec()  # training alone: the hooks' time in the interval is left out
         if rate is not None:
             metrics["images_per_sec"] = rate
@@ -207,7 +212,7 @@ def epoch_line(chrono: Chrono, progress: Progress) -> Callable:
         sums = run.loop.epoch_sums
         seconds = chrono.epoch_seconds()
         chrono.totals["train_s"] += seconds
-        results.epoch = {"train/loss": sums["loss"] / sums["count"], "train/acc": sums["correct"] / sums["count"],
+        results.epoch = {**{k: v for k, v in steps.train_metrics(sums).items() if k in TRAIN_LINE},
                          **(results.val or {})}
         progress.close()
         images_per_sec = sums["count"] / max(seconds, 1e-9)
@@ -250,21 +255,22 @@ def builtin(run, chrono: Chrono, progress: Progress, stop: StopOnSignal, profile
     has_val = "val" in run.feed.splits
     eval_every = (t.eval_every_epochs * spe, t.eval_every_steps) if has_val else ()
     stopping = lambda: bool(stop.signum)  # noqa: E731
+    own = functools.partial(Hook, clock=None)  # (a built-in hook accounts its own time)
     hooks = []
     if profiler is not None and profiler.stop_at:
-        hooks.append(Hook("profile_stop", at=profiler.stop_at, run=lambda step, run, results: profiler.stop()))
-    hooks.append(Hook("log", (t.log_every_steps, spe), log_train(chrono, progress), last=True))
+        hooks.append(own("profile_stop", at=profiler.stop_at, run=lambda step, run, results: profiler.stop()))
+    hooks.append(own("log", (t.log_every_steps, spe), log_train(chrono, progress), last=True))
     if has_val:
-        hooks.append(Hook("eval", eval_every, validate(chrono), last=True))
-    hooks.append(Hook("epoch", spe, epoch_line(chrono, progress), last=True))
-    hooks.append(Hook("record", (t.log_every_steps, spe, *eval_every), record, last=True))
+        hooks.append(own("eval", eval_every, validate(chrono), last=True))
+    hooks.append(own("epoch", spe, epoch_line(chrono, progress), last=True))
+    hooks.append(own("record", (t.log_every_steps, spe, *eval_every), record, last=True))
     if run.checkpointer is not None:
-        hooks.append(Hook("checkpoint", (t.checkpoint_every_steps, t.checkpoint_every_epochs * spe),
-                          checkpoint(chrono), last=True, when=stopping))
+        hooks.append(own("checkpoint", (t.checkpoint_every_steps, t.checkpoint_every_epochs * spe),
+                         checkpoint(chrono), last=True, when=stopping))
     hooks += list(user)
-    hooks.append(Hook("signals", when=stopping, run=lambda step, run, results: stop.exit(run, step)))
+    hooks.append(own("signals", when=stopping, run=lambda step, run, results: stop.exit(run, step)))
     if profiler is not None and profiler.start_at:
-        hooks.append(Hook("profile_start", at=profiler.start_at, run=lambda step, run, results: profiler.start()))
+        hooks.append(own("profile_start", at=profiler.start_at, run=lambda step, run, results: profiler.start()))
     return hooks
 
 

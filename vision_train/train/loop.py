@@ -24,6 +24,7 @@ from .. import parallel
 from ..preview import log_run_preview
 from ..errors import Preempted  # noqa: F401 (raised by the signals hook; the command line catches it)
 from . import hooks as hooks_lib
+from . import steps as steps_lib
 from .assembly import Run, assemble, check_run_dir, report_memory
 from .hooks import Hook, itstime  # noqa: F401 (the public names)
 
@@ -97,7 +98,7 @@ class Loop:
         run = self.run
         epoch, index = divmod(step, run.steps_per_epoch)
         if index == 0:  # a fresh epoch (resumed mid-epoch: the sums so far come from the checkpoint)
-            run.loop.epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+            run.loop.epoch_sums = steps_lib.new_epoch_sums()
         run.feed.start_epoch(step)  # the epoch's order (or the pipeline's first batch) before its clock starts
         self.chrono.epoch_start()
         self.progress.epoch(run.steps_per_epoch, f"epoch {epoch + 1}/{run.cfg.trainer.epochs}", initial=index)
@@ -119,7 +120,7 @@ class Loop:
         jax.block_until_ready(run.train_sums)  # the steps before the hooks finish first: their time is training time
         results = hooks_lib.Results()
         for hook in due:
-            with self.chrono.paused(None if hook.name in BUILTIN else "hooks_s"):
+            with self.chrono.paused(hook.clock):
                 hook.run(step, run, results)
 
     def end(self) -> dict:
@@ -156,6 +157,3 @@ class Loop:
         finally:
             self.run.tracker.finish(exit_code)
 
-
-# The built-in hooks' names (their time is accounted in their own totals; the user's in time/hooks_s).
-BUILTIN = ("profile_stop", "log", "eval", "epoch", "record", "checkpoint", "signals", "profile_start")

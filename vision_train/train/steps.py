@@ -27,8 +27,24 @@ CALIBRATION_BINS = 15
 # Times each step function was traced (a test asserts the train step is traced once per run).
 TRACES: collections.Counter = collections.Counter()
 
-# The train step's running sums, fetched (and reset) on log steps; a checkpoint keeps them (loop state).
+# The train step's running sums, fetched (and reset) on log steps; a checkpoint keeps them (loop state). The
+# loop also adds them up over each epoch (``LoopState.epoch_sums``) for the epoch line.
 TRAIN_SUM_KEYS = ("loss", "correct", "count", "grad_norm", "steps")
+# The train metrics, each a ratio of two running sums: logged every log interval, and on the epoch line (from the
+# epoch's sums) where ``config.METRICS`` puts it there. A new training metric: its sum above and in the step, its
+# ratio here (and a ``METRICS`` entry to be on the epoch line or pick the best checkpoint).
+TRAIN_METRICS = {"train/loss": ("loss", "count"), "train/acc": ("correct", "count"),
+                 "train/grad_norm": ("grad_norm", "steps")}
+
+
+def train_metrics(sums: dict) -> dict:
+    """``TRAIN_METRICS`` from host sums (an interval's or an epoch's); a ratio whose sums are missing or zero is
+    left out (an epoch's sums from a checkpoint written before the sum existed)."""
+    return {k: float(sums[a]) / float(sums[b]) for k, (a, b) in TRAIN_METRICS.items() if a in sums and sums.get(b)}
+
+
+def new_epoch_sums() -> dict:
+    return dict.fromkeys(TRAIN_SUM_KEYS, 0.0)
 
 
 def new_train_sums(values: dict | None = None) -> dict:
