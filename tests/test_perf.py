@@ -182,3 +182,31 @@ def test_a_resumed_run_traces_the_rest_of_the_range_or_nothing(tmp_path, start_s
     run = SimpleNamespace(run_dir=tmp_path, start_step=start_step)
     p = Profiler(run, [1 if begin == 0 else 5, 8])
     assert (p.start_at, p.stop_at, p.begin) == (start_at, stop_at, begin)
+
+
+# ------------------------------------------------------------------------------------ the compilation cache
+@pytest.mark.fast
+def test_the_compilation_cache_keeps_sub_second_programs_where_the_environment_turned_it_on(tmp_path, monkeypatch):
+    """JAX_COMPILATION_CACHE_DIR turns JAX's cache on at import, with JAX's 1 s threshold. hardware.compilation_cache
+    =auto must still cache the small programs (a sweep's jobs) it is for: it once took the cache as already set up
+    and left every program that compiles in under a second (nearly all of them) out."""
+    from jax._src import compilation_cache as cc
+
+    from vision_train import parallel
+
+    keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    try:  # a fresh process where the variable was set: JAX's own defaults, the cache not yet opened
+        for key, value in zip(keys, (True, str(cache), 1.0, 0)):
+            jax.config.update(key, value)
+        cc.reset_cache()
+        assert parallel.enable_compilation_cache("auto") == str(cache)
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()  # (milliseconds to compile)
+        assert any(p.is_file() for p in cache.rglob("*")), "a sub-second program was not written to the cache"
+    finally:
+        for key, value in saved.items():
+            jax.config.update(key, value)
+        cc.reset_cache()

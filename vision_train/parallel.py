@@ -654,6 +654,14 @@ def enable_compilation_cache(setting: str | None) -> str | None:
             logging.getLogger("vision_train").warning(
                 "hardware.compilation_cache=%s: cannot create it (%s); compiling without the cache", path, e)
             path = None
+    if path is not None:
+        # Small models compile in well under JAX's default 1 s threshold, and those are a sweep's typical jobs:
+        # cache everything. (Also where JAX_COMPILATION_CACHE_DIR already turned the cache on with JAX's
+        # thresholds: that early-out once left every sub-second program, i.e. nearly all of them, uncached.)
+        for key, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
+                           ("jax_persistent_cache_min_entry_size_bytes", 0)):
+            if getattr(jax.config, key) != value:
+                jax.config.update(key, value)
     if (path is not None) == jax.config.jax_enable_compilation_cache and path == jax.config.jax_compilation_cache_dir:
         return path  # as it is (a sweep's later jobs in this process)
     if path is None:
@@ -661,9 +669,5 @@ def enable_compilation_cache(setting: str | None) -> str | None:
     else:
         jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", path)
-        # Small models compile in well under JAX's default 1 s threshold, and those are a sweep's
-        # typical jobs: cache everything.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()  # the cache object is created once per process; make it follow the new setting
     return path
