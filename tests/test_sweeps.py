@@ -44,7 +44,7 @@ def table(sweep_dir: Path) -> list[dict]:
 
 def test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    r = run_cli(["-m", "model=mlp,cnn", "optimizer.lr=1e-3,3e-3", "data=digits", "trainer.epochs=2",
+    r = run_cli(["-m", "model=mlp,cnn", "optimizer.lr=1e-3,3e-3", "data=digits", "trainer.epochs=1",
                  "trainer.batch_size=64", "logger.mode=offline", "logger.media=false", *CPU, "hardware.num_devices=2",
                  f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
