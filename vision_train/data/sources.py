@@ -174,8 +174,8 @@ def load_digits() -> tuple[Split, tuple[str, ...]]:
     # scikit-learn's own file, read as its load_digits reads it (np.loadtxt of the gzipped CSV: 64 pixels, then
     # the label) without importing scikit-learn (2.5 s of every digits run's start-up).
     spec = importlib.util.find_spec("sklearn")
-    path = next((os.path.join(d, "datasets", "data", "digits.csv.gz") for d in (spec.submodule_search_locations or ())
-                 if os.path.exists(os.path.join(d, "datasets", "data", "digits.csv.gz"))), None) if spec else None
+    found = [os.path.join(d, "datasets", "data", "digits.csv.gz") for d in (spec and spec.submodule_search_locations or ())]
+    path = next((f for f in found if os.path.exists(f)), None)
     if path is None:  # (a scikit-learn that keeps it elsewhere)
         from sklearn.datasets import load_digits as sk_digits
 

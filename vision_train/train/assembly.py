@@ -283,18 +283,25 @@ def assemble(cfg: config_lib.Config, run_dir: Path, started_at: float, fate: Fat
 def report_memory(run: Run, args: tuple) -> dict:
     """Before the first step (``args``: its feed arguments): the bytes on the fullest device of the parameters (and
     their moving average) and of the optimizer state, from the arrays' shards, and, where XLA reports it
-    (``memory_analysis``), the train step's temporaries, from the compiled step (the program the step then runs:
-    jit compiles it once). One log line; ``run.memory``, which the summary and the W&B config get."""
+    (``memory_analysis``), the train step's temporaries, from the compiled step. That compiled step becomes
+    ``run.train_step``, the program every step then runs (it was lowered and compiled a second time by the first
+    jitted call). One log line; ``run.memory``, which the summary and the W&B config get."""
     state = run.state
     mem = {"memory/param_bytes_per_device": parallel.bytes_per_device(state.params),
            "memory/opt_state_bytes_per_device": parallel.bytes_per_device(state.opt_state)}
     if state.ema is not None:
         mem["memory/ema_bytes_per_device"] = parallel.bytes_per_device(state.ema)
+    stats = None
     try:
-        stats = run.train_step.lower(state, run.train_sums, *args).compile().memory_analysis()
-    except Exception as e:  # noqa: BLE001 (a backend without the analysis; the step itself compiles as ever)
-        log.debug("memory_analysis: %s", e)
-        stats = None
+        compiled = run.train_step.lower(state, run.train_sums, *args).compile()
+    except Exception as e:  # noqa: BLE001 (the jitted step compiles at its first call, and says why)
+        log.debug("compiling the train step ahead of its first call: %s", e)
+    else:
+        run.train_step = compiled
+        try:
+            stats = compiled.memory_analysis()
+        except Exception as e:  # noqa: BLE001 (a backend without the analysis)
+            log.debug("memory_analysis: %s", e)
     if stats is not None and getattr(stats, "temp_size_in_bytes", None) is not None:
         mem["memory/step_temp_bytes_per_device"] = int(stats.temp_size_in_bytes)
     run.memory = mem

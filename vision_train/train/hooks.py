@@ -212,8 +212,8 @@ def epoch_line(chrono: Chrono, progress: Progress) -> Callable:
         sums = run.loop.epoch_sums
         seconds = chrono.epoch_seconds()
         chrono.totals["train_s"] += seconds
-        results.epoch = {**{k: v for k, v in steps.train_metrics(sums).items() if k in TRAIN_LINE},
-                         **(results.val or {})}
+        train = steps.train_metrics(sums)
+        results.epoch = {**{k: train[k] for k in TRAIN_LINE if k in train}, **(results.val or {})}
         progress.close()
         images_per_sec = sums["count"] / max(seconds, 1e-9)
         mfu = perf.throughput(images_per_sec, len(run.devices), run.flops_per_example, run.peak_tflops).get("perf/mfu")

@@ -64,7 +64,7 @@ def train(cfg: config_lib.Config, run_dir: str | Path, started_at: float | None 
                 loop.epoch_start(step)
             args = run.feed.train_args(step)
             if step == run.start_step:
-                report_memory(run, args)  # (compiles the step: its memory, as XLA reports it)
+                report_memory(run, args)  # (compiles the step, which runs from here on: its memory, as XLA reports it)
                 if step == 0:
                     log_run_preview(run, step, args)  # (train/batch_preview: the first batch, as trained on)
             run.state, run.train_sums = run.train_step(run.state, run.train_sums, *args)
