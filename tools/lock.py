@@ -25,6 +25,11 @@ OUT = ROOT / "requirements"
 # The CPU build of torch (only torchvision's data sets use it): a local wheel on this project's machines (pip's
 # find-links); elsewhere from https://download.pytorch.org/whl/cpu. PyPI's torch 2.13.0 is the CUDA build.
 CPU_TORCH = "torch==2.13.0+cpu"
+# Narrower than pyproject.toml's ranges (which stay wide for projects that embed the package), for the lock only:
+# ml_dtypes 0.7.0 registers its numpy ufunc loops in 0.7 s of CPU at import (numpy's PyUFunc_AddLoop scans the
+# loops already added, and 0.7 adds many), against 6 ms for 0.6.0: every process that imports jax (each run, each
+# sweep job, each SLURM task) paid it. jax needs ml_dtypes>=0.5.
+LOCK_ONLY = ["ml_dtypes<0.7"]
 TORCH_HINT = ("torch's CPU build comes from a local wheel (pip's find-links) or PyTorch's CPU index: "
               "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu python tools/lock.py")
 
@@ -59,7 +64,7 @@ def main() -> None:
         tmp, venv = Path(tmp), Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip(venv, "install", "-q", "--upgrade", "pip")
-        (tmp / "torch.txt").write_text(CPU_TORCH + "\n")
+        (tmp / "torch.txt").write_text("".join(f"{line}\n" for line in [CPU_TORCH, *LOCK_ONLY]))
         try:
             pip(venv, "install", "-q", "-c", str(tmp / "torch.txt"), "-e", ".[dev]")
         except subprocess.CalledProcessError:
