@@ -215,6 +215,27 @@ def test_eval_runs_carry_their_job_type_without_touching_the_environment(tmp_pat
     assert json.loads((tmp_path / "summary.json").read_text()) == {"test/acc": 0.5}
 
 
+@pytest.mark.fast
+def test_curves_are_redrawn_mid_run_at_most_once_a_minute_and_always_at_the_end(tmp_path, monkeypatch):
+    import vision_train.tracking as tracking
+
+    drawn = []  # (rows each drawing saw)
+    monkeypatch.setattr(tracking.media, "plot_curves", lambda rows, path: drawn.append(len(rows)))
+    clock = [1000.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    tracker = tracking.Tracker(tmp_path, {}, compose(["logger.mode=disabled", "logger.media=false"]).logger)
+    for step, minutes in [(10, 0.5), (20, 1.1), (30, 1.5), (40, 2.2)]:  # an evaluation at each
+        clock[0] = 1000.0 + 60 * minutes
+        tracker.log({"train/loss": 1.0 / step, "val/loss": 2.0 / step}, step)
+        tracker.log_curves()
+        if "curves" in tracker._queued:
+            tracker._queued["curves"].result()  # (drawn before the next rows arrive)
+    tracker.log({"test/loss": 0.1}, 40)
+    tracker.log_curves(final=True)
+    tracker.finish(0)
+    assert drawn == [2, 4, 5]  # after 1.1 and 2.2 minutes (not 0.5 or 1.5), then at the end with every row
+
+
 class CopySink:
     """A third sink, as a user would add one: its own file of rows, cut back on resume through the state
     it stores in each checkpoint."""

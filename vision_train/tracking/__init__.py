@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,10 @@ SINKS: dict[str, tuple[Callable[..., Sink], Callable[[Any], bool]]] = {
     "wandb": (WandbSink, lambda lc: lc.mode != "disabled"),
 }
 
+# curves.png mid-run: redrawn after an evaluation at most this often (each drawing is ~0.3 s of CPU on the media
+# thread, beside the loop); the run's end always draws it.
+CURVES_EVERY_S = 60.0
+
 
 class Tracker:
     def __init__(self, run_dir: Path, config: dict, logger_cfg, *, is_main: bool = True, name: str | None = None,
@@ -54,6 +59,7 @@ class Tracker:
         # the training loop only the fetch of its predictions.
         self._media = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media") if is_main else None
         self._queued: dict[str, Any] = {}  # kind of media job -> the latest one submitted
+        self._curves_at = time.monotonic()  # when curves.png was last asked for (mid-run: at most every CURVES_EVERY_S)
         self.sinks: dict[str, Sink] = {}
         states = (resume or {}).get("sinks") or {}
         for key, (make, wanted) in SINKS.items():
@@ -147,10 +153,17 @@ class Tracker:
 
         return self._submit(f"eval/{split}", job)
 
-    def log_curves(self) -> None:
-        """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts)."""
+    def log_curves(self, final: bool = False) -> None:
+        """Loss/accuracy curves as a PNG, from metrics.jsonl (the local mirror of the W&B charts). Mid-run (after
+        an evaluation) redrawn at most every ``CURVES_EVERY_S`` seconds of the run, so a run of many quick
+        evaluations does not spend its CPU drawing a picture nobody looks at between two of them; ``final`` (the
+        run's end) always draws."""
         if not self.record:
             return
+        now = time.monotonic()
+        if not final and now - self._curves_at < CURVES_EVERY_S:
+            return
+        self._curves_at = now
 
         def job():
             with self._lock:  # (the loop appends under it: no half-written line is read)

@@ -132,7 +132,7 @@ class Loop:
         jax.block_until_ready(run.train_sums)
         values = hooks_lib.evaluate_run(run, "test", step, self.chrono)
         run.tracker.log(values, step)
-        run.tracker.log_curves()
+        run.tracker.log_curves(final=True)
         test = {k: values[k] for k in SUMMARY_METRICS if k in values}
         log.info("test  %s", "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
         summary = {"objective": run.cfg.trainer.objective, "parameters": run.n_params, "num_devices": len(run.devices),
