@@ -325,15 +325,24 @@ class Config(_Freezable):
 RunConfig = Config  # after validation: frozen
 
 
+_REGISTERED: list = []  # what register_configs last stored: (group, name, schema) triples
+
+
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (YAML presets in conf/ extend these)."""
+    """Register the schema with Hydra's ConfigStore (YAML presets in conf/ extend these). Storing converts every
+    dataclass to an OmegaConf node (25 ms): a call that would store what is stored already does nothing, so
+    ``vision_train.compose`` may be called in a loop; an architecture registered since is stored."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for arch, schema in ARCHITECTURES.items():
-        cs.store(group="schema/model", name=arch, node=schema)
-    for group, schema in (("data", DataConfig), ("optimizer", OptimizerConfig),
-                          ("hardware", HardwareConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
-        cs.store(group=f"schema/{group}", name="base", node=schema)
+    wanted = [(None, "config_schema", Config)]
+    wanted += [("schema/model", arch, schema) for arch, schema in ARCHITECTURES.items()]
+    wanted += [(f"schema/{group}", "base", schema) for group, schema in (
+        ("data", DataConfig), ("optimizer", OptimizerConfig), ("hardware", HardwareConfig),
+        ("trainer", TrainerConfig), ("logger", LoggerConfig))]
+    if wanted == _REGISTERED and "config_schema.yaml" in cs.repo:  # (a cleared store is filled again)
+        return
+    for group, name, schema in wanted:
+        cs.store(group=group, name=name, node=schema)
+    _REGISTERED[:] = wanted
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -400,8 +400,23 @@ def _yaml(v) -> str:
 def expected_params(model_cfg, input_shape, num_classes: int, kind=nnx.Param) -> dict[str, jax.ShapeDtypeStruct]:
     """The model's parameters (``kind``: or e.g. its ``nnx.BatchStat``) by dotted path, as shapes (nothing is
     computed)."""
-    model = nnx.eval_shape(lambda: create(model_cfg, input_shape, num_classes, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    return _flatten(nnx.state(model, kind).to_pure_dict())
+    return _flatten(nnx.state(_abstract_model(model_cfg, input_shape, num_classes), kind).to_pure_dict())
+
+
+_ABSTRACT: dict = {}  # the last few abstract models, by their config's repr, input shape and classes
+
+
+def _abstract_model(model_cfg, input_shape, num_classes: int):
+    """The model built from shapes alone (traced, never computed). Tracing a deep model's construction takes
+    seconds (a ResNet-101: ~4 s on 2 CPU cores), and a load asks for its parameters and its running statistics:
+    the same model for both."""
+    key = (repr(model_cfg), tuple(input_shape), num_classes)
+    if key not in _ABSTRACT:
+        if len(_ABSTRACT) >= 4:
+            _ABSTRACT.pop(next(iter(_ABSTRACT)))
+        _ABSTRACT[key] = nnx.eval_shape(lambda: create(model_cfg, input_shape, num_classes, rngs=nnx.Rngs(0),
+                                                       dtype=jnp.float32))
+    return _ABSTRACT[key]
 
 
 def _flatten(tree: dict) -> dict:
