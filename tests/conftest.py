@@ -29,6 +29,40 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Scheduling only (what runs is unchanged): the tests that take 10 s or more on 2 cores (measured 2026-12-03 in the
+# default tier), collected first, longest first. With -n, xdist hands tests out in collection order (groups of shared
+# fixtures first); a long test handed out last keeps one worker busy while the other has nothing left. A test named
+# here that no longer exists, or a new long test not named, costs only that balance.
+LONG_FIRST = [
+    "test_records.py::test_metrics_after_kills_sigterm_torn_line_and_reruns_equal_an_uninterrupted_run",
+    "test_wandb_online.py::test_server_down_mid_run_costs_the_loop_nothing_and_the_end_is_bounded",
+    "test_fsdp.py::test_fsdp4_equals_data_parallelism_with_ema_and_accumulation_and_compiles_once",
+    "test_recipe_runs.py::test_everything_on_streamed_resumes_to_the_uninterrupted_records",
+    "test_fate.py::test_a_finished_run_rerun_with_another_config_is_refused_and_no_file_changes_then_branches",
+    "test_sweeps.py::test_grid_2x2_runs_four_jobs_in_one_wandb_group_and_writes_the_summary_table",
+    "test_wandb_online.py::test_online_run_reads_back_through_the_server",
+    "test_perf.py::test_a_run_logs_per_device_throughput_tflops_and_mfu_against_hardware_peak_tflops_and_traces_",
+    "test_fsdp.py::test_an_fsdp4_checkpoint_resumes_on_one_device_to_the_same_records",
+    "test_slurm.py::test_srun_two_processes_of_4_devices_train_as_one_process_of_8",
+    "test_cli.py::test_normal_run_writes_the_run_directory",
+    "test_tracking.py::test_an_offline_run_says_only_its_own_line_and_an_empty_wandb_mode_is_unset",
+    "test_pretrained.py::test_a_run_starts_from_a_written_checkpoint_and_records_its_hash",
+    "test_accuracy.py::test_cnn_on_digits_reaches_097",
+    "test_evaluate.py::test_evaluate_on_two_devices_reproduces_the_training_runs_test_accuracy",
+    "test_tracking.py::test_two_runs_in_one_process_are_two_wandb_runs",
+    "test_tracking.py::test_unreachable_server_falls_back_to_offline_within_the_bound_and_keeps_the_key_out",
+    "test_streaming.py::test_a_streamed_run_resumed_with_another_worker_count_ends_as_the_uninterrupted_run",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.removeprefix("tests/")
+        return next((i for i, long in enumerate(LONG_FIRST) if name.startswith(long)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # (stable: every other test keeps its place)
+
+
 def pytest_sessionfinish(session):
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the process that made it removes it
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)

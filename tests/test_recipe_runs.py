@@ -55,6 +55,7 @@ def uninterrupted(tmp_path_factory):
     return run, summary, steps.TRACES["train_step"] - before
 
 
+@pytest.mark.xdist_group("everything")  # (one worker: the module fixture runs once)
 def test_everything_on_trains_once_compiled_and_its_records_say_so(uninterrupted):
     run, summary, traces = uninterrupted
     assert traces == 1, "the train step with every recipe on was traced more than once"
@@ -67,6 +68,7 @@ def test_everything_on_trains_once_compiled_and_its_records_say_so(uninterrupted
     assert {"test/acc", "test_ema/acc"} <= set(summary)
 
 
+@pytest.mark.xdist_group("everything")  # (one worker: the module fixture runs once)
 def test_everything_on_stopped_twice_resumes_to_the_uninterrupted_records(uninterrupted, tmp_path):
     full, _, _ = uninterrupted
     run = tmp_path / "run"
@@ -77,6 +79,7 @@ def test_everything_on_stopped_twice_resumes_to_the_uninterrupted_records(uninte
     assert records(run) == records(full)
 
 
+@pytest.mark.xdist_group("everything")  # (one worker: the module fixture runs once)
 def test_everything_on_8_devices_equal_1(uninterrupted, tmp_path):
     full, _, _ = uninterrupted
     train(compose([*FAST, *EVERYTHING, "hardware.num_devices=8"]), tmp_path / "eight")
@@ -91,6 +94,7 @@ def _start(run_dir):
 
 
 @pytest.mark.slow  # (three processes that compile RandAugment; the default tier stops and resumes in-process)
+@pytest.mark.xdist_group("everything")  # (one worker: the module fixture runs once)
 def test_everything_on_killed_9_twice_resumes_to_the_uninterrupted_records(uninterrupted, tmp_path):
     full, _, _ = uninterrupted
     run = tmp_path / "run"
