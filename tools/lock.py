@@ -29,7 +29,10 @@ CPU_TORCH = "torch==2.13.0+cpu"
 # ml_dtypes 0.7.0 registers its numpy ufunc loops in 0.7 s of CPU at import (numpy's PyUFunc_AddLoop scans the
 # loops already added, and 0.7 adds many), against 6 ms for 0.6.0: every process that imports jax (each run, each
 # sweep job, each SLURM task) paid it. jax needs ml_dtypes>=0.5.
-LOCK_ONLY = ["ml_dtypes<0.7"]
+# pytest 9.2 reads a test's id from a new field, so pytest-xdist 3.8's --dist loadgroup (which renames the old one)
+# no longer keeps a group's tests on one worker: every module-scoped run of the tests trained once per worker
+# (tests/test_tiers.py checks the groups hold).
+LOCK_ONLY = ["ml_dtypes<0.7", "pytest<9.2"]
 TORCH_HINT = ("torch's CPU build comes from a local wheel (pip's find-links) or PyTorch's CPU index: "
               "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu python tools/lock.py")
 
