@@ -161,7 +161,7 @@ def test_server_down_mid_run_costs_the_loop_nothing_and_the_end_is_bounded(tmp_p
     the run ends within logger.finish_timeout_s (it used to wait forever), job.json says finished, and
     one line says what was not uploaded and how to upload it."""
     server = start_server(tmp_path / "server")
-    run_dir, finish_timeout = tmp_path / "run", 6
+    run_dir, finish_timeout = tmp_path / "run", 3
     console = open(tmp_path / "console.txt", "w+")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "vision_train", *JOB, "logger.mode=online", "trainer.epochs=7",
