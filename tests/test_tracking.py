@@ -217,7 +217,7 @@ def test_eval_runs_carry_their_job_type_without_touching_the_environment(tmp_pat
 
 @pytest.mark.fast
 def test_curves_are_redrawn_mid_run_at_most_once_a_minute_and_always_at_the_end(tmp_path, monkeypatch):
-    import vision_train.tracking as tracking
+    from vision_train import tracking
 
     drawn = []  # (rows each drawing saw)
     monkeypatch.setattr(tracking.media, "plot_curves", lambda rows, path: drawn.append(len(rows)))
