@@ -10,7 +10,8 @@ import tempfile
 # The suite is dominated by XLA compilation on the CPU, and tests assert behaviour, not speed. XLA's CPU backend
 # at -O0 compiles tiny test models ~3x faster (4.8 s -> 1.4 s for a ViT init); its older fusion code generator
 # (LLVM IR, not the MLIR fusion emitters) about 2x faster again (6.5 -> 3.5 s for the everything-on run's
-# programs, 1.6 -> 0.75 s for the tiny CNN's), and its steps run no slower. Subprocess CLI runs get both.
+# programs, 1.6 -> 0.75 s for the tiny CNN's), and its steps run no slower. Subprocess CLI runs get both. Should
+# a jaxlib drop the flag, every process stops at start with "Unknown flag in XLA_FLAGS": take it out here.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
