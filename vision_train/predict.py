@@ -7,9 +7,9 @@ a big_vision / vision_transformer .npz, ``hf-hub:<repo id>`` or a URL, read as `
 ``model=`` the preset it fits, e.g. ``model=vit_b``), so a checkpoint can be checked before tuning it. The two
 are exclusive. Each image is converted to the model's channel count (RGB -> grayscale for 1-channel models,
 grayscale -> RGB for 3-channel ones), resized to the model's image size (said once on stderr), and normalised:
-a checkpoint's as in training (its scale, mean and std); pretrained weights' with ``mean``/``std`` (default 0.5,
-0.5: timm's and big_vision's convention for these ViT and Mixer checkpoints, pixels in [-1, 1]) at
-``image_size`` (default 224). Class names: a checkpoint's own; for weights, ``class_names=<file>`` (one per
+a checkpoint's as in training (its scale, mean and std); pretrained weights' with ``mean``/``std`` (default: the
+architecture's checkpoints' convention, ``Weights.mean``/``std`` in its module: 0.5, 0.5 for ViT and Mixer, pixels
+in [-1, 1]; ImageNet's for ResNets) at ``image_size`` (default 224). Class names: a checkpoint's own; for weights, ``class_names=<file>`` (one per
 line), else the class indices. Prints a table (file, top-k classes with probabilities) on stdout and writes the
 same as JSON (``json=<path>``, default ``<run dir>/predictions.json``). Files that cannot be read as images are
 reported (stderr and the JSON's ``errors``) and make the exit status 1; the others are still classified.
@@ -58,11 +58,11 @@ class PredictConfig:
     weights: Optional[str] = None      # a file (timm .safetensors/.bin, big_vision .npz), hf-hub:<repo id>, or a URL
     model: Any = None                  # with weights=: model=<preset> (conf/model/), e.g. model=vit_b
     image_size: int = 224              # with weights=: images are resized to image_size x image_size
-    # with weights=: per channel, in [0, 1] units; 0.5/0.5 (pixels in [-1, 1]) is timm's and big_vision's for
-    # these ViT and Mixer checkpoints (ImageNet-1k fine-tunes of some other families use 0.485,0.456,0.406 /
-    # 0.229,0.224,0.225: see the checkpoint's card)
-    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # with weights=: the input normalisation per channel, in [0, 1] units. None: the architecture's checkpoints'
+    # convention (0.5 / 0.5, pixels in [-1, 1], for timm's and big_vision's ViT and Mixer checkpoints; ImageNet's
+    # 0.485,0.456,0.406 / 0.229,0.224,0.225 for ResNets); a checkpoint trained otherwise (its card says) needs both
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     class_names: Optional[str] = None  # with weights=: a text file, one class name per line; None: the indices
 
 
@@ -211,8 +211,10 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         if pc.class_names:
             names = _read_class_names(pc.class_names, k)
         shape = (pc.image_size, pc.image_size, c)
-        for key in ("mean", "std"):
-            v = list(getattr(pc, key))
+        weights = models.architecture(m.arch).weights or models.Weights()  # (none: the loader says why)
+        norm = {key: list(getattr(weights, key) if getattr(pc, key) is None else getattr(pc, key))
+                for key in ("mean", "std")}
+        for key, v in norm.items():
             if len(v) != c or (key == "std" and any(x <= 0 for x in v)):
                 raise ConfigError(key, v, f"give {c} numbers (one per channel of the model's {c}-channel input, in "
                                   f"[0, 1] units)" + (", each > 0" if key == "std" else ""))
@@ -229,9 +231,9 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         params, other = pretrained.merge(params, pre), pretrained.merge_stats(other, pre)
     log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
              pre.info["head"], pre.info["posemb"])
-    return Classifier(graphdef, params, other, build.normalize(1 / 255, pc.mean, pc.std, pc.hardware.precision), shape,
-                      names, {"weights": pre.info["path"], "sha256": pre.info["sha256"], "format": pre.info["format"],
-                              "model": m.arch, "mean": list(pc.mean), "std": list(pc.std)},
+    return Classifier(graphdef, params, other, build.normalize(1 / 255, norm["mean"], norm["std"], pc.hardware.precision),
+                      shape, names, {"weights": pre.info["path"], "sha256": pre.info["sha256"],
+                                     "format": pre.info["format"], "model": m.arch, **norm},
                       "the model's input size (image_size)")
 
 

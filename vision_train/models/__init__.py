@@ -118,6 +118,11 @@ class Weights:
     formats: tuple[WeightFormat, ...] = ()
     input_kernel: str = ""  # our path of the first layer's HWIO kernel: the patch size and the image channels
     stats: bool = False     # the files hold the model's running statistics too (BatchNorm: its nnx.BatchStat)
+    # The input normalisation, per RGB channel in [0, 1] units, that this architecture's pretrained classifiers were
+    # trained with: the default of ``predict weights=`` (0.5 / 0.5, pixels in [-1, 1]: big_vision's and timm's ViT
+    # and Mixer checkpoints). A checkpoint that differs (its card says) is predicted with mean= and std=.
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def file_keys(self, ours: dict) -> dict:
         """The ``model.*`` keys the file's arrays (by our paths) determine, e.g. {"patch_size": 16, ...}."""

@@ -260,6 +260,7 @@ class ResNetWeights(Weights):
     formats = (WeightFormat("timm ResNet", "layer1.0.conv1.weight", from_timm, pytorch=True),)
     input_kernel = "stem.conv.kernel"
     stats = True
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's (timm's and torchvision's ResNets)
 
     def file_keys(self, ours: dict) -> dict:
         bottleneck, layers = file_layers(ours)
