@@ -136,7 +136,7 @@ def test_decoding_modes_orientation_and_crop(tmp_path):
     assert np.abs(files.decode(tmp_path / "c.jpg", 6, 3)[3, 3].astype(int) - [200, 30, 30]).max() < 30
 
 
-def test_split_folders_and_seeded_split_of_a_flat_root(tmp_path):
+def test_split_folders_and_seeded_split_of_a_flat_root(tmp_path, caplog):
     write_image_folder(tmp_path / "split", per_class={"train": 8, "test": 3}, classes=("a", "b"))
     s = files.open_images(folder_cfg(tmp_path / "split", val_size=4))
     assert {k: len(v) for k, v in s.splits.items()} == {"train": 12, "val": 4, "test": 6}
@@ -153,8 +153,11 @@ def test_split_folders_and_seeded_split_of_a_flat_root(tmp_path):
         assert [Path(p).parent.name for p in r.paths] == [one.class_names[i] for i in r.labels]
     other = files.open_images(folder_cfg(tmp_path / "flat", val_size=5, test_size=9, split_seed=7))
     assert other.splits["test"].paths != one.splits["test"].paths
-    # test_fraction when test_size is 0: as data=digits, int(0.8 n) stay for training
-    assert len(files.open_images(folder_cfg(tmp_path / "flat")).splits["test"]) == 45 - int(0.8 * 45)
+    # test_fraction when test_size is 0: as data=digits, int(0.8 n) stay for training; one line says so
+    with caplog.at_level(logging.INFO, logger="vision_train"):
+        assert len(files.open_images(folder_cfg(tmp_path / "flat")).splits["test"]) == 45 - int(0.8 * 45)
+    said = [r.getMessage() for r in caplog.records if "no test split" in r.getMessage()]
+    assert len(said) == 1 and "9 of its 45 training images are held out for test (data.test_fraction=0.2" in said[0]
 
 
 @pytest.mark.parametrize("case,expected", [

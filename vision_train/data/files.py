@@ -329,6 +329,9 @@ def _split(splits: dict[str, Records], cfg, where: str) -> dict[str, Records]:
                               f"split: raise data.test_fraction or set data.test_size")
         keep, held = _hold_out(n, count, cfg.split_seed)
         splits["test"], train = train.subset(held), train.subset(keep)
+        log.info("%s has no test split: %d of its %d training images are held out for test (%s; data.split_seed=%d)",
+                 where, count, n, f"data.test_size={cfg.test_size}" if cfg.test_size else
+                 f"data.test_fraction={cfg.test_fraction}", cfg.split_seed)
     if "val" not in splits and cfg.val_size:
         n = len(train)
         if cfg.val_size >= n:
