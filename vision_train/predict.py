@@ -9,10 +9,11 @@ are exclusive. Each image is converted to the model's channel count (RGB -> gray
 grayscale -> RGB for 3-channel ones), resized to the model's image size (said once on stderr), and normalised:
 a checkpoint's as in training (its scale, mean and std); pretrained weights' with ``mean``/``std`` (default: the
 architecture's checkpoints' convention, ``Weights.mean``/``std`` in its module: 0.5, 0.5 for ViT and Mixer, pixels
-in [-1, 1]; ImageNet's for ResNets) at ``image_size`` (default 224). Class names: a checkpoint's own; for weights, ``class_names=<file>`` (one per
-line), else the class indices. Prints a table (file, top-k classes with probabilities) on stdout and writes the
-same as JSON (``json=<path>``, default ``<run dir>/predictions.json``). Files that cannot be read as images are
-reported (stderr and the JSON's ``errors``) and make the exit status 1; the others are still classified.
+in [-1, 1]; ImageNet's for ResNets) at ``image_size`` (default 224). Class names: a checkpoint's own; for weights,
+``class_names=<file>`` (one per line), else the class indices. Prints a table (file, top-k classes with
+probabilities) on stdout and writes the same as JSON (``json=<path>``, default ``<run dir>/predictions.json``).
+Files that cannot be read as images are reported (stderr and the JSON's ``errors``) and make the exit status 1;
+the others are still classified.
 
 ``inputs``: one file, a folder (its files, not recursive), ``inputs=[a.png,b.jpg]``, or a comma-separated
 list in quotes (``"inputs='a.png,b.jpg'"``: Hydra reads an unquoted ``a,b`` as a sweep).
@@ -231,10 +232,10 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         params, other = pretrained.merge(params, pre), pretrained.merge_stats(other, pre)
     log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
              pre.info["head"], pre.info["posemb"])
-    return Classifier(graphdef, params, other, build.normalize(1 / 255, norm["mean"], norm["std"], pc.hardware.precision),
-                      shape, names, {"weights": pre.info["path"], "sha256": pre.info["sha256"],
-                                     "format": pre.info["format"], "model": m.arch, **norm},
-                      "the model's input size (image_size)")
+    normalize = build.normalize(1 / 255, norm["mean"], norm["std"], pc.hardware.precision)
+    return Classifier(graphdef, params, other, normalize, shape, names,
+                      {"weights": pre.info["path"], "sha256": pre.info["sha256"], "format": pre.info["format"],
+                       "model": m.arch, **norm}, "the model's input size (image_size)")
 
 
 def _read_class_names(path: str, k: int) -> list[str]:
