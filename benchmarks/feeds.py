@@ -205,9 +205,9 @@ def main(argv=None) -> int:
 
     if args.platform == "cpu":  # (before JAX starts)
         configure_host_devices("cpu", 1)
-    if args.smoke:  # checks the script, not its speed: XLA's quickest compile (as the tests compile)
-        os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(),
-                                            "--xla_backend_optimization_level=0"])
+    if args.smoke:  # checks the script, not its speed: XLA's quickest compile (as the tests compile, conftest.py)
+        fast_compile = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"]
+        os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(), *fast_compile])
 
     import flax
     import jax

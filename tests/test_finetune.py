@@ -310,6 +310,7 @@ def test_predict_with_pretrained_weights_gives_timms_classes(tmp_path):
 
     result = json.loads(out.read_text())
     assert result["format"] == "timm ViT (safetensors)" and result["class_names"] == names
+    assert result["mean"] == result["std"] == [0.5, 0.5, 0.5]  # (the ViT checkpoints' convention, not given)
     got = {os.path.basename(p["file"]): p for p in result["predictions"]}
     for f, w in zip(files, want):
         top = got[f.name]["top_k"]
@@ -317,6 +318,22 @@ def test_predict_with_pretrained_weights_gives_timms_classes(tmp_path):
         assert top[0]["prob"] == pytest.approx(float(w.max()), abs=1e-4)
         line = next(x for x in r.stdout.splitlines() if x.startswith(str(f)))
         assert f"{top[0]['class']} {top[0]['prob']:.3f}" in line  # the printed table says the same
+
+
+@pytest.mark.fast
+def test_predict_normalises_weights_as_their_architectures_checkpoints_unless_told():
+    from vision_train.predict import PredictConfig, _normalisation
+
+    imagenet = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert _normalisation(PredictConfig(inputs="a.png"), "resnet", 3)[0] == imagenet
+    assert _normalisation(PredictConfig(inputs="a.png"), "vit", 3)[0] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    # a 1-channel file (in_chans=1): the colours' average, not an error about a key the user never set
+    one = _normalisation(PredictConfig(inputs="a.png"), "resnet", 1)[0]
+    assert one == {"mean": [pytest.approx(sum(imagenet["mean"]) / 3)], "std": [pytest.approx(sum(imagenet["std"]) / 3)]}
+    # given keys are used as given, and the line says which came from the convention
+    norm, said = _normalisation(PredictConfig(inputs="a.png", mean=[0.4, 0.4, 0.4]), "resnet", 3)
+    assert norm == {"mean": [0.4] * 3, "std": imagenet["std"]} and said.startswith("std: the resnet checkpoints'")
+    assert _normalisation(PredictConfig(inputs="a.png", mean=[0.1], std=[0.2]), "vit", 1)[1] == "given"
 
 
 def test_predict_takes_a_checkpoint_or_weights_not_both(tmp_path):

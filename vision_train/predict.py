@@ -212,9 +212,7 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
         if pc.class_names:
             names = _read_class_names(pc.class_names, k)
         shape = (pc.image_size, pc.image_size, c)
-        weights = models.architecture(m.arch).weights or models.Weights()  # (none: the loader says why)
-        norm = {key: list(getattr(weights, key) if getattr(pc, key) is None else getattr(pc, key))
-                for key in ("mean", "std")}
+        norm, given = _normalisation(pc, m.arch, c)
         for key, v in norm.items():
             if len(v) != c or (key == "std" and any(x <= 0 for x in v)):
                 raise ConfigError(key, v, f"give {c} numbers (one per channel of the model's {c}-channel input, in "
@@ -230,12 +228,32 @@ def _from_weights(pc: PredictConfig, device) -> Classifier:
                              f"images (image_size)")
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
         params, other = pretrained.merge(params, pre), pretrained.merge_stats(other, pre)
-    log.info("weights: %s (%s, head %s, position embeddings %s)", pre.info["path"], pre.info["format"],
-             pre.info["head"], pre.info["posemb"])
+    log.info("weights: %s (%s, head %s, position embeddings %s) | inputs normalised with mean %s, std %s (%s)",
+             pre.info["path"], pre.info["format"], pre.info["head"], pre.info["posemb"], norm["mean"], norm["std"],
+             given)
     normalize = build.normalize(1 / 255, norm["mean"], norm["std"], pc.hardware.precision)
     return Classifier(graphdef, params, other, normalize, shape, names,
                       {"weights": pre.info["path"], "sha256": pre.info["sha256"], "format": pre.info["format"],
                        "model": m.arch, **norm}, "the model's input size (image_size)")
+
+
+def _normalisation(pc: PredictConfig, arch: str, channels: int) -> tuple[dict, str]:
+    """``({"mean": [...], "std": [...]}, where they came from)`` for a weights file of ``arch`` with ``channels``
+    input channels: the keys given, else the architecture's checkpoints' convention (``Weights.mean``/``std``),
+    averaged over the colours for a 1-channel file."""
+    weights = models.architecture(arch).weights or models.Weights()  # (none: the loader then says why)
+    norm, default = {}, []
+    for key in ("mean", "std"):
+        value = getattr(pc, key)
+        if value is None:
+            value = getattr(weights, key)
+            if channels != len(value):
+                value = [sum(value) / len(value)] * channels
+            default.append(key)
+        norm[key] = [float(v) for v in value]
+    if not default:
+        return norm, "given"
+    return norm, f"{' and '.join(default)}: the {arch} checkpoints' convention; set mean= and std= for another"
 
 
 def _read_class_names(path: str, k: int) -> list[str]:

@@ -473,12 +473,12 @@ RAND_GEOMETRY: dict[str, Callable] = {
     "Rotate": lambda sh, m, s, hp: _rotation(sh, s * _m(m) * 3.0),  # timm: +-30 degrees at M 10
     "ShearX": lambda sh, m, s, hp: _shear_x(s * _div(_m(m) * 3.0, 100.0)),  # timm: +-0.3 at M 10
     "ShearY": lambda sh, m, s, hp: _shear_y(s * _div(_m(m) * 3.0, 100.0)),
-    # M x const / 10 rounded once (whole pixels at whole levels), not (M / 10) x const: that product's 1e-7 past
-    # the pixel reaches the sampling position unrounded wherever the compiler fuses it into a multiply-add.
+    # M x const / 10 rounded once (whole pixels where timm's shift is whole), not (M / 10) x const: that product's
+    # 1e-7 past the pixel reaches the sampling position unrounded wherever the compiler fuses it into a multiply-add.
     "TranslateX": lambda sh, m, s, hp: _translate_x(s * _div(_m(m) * hp.translate_const, LEVEL_DENOM)),
     "TranslateY": lambda sh, m, s, hp: _translate_y(s * _div(_m(m) * hp.translate_const, LEVEL_DENOM)),
-    "TranslateXRel": lambda sh, m, s, hp: _translate_x(s * _lv(m) * hp.translate_pct * sh[1]),
-    "TranslateYRel": lambda sh, m, s, hp: _translate_y(s * _lv(m) * hp.translate_pct * sh[0]),
+    "TranslateXRel": lambda sh, m, s, hp: _translate_x(s * _div(_m(m) * (hp.translate_pct * sh[1]), LEVEL_DENOM)),
+    "TranslateYRel": lambda sh, m, s, hp: _translate_y(s * _div(_m(m) * (hp.translate_pct * sh[0]), LEVEL_DENOM)),
 }
 # Pixel ops: name -> fn(img, magnitude, sign, hp, r) -> img (r: the image's uniform draws, see _draws).
 RAND_PIXEL: dict[str, Callable] = {
