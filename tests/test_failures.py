@@ -28,7 +28,7 @@ from vision_train.tracking import LocalSink
 from vision_train.train.loop import train
 
 from .conftest import FAST_COMPILE, REPO
-from .helpers import DIGITS, FAST, compose
+from .helpers import DIGITS, FAST, Stopped, compose, stop_at
 
 # digits: 1257 training images, batch 64: 19 steps/epoch; a checkpoint after every epoch (steps 19, 38, 57).
 JOB = [*DIGITS, "trainer.checkpoint_every_epochs=1", *FAST]
@@ -92,7 +92,8 @@ def console_lines(r) -> list[str]:
 def test_full_disk_during_training_is_one_line_and_the_run_resumes_once_there_is_space(tmp_path, tmpfs):
     disk = tmpfs(2048)
     run = disk / "run"
-    train(compose([*JOB, "trainer.epochs=1"]), run)
+    with pytest.raises(Stopped):  # a run of 3 epochs stopped after the first (and its checkpoint): one to resume
+        train(compose([*JOB, "trainer.epochs=3"]), run, hooks=[stop_at(19)])
     before = ckpt_lib.load_for_inference(run)
     assert before["step"] == 19
 

@@ -18,7 +18,7 @@ from vision_train.errors import ConfigError
 from vision_train.models import MixerConfig, ViTConfig, pretrained
 
 from .conftest import run_cli
-from .helpers import FAST, compose
+from .helpers import FAST, Stopped, compose, stop_at
 
 import_torchvision()  # (before timm: PyPI torchvision beside CPU torch)
 import timm
@@ -597,10 +597,14 @@ def test_a_run_starts_from_a_written_checkpoint_and_records_its_hash(tmp_path):
 @pytest.mark.slow
 def test_a_resumed_fine_tune_does_not_need_the_file_again(tmp_path):
     """A resume restores the tuned weights from its checkpoint; the pretrained file may be gone by then."""
+    from vision_train.train.loop import train
+
     path, args = tiny_digits_run(tmp_path)
-    assert run_cli(args, cwd=tmp_path).returncode == 0
+    args = [a.replace("trainer.epochs=1", "trainer.epochs=2") for a in args]
+    with pytest.raises(Stopped):  # stopped after its first epoch (and that epoch's checkpoint)
+        train(compose([a for a in args if not a.startswith("hydra.")]), tmp_path / "run", hooks=[stop_at(19)])
     os.remove(path)
-    r = run_cli([*args, "trainer.epochs=2"], cwd=tmp_path)
+    r = run_cli(args, cwd=tmp_path)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr and "model.init_from:" not in r.stdout + r.stderr
 
